@@ -1,0 +1,102 @@
+"""Pieces shared by every config: model defaults at SD 1.x sizes, diffusion, sharding.
+
+Each `configs/X.py` starts from these and overrides what differs. Keys of the model sections are the
+field names of the Linen modules (and, where they exist, of the diffusers / transformers configs).
+"""
+
+import ml_collections
+
+
+def text_encoder_sd15() -> ml_collections.ConfigDict:
+  """CLIP ViT-L/14 text transformer (SD 1.x)."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=49408,
+      hidden_size=768,
+      intermediate_size=3072,
+      num_hidden_layers=12,
+      num_attention_heads=12,
+      max_position_embeddings=77,
+      layer_norm_eps=1e-5,
+      hidden_act='quick_gelu',
+  ))
+
+
+def vae_sd15() -> ml_collections.ConfigDict:
+  """SD 1.x AutoencoderKL: factor-8 downsampling, 4 latent channels."""
+  return ml_collections.ConfigDict(dict(
+      in_channels=3,
+      out_channels=3,
+      latent_channels=4,
+      block_out_channels=(128, 256, 512, 512),
+      layers_per_block=2,
+      norm_num_groups=32,
+      scaling_factor=0.18215,
+  ))
+
+
+def unet_sd15() -> ml_collections.ConfigDict:
+  """SD 1.x UNet2DConditionModel plus MagicVideo's video extensions (DESIGN.md section 2)."""
+  return ml_collections.ConfigDict(dict(
+      in_channels=4,
+      out_channels=4,
+      block_out_channels=(320, 640, 1280, 1280),
+      down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                        'DownBlock2D'),
+      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D',
+                      'CrossAttnUpBlock2D'),
+      layers_per_block=2,
+      attention_head_dim=8,  # diffusers' name; in SD 1.x it is the number of heads.
+      cross_attention_dim=768,
+      norm_num_groups=32,
+      norm_eps=1e-5,
+      flip_sin_to_cos=True,
+      freq_shift=0,
+      use_linear_projection=False,
+      # Video extensions. num_frames is the largest clip the adaptors support.
+      num_frames=16,
+      frame_adaptor=True,
+      temporal_attention='parallel',  # 'parallel' (MagicVideo), 'sequential' (LaVie), 'none'.
+      temporal_mask='causal',  # 'causal' (additive), 'causal_post_softmax' (paper), 'none'.
+      temporal_position='none',  # 'none' or 'rope' (LaVie: RoPE on the first 32 dims of a head).
+      fps_embedding=True,
+  ))
+
+
+def image_only(unet: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same U-Net with every video extension switched off (the text-to-image model)."""
+  unet = ml_collections.ConfigDict(unet.to_dict())
+  unet.frame_adaptor = False
+  unet.temporal_attention = 'none'
+  unet.fps_embedding = False
+  return unet
+
+
+def diffusion_sd15() -> ml_collections.ConfigDict:
+  """SD 1.x training schedule and default sampler settings."""
+  return ml_collections.ConfigDict(dict(
+      num_train_timesteps=1000,
+      beta_schedule='scaled_linear',
+      beta_start=0.00085,
+      beta_end=0.012,
+      prediction_type='epsilon',
+      timestep_spacing='leading',
+      steps_offset=1,
+      set_alpha_to_one=False,
+  ))
+
+
+def logical_axis_rules():
+  """Logical axis -> mesh axis. Parameters: FSDP over their output features."""
+  return (
+      ('batch', ('data', 'fsdp')),
+      ('hidden', 'fsdp'),
+      ('embed', None),
+      ('vocab', None),
+      ('frames', None),
+      ('norm', None),
+      ('kernel', None),
+      ('length', None),
+      ('height', None),
+      ('width', None),
+      ('channels', None),
+  )
