@@ -1,0 +1,49 @@
+"""The models: CLIP text encoder, SD VAE, MagicVideo video U-Net, VDM baseline.
+
+`build_models(config.model)` turns a config's model section into Linen modules.
+"""
+
+from typing import Any, Dict
+
+import jax.numpy as jnp
+
+
+def _fields(section: Any) -> Dict[str, Any]:
+  """ConfigDict -> module kwargs with lists turned into tuples (Linen fields must be hashable)."""
+  items = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in items.items()}
+
+
+def dtypes(model_config: Any) -> Dict[str, Any]:
+  return dict(
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
+      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
+  )
+
+
+def build_text_encoder(model_config: Any):
+  from magicvideo_jax.models.text_encoder import CLIPTextModel
+  return CLIPTextModel(**_fields(model_config.text_encoder), **dtypes(model_config),
+                       attention_impl=model_config.get('attention_impl', None))
+
+
+def build_vae(model_config: Any):
+  from magicvideo_jax.models.vae import AutoencoderKL
+  return AutoencoderKL(**_fields(model_config.vae), **dtypes(model_config),
+                       attention_impl=model_config.get('attention_impl', None))
+
+
+def build_unet(model_config: Any):
+  from magicvideo_jax.models.unet import UNet
+  return UNet(**_fields(model_config.unet), **dtypes(model_config),
+              attention_impl=model_config.get('attention_impl', None),
+              remat=model_config.get('remat', False))
+
+
+def build_models(model_config: Any) -> Dict[str, Any]:
+  """{'text_encoder', 'vae', 'unet'} Linen modules of a config's `model` section."""
+  return dict(
+      text_encoder=build_text_encoder(model_config),
+      vae=build_vae(model_config),
+      unet=build_unet(model_config),
+  )
