@@ -22,7 +22,8 @@ TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_la
 
 def _reference(hidden_act):
   torch.manual_seed(0)
-  config = transformers.CLIPTextConfig(**TINY, hidden_act=hidden_act)
+  config = transformers.CLIPTextConfig(**TINY, hidden_act=hidden_act, pad_token_id=1,
+                                       bos_token_id=998, eos_token_id=999)
   model = transformers.CLIPTextModel(config).eval()
   # Random LayerNorm affines too, so a mix-up of scale and bias cannot go unnoticed.
   with torch.no_grad():
@@ -35,8 +36,10 @@ def _reference(hidden_act):
 def _ours(reference, hidden_act):
   model = text_encoder.CLIPTextModel(**TINY, hidden_act=hidden_act)
   template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+  # transformers v5 drops the `text_model.` prefix from CLIPTextModel's state dict (and from what
+  # `save_pretrained` writes); SD 1.x checkpoints have it. Our tree keeps it, as the checkpoints.
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  params = convert.state_dict_to_params(state, template['params'])
+  params = convert.state_dict_to_params(state, template['params'], prefix='text_model')
   return model, params
 
 
@@ -97,7 +100,7 @@ def test_parameter_count_sd15():
   ref_count = sum(p.numel() for p in reference.parameters())
   # Every torch parameter has a counterpart in our tree.
   for key, _ in reference.named_parameters():
-    module, _ = convert.torch_key_to_path(key)
+    module, _ = convert.torch_key_to_path(f'text_model.{key}')
     assert any(p.startswith('/'.join(module) + '/') for p in flat), key
   print(f'CLIP text encoder SD 1.5: ours {ours_count:,} params, transformers {ref_count:,}')
   assert ours_count == ref_count
