@@ -225,3 +225,235 @@ def torch_ndims_of(state_dict: Mapping[str, np.ndarray]) -> Dict[str, int]:
 def iter_paths(params: Any) -> Iterable[str]:
   import flax.linen as nn
   return traverse_util.flatten_dict(nn.unbox(params), sep='/').keys()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole folders: diffusers layout -> our checkpoint folder, and back.
+
+_UNET_KEYS = ('in_channels', 'out_channels', 'block_out_channels', 'down_block_types',
+              'up_block_types', 'layers_per_block', 'attention_head_dim', 'cross_attention_dim',
+              'norm_num_groups', 'norm_eps', 'flip_sin_to_cos', 'freq_shift', 'use_linear_projection')
+_VAE_KEYS = ('in_channels', 'out_channels', 'latent_channels', 'block_out_channels',
+             'layers_per_block', 'norm_num_groups', 'scaling_factor')
+_TEXT_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+              'num_attention_heads', 'max_position_embeddings', 'layer_norm_eps', 'hidden_act')
+# diffusers options this port does not implement, with the value it requires.
+_UNET_REQUIRED = dict(class_embed_type=None, addition_embed_type=None, time_cond_proj_dim=None,
+                      encoder_hid_dim=None, num_class_embeds=None, only_cross_attention=False,
+                      dual_cross_attention=False, resnet_time_scale_shift='default',
+                      mid_block_type='UNetMidBlock2DCrossAttn', conv_in_kernel=3, conv_out_kernel=3,
+                      center_input_sample=False, transformer_layers_per_block=1,
+                      num_attention_heads=None, act_fn='silu')
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  import json
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found')
+  with open(path) as f:
+    return json.load(f)
+
+
+def unet_config_from_diffusers(cfg: Mapping[str, Any], num_frames: int = 16) -> Dict[str, Any]:
+  """Our U-Net config from a diffusers `unet/config.json`; video extensions on at identity init."""
+  for key, required in _UNET_REQUIRED.items():
+    if key in cfg and cfg[key] != required and not (key == 'transformer_layers_per_block'
+                                                    and cfg[key] in (1, [1] * len(cfg.get('block_out_channels', [])))):
+      raise ConversionError(f'unet/config.json: {key}={cfg[key]!r} is not supported (needs {required!r})')
+  from configs import common  # pylint: disable=g-import-not-at-top
+  out = common.unet_sd15().to_dict()
+  out.update({k: cfg[k] for k in _UNET_KEYS if k in cfg})
+  out['num_frames'] = num_frames
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+  bad = [t for t in cfg.get('down_block_types', []) if t != 'DownEncoderBlock2D']
+  bad += [t for t in cfg.get('up_block_types', []) if t != 'UpDecoderBlock2D']
+  if bad or cfg.get('use_quant_conv', True) is False or cfg.get('mid_block_add_attention', True) is False:
+    raise ConversionError(f'vae/config.json: unsupported autoencoder variant ({bad or cfg})')
+  from configs import common  # pylint: disable=g-import-not-at-top
+  out = common.vae_sd15().to_dict()
+  out.update({k: cfg[k] for k in _VAE_KEYS if k in cfg and cfg[k] is not None})
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def text_config_from_transformers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+  cfg = dict(cfg.get('text_config', cfg))
+  from configs import common  # pylint: disable=g-import-not-at-top
+  out = common.text_encoder_sd15().to_dict()
+  out.update({k: cfg[k] for k in _TEXT_KEYS if k in cfg})
+  return out
+
+
+def diffusion_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+  from configs import common  # pylint: disable=g-import-not-at-top
+  out = common.diffusion_sd15().to_dict()
+  for key in out:
+    if key in cfg and cfg[key] is not None:
+      out[key] = cfg[key]
+  if cfg.get('trained_betas') is not None:
+    out['trained_betas'] = tuple(cfg['trained_betas'])
+  return out
+
+
+def model_config_from_diffusers(src: str, num_frames: int = 16):
+  """Our full config (model, diffusion, sampling, tokenizer, data) for a diffusers pipeline folder."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  unet_cfg = _read_json(os.path.join(src, 'unet', 'config.json'))
+  vae_cfg = _read_json(os.path.join(src, 'vae', 'config.json'))
+  text_cfg = _read_json(os.path.join(src, 'text_encoder', 'config.json'))
+  sched_path = os.path.join(src, 'scheduler', 'scheduler_config.json')
+  sched_cfg = _read_json(sched_path) if os.path.isfile(sched_path) else {}
+  unet = unet_config_from_diffusers(unet_cfg, num_frames)
+  vae = vae_config_from_diffusers(vae_cfg)
+  sample_size = int(unet_cfg.get('sample_size', 32)) * 2 ** (len(vae['block_out_channels']) - 1)
+  return ml_collections.ConfigDict(dict(
+      model=dict(text_encoder=text_config_from_transformers(text_cfg), vae=vae, unet=unet,
+                 dtype='float32', param_dtype='float32', attention_impl=None, remat=False),
+      diffusion=diffusion_config_from_diffusers(sched_cfg),
+      sampling=dict(sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0),
+      tokenizer=dict(kind='clip', path=''),
+      data=dict(num_frames=num_frames, resolution=sample_size, fps=8.0),
+  ))
+
+
+def abstract_params_for(config) -> Dict[str, Any]:
+  """Unboxed ShapeDtypeStructs of {'text_encoder', 'vae', 'unet'} (nothing allocated)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  modules = models_lib.build_models(config.model)
+  init = lambda key: train.init_params(modules, _init_config(config), key)
+  return nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+
+
+def _init_config(config):
+  """Smallest shapes that create every parameter (init cost does not depend on resolution)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  small = ml_collections.ConfigDict(config.to_dict())
+  small.data.resolution = 2 ** (len(config.model.vae.block_out_channels) - 1) * 2 ** (
+      len(config.model.unet.block_out_channels) - 1)
+  small.data.num_frames = 1
+  return small
+
+
+def init_video_params(config, seed: int = 0) -> Dict[str, Any]:
+  """Freshly initialised params of the three models (used for the video-only leaves' identity init)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  modules = models_lib.build_models(config.model)
+  params = jax.jit(lambda k: nn.unbox(train.init_params(modules, _init_config(config), k)))(
+      jax.random.key(seed))
+  return jax.tree.map(np.asarray, params)
+
+
+def convert_diffusers_folder(src: str, num_frames: int = 16):
+  """(config, params, tokenizer) of a diffusers SD folder; video-only params at identity init."""
+  from magicvideo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
+    raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
+                          'code). Convert it to a diffusers folder with safetensors weights first.')
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f'diffusers folder not found: {src}')
+  config = model_config_from_diffusers(src, num_frames)
+  template = abstract_params_for(config)
+  video_only = [p for p in iter_paths(template) if is_video_only(p)]
+  init = init_video_params(config) if video_only else None
+  params = {}
+  for name, sub in (('unet', 'unet'), ('vae', 'vae'), ('text_encoder', 'text_encoder')):
+    state = load_safetensors_folder(os.path.join(src, sub))
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix SD's files carry.
+    prefix = 'text_model' if name == 'text_encoder' and not any(
+        k.startswith('text_model.') for k in state) else ''
+    params[name] = state_dict_to_params(state, template[name], prefix=prefix,
+                                        keep_init=init[name] if init is not None else None)
+  tokenizer = tok_lib.CLIPTokenizer(os.path.join(src, 'tokenizer'),
+                                    config.model.text_encoder.max_position_embeddings)
+  return config, params, tokenizer
+
+
+def export_diffusers(params: Mapping[str, Any], config, dst: str,
+                     reference_dir: Optional[str] = None) -> None:
+  """Writes our image-part params as diffusers/transformers safetensors (`unet/`, `vae/`,
+  `text_encoder/` + config.json each). With `reference_dir` (the diffusers folder the weights came
+  from) its configs are copied and its tensor layouts used; otherwise configs are written from ours."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  files = {'unet': 'diffusion_pytorch_model.safetensors', 'vae': 'diffusion_pytorch_model.safetensors',
+           'text_encoder': 'model.safetensors'}
+  for name, filename in files.items():
+    ndims = None
+    out_dir = os.path.join(dst, name)
+    os.makedirs(out_dir, exist_ok=True)
+    if reference_dir:
+      ref = os.path.join(reference_dir, name)
+      ndims = torch_ndims_of(load_safetensors_folder(ref))
+      shutil.copy(os.path.join(ref, 'config.json'), os.path.join(out_dir, 'config.json'))
+    else:
+      with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(_diffusers_config(name, config), f, indent=1)
+    state = params_to_state_dict(params[name], ndims)
+    if name == 'text_encoder' and ndims is not None and not any(k.startswith('text_model.') for k in ndims):
+      state = {k[len('text_model.'):]: v for k, v in state.items()}
+    save_safetensors(state, os.path.join(out_dir, filename))
+
+
+def _diffusers_config(name: str, config) -> Dict[str, Any]:
+  mc = config.model
+  if name == 'unet':
+    out = {k: mc.unet[k] for k in _UNET_KEYS}
+    out.update(_class_name='UNet2DConditionModel', sample_size=config.data.resolution // 2 ** (
+        len(mc.vae.block_out_channels) - 1))
+  elif name == 'vae':
+    out = {k: mc.vae[k] for k in _VAE_KEYS}
+    levels = len(mc.vae.block_out_channels)
+    out.update(_class_name='AutoencoderKL', down_block_types=['DownEncoderBlock2D'] * levels,
+               up_block_types=['UpDecoderBlock2D'] * levels, act_fn='silu',
+               sample_size=config.data.resolution)
+  else:
+    out = {k: mc.text_encoder[k] for k in _TEXT_KEYS}
+    out.update(architectures=['CLIPTextModel'], model_type='clip_text_model')
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def main(argv=None) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m magicvideo_jax.convert',
+      description='Convert a diffusers SD folder (safetensors) to a magicvideo_jax checkpoint folder, '
+                  'or export our image-part weights back to diffusers safetensors.')
+  parser.add_argument('--diffusers_dir', help='diffusers folder to import (unet/, vae/, text_encoder/, '
+                      'tokenizer/, scheduler/)')
+  parser.add_argument('--output', required=True, help='folder to write')
+  parser.add_argument('--num_frames', type=int, default=16,
+                      help='frames the video layers support (adaptor rows)')
+  parser.add_argument('--export_from', help='our checkpoint folder to export as diffusers safetensors')
+  parser.add_argument('--reference_dir', help='with --export_from: the diffusers folder whose configs '
+                      'and tensor layouts to reuse')
+  args = parser.parse_args(argv)
+  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if bool(args.diffusers_dir) == bool(args.export_from):
+    parser.error('give exactly one of --diffusers_dir (import) or --export_from (export)')
+  try:
+    if args.diffusers_dir:
+      for p in os.listdir(args.diffusers_dir) if os.path.isdir(args.diffusers_dir) else []:
+        if p.endswith(PICKLE_SUFFIXES):
+          raise ConversionError(f'{p}: pickle checkpoints are never loaded; convert it to a diffusers '
+                                'folder with safetensors weights first.')
+      config, params, tokenizer = convert_diffusers_folder(args.diffusers_dir, args.num_frames)
+      ckpt_lib.save_pretrained(args.output, config, params, tokenizer)
+      print(f'wrote {args.output}')
+    else:
+      config, params, _ = ckpt_lib.load_pretrained(args.export_from)
+      export_diffusers(params, config, args.output, args.reference_dir)
+      print(f'wrote {args.output}')
+  except (ConversionError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,50 @@
+r"""Entry point: train a model described by a config, in a workdir it resumes from.
+
+  python -m magicvideo_jax.main --config=configs/tiny.py --workdir=/tmp/tiny \
+      [--config.train.num_steps=100 ...]
+
+`--config=FILE:ARG` passes ARG to the file's `get_config(arg)` (e.g. a stage variant); `--config.a.b=v`
+overrides a key, and a mistyped key fails at once, naming it. Several processes (hosts) join with
+`--coordinator_address`, `--num_processes`, `--process_id` (or the cluster's own environment, e.g. on a
+TPU pod or under Slurm, with `--distributed`).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'Call jax.distributed.initialize() with the cluster environment.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', None,
+                                        'Fake CPU devices per process (development and tests).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  os.environ.setdefault('KERAS_HOME', os.path.join(os.path.expanduser('~'), '.keras'))
+  import jax  # pylint: disable=g-import-not-at-top
+  if _NUM_CPU_DEVICES.value:
+    jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info('process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

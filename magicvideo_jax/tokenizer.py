@@ -1,0 +1,100 @@
+"""Tokenizers: CLIP's BPE (from a local folder) and a word-level one built from a dataset's captions.
+
+Both turn a list of prompts into `[B, max_length]` int32 ids padded to `max_length`, with begin/end
+tokens, and warn once when a prompt is truncated.
+"""
+
+import json
+import logging
+import os
+import re
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+
+WORDS_FILE = 'words_tokenizer.json'
+
+
+class WordTokenizer:
+  """Lower-cased word-level tokenizer: `<pad>`, `<bos>`, `<eos>`, `<unk>`, then the vocabulary."""
+
+  SPECIALS = ('<pad>', '<bos>', '<eos>', '<unk>')
+
+  def __init__(self, words: Sequence[str], max_length: int = 16):
+    self.vocab: Dict[str, int] = {w: i for i, w in enumerate(self.SPECIALS)}
+    for word in words:
+      self.vocab.setdefault(word, len(self.vocab))
+    self.max_length = max_length
+    self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+
+  @classmethod
+  def from_texts(cls, texts: Iterable[str], max_length: int = 16) -> 'WordTokenizer':
+    words = sorted({w for t in texts for w in cls.split(t)})
+    return cls(words, max_length)
+
+  @staticmethod
+  def split(text: str) -> List[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+    for row, text in enumerate(texts):
+      tokens = [self.vocab.get(w, self.unk_id) for w in self.split(text)]
+      if len(tokens) > self.max_length - 2:
+        logging.warning('prompt truncated to %d words: %r', self.max_length - 2, text)
+        tokens = tokens[:self.max_length - 2]
+      seq = [self.bos_id] + tokens + [self.eos_id]
+      ids[row, :len(seq)] = seq
+    return ids
+
+  def save(self, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    words = [w for w in self.vocab if w not in self.SPECIALS]
+    with open(os.path.join(folder, WORDS_FILE), 'w') as f:
+      json.dump({'words': words, 'max_length': self.max_length}, f, indent=1)
+
+  @classmethod
+  def load(cls, folder: str) -> 'WordTokenizer':
+    with open(os.path.join(folder, WORDS_FILE)) as f:
+      spec = json.load(f)
+    return cls(spec['words'], spec['max_length'])
+
+
+class CLIPTokenizer:
+  """`transformers.CLIPTokenizer` from a local folder (vocab.json + merges.txt), padded to 77."""
+
+  def __init__(self, folder: str, max_length: int = 77):
+    from transformers import CLIPTokenizer as HFCLIPTokenizer  # pylint: disable=g-import-not-at-top
+    self.tokenizer = HFCLIPTokenizer.from_pretrained(folder)
+    self.max_length = max_length
+    self.folder = folder
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.tokenizer)
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    full = self.tokenizer(list(texts), padding=False, truncation=False)['input_ids']
+    for text, ids in zip(texts, full):
+      if len(ids) > self.max_length:
+        logging.warning('prompt has %d tokens; truncated to %d: %r', len(ids), self.max_length, text)
+    out = self.tokenizer(list(texts), padding='max_length', truncation=True,
+                         max_length=self.max_length, return_tensors='np')['input_ids']
+    return out.astype(np.int32)
+
+  def save(self, folder: str) -> None:
+    self.tokenizer.save_pretrained(folder)
+
+
+def load_tokenizer(folder: str, max_length: int = 77):
+  """The tokenizer stored in a checkpoint or diffusers `tokenizer/` folder."""
+  if os.path.exists(os.path.join(folder, WORDS_FILE)):
+    return WordTokenizer.load(folder)
+  if os.path.exists(os.path.join(folder, 'vocab.json')):
+    return CLIPTokenizer(folder, max_length)
+  raise FileNotFoundError(
+      f'no tokenizer in {folder}: expected {WORDS_FILE} or vocab.json + merges.txt')

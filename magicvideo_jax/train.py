@@ -1,0 +1,513 @@
+"""Training: `train_and_evaluate(config, workdir)`, readable top to bottom.
+
+Sections: mesh and models -> input pipeline -> train state (sharded init) -> update step (AOT compiled)
+-> checkpoint restore -> train loop (metrics, samples, checkpoints, SIGTERM, NaN guard) -> export.
+
+Objectives (`config.train.objective`):
+  'diffusion'  noise-prediction loss of the (video) U-Net on VAE latents, text-conditioned; joint image-video
+               batches weight the appended image frames by `config.train.image_loss_weight`.
+  'vae'        reconstruction (L1 + L2) + KL of the autoencoder on single frames.
+  'video_vae'  reconstruction of clips through the frozen encoder and the temporal decoder, plus a
+               temporal-difference term.
+Which parameters train is `config.train.trainable`: regexes over paths such as
+`unet/down_blocks_0/attentions_0/transformer_blocks_0/temporal_attn/to_q/kernel`.
+"""
+
+import functools
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import einops
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+from magicvideo_jax import sharding as sharding_lib
+
+Params = Dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Params  # {'text_encoder', 'vae', 'unet'}: every parameter, frozen or not.
+  opt_state: Any  # Over the trainable subset only.
+  ema_params: Params  # EMA of the trainable subset (nested dict of those leaves only).
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter selection.
+
+
+def trainable_mask(params: Params, patterns) -> Dict[str, bool]:
+  """Flat path -> bool: a path trains when one of the regexes matches it (re.search)."""
+  compiled = [re.compile(p) for p in patterns]
+  flat = traverse_util.flatten_dict(params, sep='/')
+  return {path: any(c.search(path) for c in compiled) for path in flat}
+
+
+def split_params(params: Params, mask: Dict[str, bool]) -> Tuple[Params, Params]:
+  flat = traverse_util.flatten_dict(params, sep='/')
+  trainable = {p: v for p, v in flat.items() if mask[p]}
+  frozen = {p: v for p, v in flat.items() if not mask[p]}
+  return (traverse_util.unflatten_dict(trainable, sep='/'),
+          traverse_util.unflatten_dict(frozen, sep='/'))
+
+
+def merge_params(*trees: Params) -> Params:
+  flat = {}
+  for tree in trees:
+    flat.update(traverse_util.flatten_dict(tree, sep='/'))
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def merge_ema(params: Params, ema_params: Params) -> Params:
+  """Full params with the trainable leaves replaced by their EMA (what sampling uses)."""
+  return merge_params(params, ema_params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTransformation, Callable]:
+  tc = config.train
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.num_steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.end_lr_factor)
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip_norm),
+      optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=1e-8, weight_decay=tc.weight_decay),
+  )
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def encode_latents(vae, vae_params, frames: jax.Array, key: jax.Array, scaling_factor: float) -> jax.Array:
+  """`[N, H, W, 3]` in [-1, 1] -> scaled latent samples `[N, h, w, c]` (no gradient)."""
+  mean, logvar = vae.apply({'params': vae_params}, frames, method=vae.encode)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  return jax.lax.stop_gradient(z * scaling_factor)
+
+
+def diffusion_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, *, modules, schedule,
+                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Noise-prediction loss over a `[B, F, H, W, 3]` video batch (or precomputed `latents`)."""
+  unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
+  key_z, key_t, key_n = jax.random.split(key, 3)
+  if 'latents' in batch:
+    latents = batch['latents'].astype(jnp.float32)
+  else:
+    video = batch['video']
+    b = video.shape[0]
+    frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
+    latents = encode_latents(vae, params['vae'], frames, key_z, config.model.vae.scaling_factor)
+    latents = einops.rearrange(latents, '(b f) h w c -> b f h w c', b=b)
+  b, f = latents.shape[:2]
+  frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
+  context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
+  timesteps = jax.random.randint(key_t, (b,), 0, schedule.num_train_timesteps)
+  noise = jax.random.normal(key_n, latents.shape, jnp.float32)
+  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
+  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  prediction = unet.apply({'params': params['unet']}, noisy, timesteps, context, fps=fps,
+                          frame_mask=frame_mask)
+  target = diffusion.training_target(schedule, latents, noise, timesteps,
+                                     config.diffusion.prediction_type)
+  per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
+  video_w = frame_mask.astype(jnp.float32)
+  image_w = 1.0 - video_w
+  video_loss = jnp.sum(per_frame * video_w) / jnp.maximum(jnp.sum(video_w), 1.0)
+  image_loss = jnp.sum(per_frame * image_w) / jnp.maximum(jnp.sum(image_w), 1.0)
+  loss = video_loss + config.train.image_loss_weight * image_loss
+  return loss, dict(video_loss=video_loss, image_loss=image_loss)
+
+
+def vae_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, *, modules, schedule,
+             config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """L1 + L2 reconstruction and KL of the autoencoder on the batch's frames."""
+  del schedule
+  vae = modules['vae']
+  frames = einops.rearrange(batch['video'], 'b f h w c -> (b f) h w c')
+  mean, logvar = vae.apply({'params': params['vae']}, frames, method=vae.encode)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  recon = vae.apply({'params': params['vae']}, z, method=vae.decode).astype(jnp.float32)
+  l1 = jnp.mean(jnp.abs(recon - frames))
+  l2 = jnp.mean(jnp.square(recon - frames))
+  kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+  loss = l1 + l2 + config.train.kl_weight * kl
+  return loss, dict(l1=l1, l2=l2, kl=kl)
+
+
+LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train step.
+
+
+def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr_schedule,
+                    mask: Dict[str, bool]) -> Callable:
+  """(state, batch) -> (state, metrics). Gradient accumulation over `config.train.grad_accum_steps`."""
+  objective = config.train.objective
+  if objective not in LOSSES:
+    raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(LOSSES)}')
+  loss_fn = functools.partial(LOSSES[objective], modules=modules, schedule=schedule, config=config)
+  accum = config.train.grad_accum_steps
+  base_key = jax.random.key(config.seed)
+
+  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+    trainable, frozen = split_params(state.params, mask)
+    step_key = jax.random.fold_in(base_key, state.step)
+
+    def compute(trainable, micro_batch, key):
+      (loss, aux), grads = jax.value_and_grad(
+          lambda t: loss_fn(merge_params(frozen, t), micro_batch, key), has_aux=True)(trainable)
+      return loss, aux, grads
+
+    if accum == 1:
+      loss, aux, grads = compute(trainable, batch, step_key)
+    else:
+      micro = jax.tree.map(lambda x: einops.rearrange(x, '(a b) ... -> a b ...', a=accum), batch)
+
+      def body(carry, xs):
+        micro_batch, i = xs
+        loss, aux, grads = compute(trainable, micro_batch, jax.random.fold_in(step_key, i))
+        carry = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+        return carry, None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(compute, trainable, jax.tree.map(
+          lambda x: x[0], micro), step_key))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    decay = config.train.ema_decay
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, trainable)
+    new_state = state.replace(step=state.step + 1, params=merge_params(frozen, trainable),
+                              opt_state=opt_state, ema_params=ema)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=lr_schedule(state.step), **aux)
+    return new_state, metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisation.
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> Dict[str, Any]:
+  """Smallest inputs that create every parameter of the three models."""
+  mc = config.model
+  frames = config.data.num_frames
+  res = config.data.resolution
+  down = 2 ** (len(mc.vae.block_out_channels) - 1)
+  latent = res // down
+  return dict(
+      input_ids=jnp.zeros((batch, mc.text_encoder.max_position_embeddings), jnp.int32),
+      image=jnp.zeros((batch, res, res, mc.vae.in_channels), jnp.float32),
+      latents=jnp.zeros((batch, frames, latent, latent, mc.unet.in_channels), jnp.float32),
+      timesteps=jnp.zeros((batch,), jnp.int32),
+      context=jnp.zeros((batch, mc.text_encoder.max_position_embeddings, mc.unet.cross_attention_dim),
+                        jnp.float32),
+      fps=jnp.ones((batch,), jnp.float32),
+  )
+
+
+def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> Params:
+  """Boxed (logically partitioned) params of all three models."""
+  x = dummy_inputs(config)
+  k_text, k_vae, k_unet = jax.random.split(key, 3)
+  return dict(
+      text_encoder=modules['text_encoder'].init(k_text, x['input_ids'])['params'],
+      vae=modules['vae'].init(k_vae, x['image'])['params'],
+      unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'])['params'],
+  )
+
+
+def load_init_checkpoint(params: Params, folder: str) -> Params:
+  """Weight reuse: leaves of a pretrained folder replace ours where paths and shapes match.
+
+  Leaves absent from the checkpoint keep their init (logged); a shape mismatch is an error.
+  """
+  loaded = traverse_util.flatten_dict(ckpt_lib.load_params(folder), sep='/')
+  flat = traverse_util.flatten_dict(params, sep='/')
+  kept = []
+  for path, value in flat.items():
+    if path not in loaded:
+      kept.append(path)
+      continue
+    if tuple(loaded[path].shape) != tuple(value.shape):
+      raise ValueError(f'config.train.init_from={folder}: {path} has shape {loaded[path].shape}, '
+                       f'the model expects {value.shape}')
+    flat[path] = jnp.asarray(loaded[path], value.dtype)
+  if kept:
+    groups = sorted({re.sub(r'_\d+', '_N', p) for p in kept})
+    logging.info('init_from %s: %d leaves keep their init, e.g. %s', folder, len(kept), groups[:6])
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def make_iterator(config: ml_collections.ConfigDict, tokenizer, seed_offset: int = 0):
+  from data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.create_iterator(
+      config.data, tokenize_fn=tokenizer, global_batch_size=config.train.batch_size,
+      seed=config.seed + seed_offset, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def build_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer named by `config.tokenizer`."""
+  from magicvideo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  tc = config.tokenizer
+  max_length = config.model.text_encoder.max_position_embeddings
+  if tc.kind == 'clip':
+    if not tc.path:
+      raise ValueError('config.tokenizer.kind="clip" needs config.tokenizer.path (a tokenizer folder)')
+    return tok_lib.CLIPTokenizer(tc.path, max_length)
+  if tc.kind == 'words':
+    if tc.get('path'):
+      return tok_lib.WordTokenizer.load(tc.path)
+    return tok_lib.WordTokenizer(list(tc.words), max_length)
+  raise ValueError(f'config.tokenizer.kind={tc.kind!r}; valid: "clip", "words"')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The program.
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state."""
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  tc = config.train
+
+  # ---------------------------------------------------------------------------------- mesh, models
+  mesh = sharding_lib.create_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
+  logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  modules = models_lib.build_models(config.model)
+  schedule = diffusion.Schedule.from_config(config.diffusion)
+  tokenizer = build_tokenizer(config)
+
+  # ---------------------------------------------------------------------------------- input pipeline
+  if tc.batch_size % mesh.size or tc.batch_size % (tc.grad_accum_steps * jax.process_count()):
+    raise ValueError(
+        f'config.train.batch_size={tc.batch_size} must divide by the {mesh.size} devices of the mesh, '
+        f'the {jax.process_count()} processes and config.train.grad_accum_steps={tc.grad_accum_steps}')
+  train_iter = make_iterator(config, tokenizer)
+
+  # ---------------------------------------------------------------------------------- train state
+  tx, lr_schedule = make_optimizer(config)
+  init_key = jax.random.key(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(functools.partial(init_params, modules, config), init_key)
+  abstract_params = nn.unbox(boxed)
+  mask = trainable_mask(abstract_params, tc.trainable)
+  n_train = sum(int(np.prod(v.shape)) for p, v in traverse_util.flatten_dict(
+      abstract_params, sep='/').items() if mask[p])
+  n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract_params))
+  if n_train == 0:
+    raise ValueError(f'config.train.trainable={tuple(tc.trainable)} matches no parameter')
+  logging.info('parameters: %s total, %s trainable', f'{n_total:,}', f'{n_train:,}')
+
+  def init_state(key):
+    """Boxed state: the optimizer moments inherit the logical axes of their parameters."""
+    params = init_params(modules, config, key)
+    trainable, _ = split_params(params, mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable),
+                      ema_params=trainable)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed_state = jax.eval_shape(init_state, init_key)
+  state_shardings = sharding_lib.logical_shardings(boxed_state, mesh, rules)
+  param_shardings = state_shardings.params
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nn.unbox(boxed_state), state_shardings)
+
+  # ---------------------------------------------------------------------------------- update step
+  train_step = make_train_step(config, modules, schedule, tx, lr_schedule, mask)
+  batch_struct = _batch_struct(config, train_iter, mesh)
+  batch_shardings = jax.tree.map(lambda s: s.sharding, batch_struct)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                       donate_argnums=0)
+    t0 = time.time()
+    compiled_step = jit_step.lower(abstract_state, batch_struct).compile()
+  compile_seconds = time.time() - t0
+  step_flops = _flops(compiled_step)
+  logging.info('train step compiled in %.1f s; %.3g FLOPs per step per device', compile_seconds,
+               step_flops or float('nan'))
+
+  # ---------------------------------------------------------------------------------- checkpoint load
+  manager = ckpt_lib.make_manager(workdir, keep=tc.keep_checkpoints,
+                                  save_interval_steps=tc.checkpoint_every,
+                                  async_save=tc.async_checkpointing)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info('resuming from %s step %d', manager.directory, latest)
+    state, data_state = ckpt_lib.restore_train_state(manager, latest, abstract_state)
+    train_iter.set_state(data_state)
+  else:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
+    if tc.get('init_from'):
+      params = load_init_checkpoint(jax.device_get(state.params), tc.init_from)
+      params = jax.device_put(params, param_shardings)
+      trainable, _ = split_params(params, mask)
+      state = state.replace(params=params, ema_params=trainable)
+  start_step = int(jax.device_get(state.step))
+
+  # ---------------------------------------------------------------------------------- train loop
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
+                                           every_steps=tc.log_every)]
+  sampler = _make_sample_hook(config, modules, tokenizer, mesh, workdir) if tc.sample_every else None
+  writer.write_scalars(start_step, dict(compile_seconds=compile_seconds))
+  step = start_step
+  last_time, last_step = time.time(), step
+  with _Preemption() as preemption:
+    while step < tc.num_steps:
+      batch = sharding_lib.to_global_batch(next(train_iter), mesh)
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      for hook in hooks:
+        hook(step)
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics['loss']):
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f'loss is {metrics["loss"]} at step {step}: training stopped; no checkpoint of this state was '
+            f'written (the last good one is step {manager.latest_step()}). Lower config.train.learning_rate '
+            'or check the input data.')
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        elapsed = time.time() - last_time
+        rate = (step - last_step) / max(elapsed, 1e-9)
+        scalars = {k: float(v) for k, v in metrics.items()}
+        if step_flops:
+          scalars['tflops_per_device'] = step_flops * rate / 1e12
+        writer.write_scalars(step, scalars)
+        last_time, last_step = time.time(), step
+      preempted = preemption.requested or manager.reached_preemption(step)
+      ckpt_lib.save_train_state(manager, step, state, train_iter.get_state(), config,
+                                force=preempted or step == tc.num_steps)
+      if sampler is not None and step % tc.sample_every == 0:
+        sampler(step, state)
+      if preempted:
+        manager.wait_until_finished()
+        logging.warning('stopped at step %d after SIGTERM; the checkpoint is saved.', step)
+        writer.flush()
+        return state
+  manager.wait_until_finished()
+  writer.flush()
+
+  # ---------------------------------------------------------------------------------- export
+  if tc.export:
+    export_dir = os.path.join(workdir, 'model')
+    params = merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
+    ckpt_lib.save_pretrained(export_dir, _export_config(config), jax.device_get(params), tokenizer)
+    logging.info('exported %s', export_dir)
+  return state
+
+
+def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The sections a pretrained folder keeps."""
+  keep = ('model', 'diffusion', 'sampling', 'tokenizer')
+  out = ml_collections.ConfigDict({k: config[k].to_dict() for k in keep if k in config})
+  out.data = dict(num_frames=config.data.num_frames, resolution=config.data.resolution,
+                  fps=config.data.get('fps', 8.0))
+  if 'path' in out.tokenizer:
+    out.tokenizer.path = ''
+  return out
+
+
+def _batch_struct(config: ml_collections.ConfigDict, train_iter, mesh: Mesh) -> Dict[str, Any]:
+  """Global ShapeDtypeStructs of a batch, from the iterator's element spec."""
+  spec = train_iter.element_spec()
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(mesh, len(v.shape)))
+          for k, v in spec.items()}
+
+
+def _flops(compiled) -> Optional[float]:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', 0.0)) or None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Callable]:
+  """Writes a GIF of a few prompts sampled with the EMA params every `config.train.sample_every` steps."""
+  if config.train.objective != 'diffusion':
+    return None
+  from magicvideo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
+  prompts = list(config.train.sample_prompts)
+  out_dir = os.path.join(workdir, 'samples')
+
+  def hook(step: int, state: TrainState) -> None:
+    params = merge_ema(state.params, state.ema_params)
+    pipe = pipeline_lib.MagicVideoPipeline(_export_config(config), params, tokenizer, modules=modules,
+                                           mesh=mesh)
+    videos = pipe(prompts, num_frames=config.data.num_frames, height=config.data.resolution,
+                  width=config.data.resolution,
+                  num_inference_steps=config.sampling.num_inference_steps,
+                  guidance_scale=config.sampling.guidance_scale, seed=0)
+    if jax.process_index() == 0:
+      os.makedirs(out_dir, exist_ok=True)
+      video_io.write_video(os.path.join(out_dir, f'step_{step:07d}.gif'),
+                           video_io.tile_videos(videos), fps=config.data.get('fps', 8.0))
+
+  return hook
