@@ -94,9 +94,68 @@ def logical_axis_rules():
       ('vocab', None),
       ('frames', None),
       ('norm', None),
-      ('kernel', None),
+      ('kernel_h', None),
+      ('kernel_w', None),
       ('length', None),
       ('height', None),
       ('width', None),
       ('channels', None),
   )
+
+
+def shapes_tokenizer() -> ml_collections.ConfigDict:
+  """Word-level tokenizer over the moving_shapes caption vocabulary."""
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  words = ('a', 'moving') + tuple(moving_shapes.COLOUR_NAMES) + tuple(moving_shapes.SHAPES) + tuple(
+      moving_shapes.MOTIONS)
+  return ml_collections.ConfigDict(dict(kind='words', words=words, path=''))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every section with its defaults (SD 1.x model sizes); configs override what differs."""
+  from data import input_pipeline  # pylint: disable=g-import-not-at-top
+  placeholder = ml_collections.config_dict.placeholder
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      text_encoder=text_encoder_sd15(), vae=vae_sd15(), unet=unet_sd15(),
+      dtype='float32',  # Compute dtype: 'bfloat16' on TPU/GPU.
+      param_dtype='float32',
+      attention_impl=placeholder(str),  # None (XLA), 'xla' or 'cudnn'.
+      remat=False,
+  ))
+  config.tokenizer = ml_collections.ConfigDict(dict(kind='clip', path='', words=()))
+  config.diffusion = diffusion_sd15()
+  config.sampling = ml_collections.ConfigDict(dict(
+      sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0))
+  config.data = input_pipeline.default_config()
+  config.data.fps = 8.0  # Default fps conditioning at sampling time.
+  config.train = ml_collections.ConfigDict(dict(
+      objective='diffusion',  # 'diffusion' or 'vae'.
+      num_steps=1000,
+      # Regexes over parameter paths; MagicVideo trains the video layers only.
+      trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),
+      learning_rate=1e-4,
+      end_lr_factor=0.1,
+      warmup_steps=100,
+      weight_decay=0.01,
+      adam_b1=0.9,
+      adam_b2=0.999,
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+      ema_decay=0.999,
+      image_loss_weight=1.0,  # Joint image-video training: weight of the appended images' loss.
+      kl_weight=1e-6,  # 'vae' objective.
+      init_from=placeholder(str),  # Pretrained folder whose matching weights initialise the model.
+      log_every=50,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpointing=True,
+      sample_every=0,  # Steps between sample videos in workdir/samples (0: never).
+      sample_prompts=('a red circle moving left',),
+      export=True,  # Write workdir/model (a pretrained folder) at the end.
+      export_ema=True,
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=logical_axis_rules()))
+  return config

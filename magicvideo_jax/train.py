@@ -265,12 +265,20 @@ def load_init_checkpoint(params: Params, folder: str) -> Params:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def make_iterator(config: ml_collections.ConfigDict, tokenizer, seed_offset: int = 0):
+DEVICE_KEYS = ('video', 'latents', 'input_ids', 'fps', 'frame_mask', 'image_input_ids')
+
+
+def make_iterator(config: ml_collections.ConfigDict, tokenizer):
+  """This process's slice of the training stream (`config.data`)."""
   from data import input_pipeline  # pylint: disable=g-import-not-at-top
   return input_pipeline.create_iterator(
-      config.data, tokenize_fn=tokenizer, global_batch_size=config.train.batch_size,
-      seed=config.seed + seed_offset, process_index=jax.process_index(),
+      config.data, tokenize_fn=tokenizer, process_index=jax.process_index(),
       process_count=jax.process_count())
+
+
+def device_batch(batch: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  """The arrays of a host batch that the step consumes (captions and indices stay on the host)."""
+  return {k: v for k, v in batch.items() if k in DEVICE_KEYS}
 
 
 def build_tokenizer(config: ml_collections.ConfigDict):
@@ -334,10 +342,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tokenizer = build_tokenizer(config)
 
   # ---------------------------------------------------------------------------------- input pipeline
-  if tc.batch_size % mesh.size or tc.batch_size % (tc.grad_accum_steps * jax.process_count()):
+  batch_size = config.data.global_batch_size
+  if batch_size % (tc.grad_accum_steps * mesh.size) or batch_size % jax.process_count():
     raise ValueError(
-        f'config.train.batch_size={tc.batch_size} must divide by the {mesh.size} devices of the mesh, '
-        f'the {jax.process_count()} processes and config.train.grad_accum_steps={tc.grad_accum_steps}')
+        f'config.data.global_batch_size={batch_size} must divide by config.train.grad_accum_steps='
+        f'{tc.grad_accum_steps} times the {mesh.size} devices of the mesh')
   train_iter = make_iterator(config, tokenizer)
 
   # ---------------------------------------------------------------------------------- train state
@@ -414,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_time, last_step = time.time(), step
   with _Preemption() as preemption:
     while step < tc.num_steps:
-      batch = sharding_lib.to_global_batch(next(train_iter), mesh)
+      batch = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)
       state, metrics = compiled_step(state, batch)
       step += 1
       for hook in hooks:
@@ -468,10 +477,11 @@ def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _batch_struct(config: ml_collections.ConfigDict, train_iter, mesh: Mesh) -> Dict[str, Any]:
-  """Global ShapeDtypeStructs of a batch, from the iterator's element spec."""
-  spec = train_iter.element_spec()
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(mesh, len(v.shape)))
-          for k, v in spec.items()}
+  """Global ShapeDtypeStructs of a batch, from this process's first batch (the stream is unchanged)."""
+  local = device_batch(train_iter.make_batch(0, 0))
+  return {k: jax.ShapeDtypeStruct((config.data.global_batch_size,) + v.shape[1:], v.dtype,
+                                  sharding=sharding_lib.batch_sharding(mesh, v.ndim))
+          for k, v in local.items()}
 
 
 def _flops(compiled) -> Optional[float]:

@@ -14,7 +14,7 @@ Logical parameter axes:
   'vocab'     token and position tables
   'frames'    the frame axis of per-frame adaptor parameters
   'norm'      scales and biases of normalisation layers
-  'kernel'    spatial taps of a convolution
+  'kernel_h', 'kernel_w'  spatial taps of a convolution
 Logical activation axes: 'batch', 'frames', 'height', 'width', 'channels', 'length'.
 """
 
@@ -61,7 +61,7 @@ def conv(features: int, *, name: str, kernel_size: int = 3, stride: int = 1, pad
   return nn.Conv(
       features, kernel_size=(kernel_size, kernel_size), strides=(stride, stride),
       padding=padding, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=partitioned(kernel_init, ('kernel', 'kernel', 'embed', 'hidden')),
+      kernel_init=partitioned(kernel_init, ('kernel_h', 'kernel_w', 'embed', 'hidden')),
       bias_init=partitioned(nn.initializers.zeros, ('hidden',)))
 
 

@@ -1,0 +1,50 @@
+r"""Tiny config: seconds per step on a laptop CPU; used by the tests and as a smoke run.
+
+  python -m magicvideo_jax.main --config=configs/tiny.py --workdir=/tmp/tiny \
+      --config.data.data_dir=/tmp/tfds
+
+Variants (`--config=configs/tiny.py:VARIANT`): 'video' (default, MagicVideo's video stage training
+adaptors + temporal attention + fps embedding), 'image' (text-to-image U-Net, all parameters),
+'all' (video model, every parameter trains), 'vae' (autoencoder).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
+  variant = variant or 'video'
+  variants = ('video', 'image', 'all', 'vae')
+  if variant not in variants:
+    raise ValueError(f'configs/tiny.py:{variant}: unknown variant; choose one of {variants}')
+  config = common.base_config()
+  config.model.text_encoder.update(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=16)
+  config.model.vae.update(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+  config.model.unet.update(
+      block_out_channels=(32, 64), down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1, attention_head_dim=4,
+      cross_attention_dim=32, norm_num_groups=8, num_frames=8, temporal_position='rope')
+  config.tokenizer = common.shapes_tokenizer()
+
+  config.data.update(dataset='moving_shapes/tiny', num_frames=8, resolution=16,
+                     global_batch_size=8, frame_stride_range=(1, 1), caption_dropout=0.1,
+                     num_threads=2, prefetch=2)
+  config.train.update(num_steps=20, learning_rate=1e-3, warmup_steps=5, log_every=5,
+                      checkpoint_every=10, sample_every=0)
+  config.sampling.update(num_inference_steps=10, guidance_scale=3.0)
+  config.train.sample_prompts = ('a red circle moving left', 'a blue square moving up')
+
+  if variant == 'image':
+    config.model.unet = common.image_only(config.model.unet)
+    config.data.num_frames = 1
+    config.train.trainable = ('^unet/', '^text_encoder/')
+  elif variant == 'all':
+    config.train.trainable = ('^unet/', '^text_encoder/')
+  elif variant == 'vae':
+    config.train.objective = 'vae'
+    config.train.trainable = ('^vae/',)
+    config.data.num_frames = 1
+  return config
