@@ -1,0 +1,356 @@
+"""Parity of magicvideo_jax.diffusion with diffusers' DDIM / DPM-Solver++ schedulers, plus properties."""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import common
+from magicvideo_jax import diffusion
+
+# diffusers 0.42 calls np.array(copy=False) on torch tensors; harmless.
+pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
+
+SD = dict(num_train_timesteps=1000, beta_schedule='scaled_linear', beta_start=0.00085,
+          beta_end=0.012, set_alpha_to_one=False, steps_offset=1, timestep_spacing='leading')
+SHAPE = (2, 8, 8, 4)
+
+
+def _schedules(prediction_type='epsilon', **overrides):
+  """(ours, diffusers DDIM, diffusers DPM-Solver++) built from the same config."""
+  cfg = dict(SD, prediction_type=prediction_type, **overrides)
+  ddim = diffusers.DDIMScheduler(clip_sample=False, **cfg)
+  dpm_cfg = {k: v for k, v in cfg.items() if k != 'set_alpha_to_one'}
+  dpm = diffusers.DPMSolverMultistepScheduler(**dpm_cfg)
+  return diffusion.Schedule.from_config(cfg), ddim, dpm
+
+
+def _model_np(abar, prediction_type):
+  """A fixed smooth "denoiser" (x, t) -> output, near the optimum for unit-variance data."""
+  def model(x, t):
+    slope = np.sqrt(1 - abar[t]) if prediction_type == 'epsilon' else 0.1
+    return (slope * x + 0.2 * np.tanh(x) * np.cos(t / 300.0)).astype(np.float32)
+  return model
+
+
+def _model_jnp(abar, prediction_type):
+  abar = jnp.asarray(abar)
+  def model(x, t):
+    slope = jnp.sqrt(1 - abar[t]) if prediction_type == 'epsilon' else 0.1
+    return slope * x + 0.2 * jnp.tanh(x) * jnp.cos(t / 300.0)
+  return model
+
+
+def _diffusers_trajectory(scheduler, model, x, n, eta=0.0, noises=None):
+  scheduler.set_timesteps(n)
+  x, traj = torch.from_numpy(x), []
+  for i, t in enumerate(scheduler.timesteps):
+    out = torch.from_numpy(model(x.numpy(), int(t)))
+    kwargs = {}
+    if eta > 0:
+      kwargs = dict(eta=eta, variance_noise=torch.from_numpy(noises[i]))
+    x = scheduler.step(out, t, x, **kwargs).prev_sample
+    traj.append(x.numpy())
+  return scheduler.timesteps.numpy(), np.stack(traj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and timesteps.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('beta_schedule,beta_start,beta_end', [
+    ('scaled_linear', 0.00085, 0.012), ('linear', 0.0001, 0.02), ('squaredcos_cap_v2', 0., 0.)])
+def test_betas_and_alphas_cumprod_match_diffusers(beta_schedule, beta_start, beta_end):
+  ref = diffusers.DDIMScheduler(beta_schedule=beta_schedule, beta_start=beta_start,
+                                beta_end=beta_end, set_alpha_to_one=False)
+  ours = diffusion.Schedule.from_config(dict(
+      num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=beta_start,
+      beta_end=beta_end, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0,
+      set_alpha_to_one=False))
+  for name in ('betas', 'alphas_cumprod'):
+    a, b = np.asarray(getattr(ours, name)), getattr(ref, name).numpy()
+    rel = np.max(np.abs(a / b - 1))
+    print(f'{beta_schedule} {name}: max rel err {rel:.2e}')
+    assert a.dtype == np.float32 and rel < 1e-6
+  assert float(ours.final_alpha_cumprod) == float(ref.final_alpha_cumprod)
+
+
+def test_schedule_from_configs():
+  ours = diffusion.Schedule.from_config(common.diffusion_sd15())
+  assert (ours.prediction_type, ours.timestep_spacing, ours.steps_offset) == ('epsilon', 'leading', 1)
+  np.testing.assert_allclose(ours.final_alpha_cumprod, ours.alphas_cumprod[0])
+  # A SD 1.5 scheduler_config.json (PNDM) with keys we do not use.
+  sd15_json = dict(_class_name='PNDMScheduler', beta_end=0.012, beta_schedule='scaled_linear',
+                   beta_start=0.00085, num_train_timesteps=1000, set_alpha_to_one=False,
+                   skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False)
+  from_json = diffusion.Schedule.from_diffusers_config(sd15_json)
+  np.testing.assert_array_equal(from_json.alphas_cumprod, ours.alphas_cumprod)
+  assert from_json.steps_offset == 1 and from_json.timestep_spacing == 'leading'
+  betas = np.linspace(1e-3, 2e-2, 50)
+  trained = diffusion.Schedule.from_diffusers_config(dict(trained_betas=betas.tolist(),
+                                                          prediction_type='v_prediction'))
+  np.testing.assert_allclose(trained.betas, betas.astype(np.float32))
+  assert trained.num_train_timesteps == 50 and float(trained.final_alpha_cumprod) == 1.0
+  with pytest.raises(ValueError, match='diffusion_sd15'):
+    diffusion.Schedule.from_config(dict(beta_schedule='linear'))
+  with pytest.raises(ValueError, match='timestep_spacing'):
+    diffusion.Schedule.from_config(dict(SD, prediction_type='epsilon', timestep_spacing='even'))
+
+
+@pytest.mark.parametrize('spacing', diffusion.TIMESTEP_SPACINGS)
+def test_inference_timesteps_match_diffusers(spacing):
+  checked = 0
+  for steps_offset in (0, 1):
+    for n in (1, 3, 7, 10, 20, 25, 50, 999, 1000):
+      cfg = dict(timestep_spacing=spacing, steps_offset=steps_offset)
+      ddim = diffusers.DDIMScheduler(**cfg)
+      dpm = diffusers.DPMSolverMultistepScheduler(**cfg)
+      for sampler, ref in (('ddim', ddim), ('dpmsolver++', dpm)):
+        if sampler == 'dpmsolver++' and n == 1000 and spacing == 'leading':
+          continue  # diffusers' own DPM leading rule gives step_ratio 0 here.
+        ref.set_timesteps(n)
+        ours = diffusion.inference_timesteps(n, 1000, spacing, steps_offset, sampler)
+        np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f'{sampler} n={n}')
+        checked += 1
+  # The two samplers really do differ for 'leading' (DPM spaces n + 1 points).
+  assert spacing == 'trailing' or not np.array_equal(
+      diffusion.inference_timesteps(10, 1000, spacing, 1, 'ddim'),
+      diffusion.inference_timesteps(10, 1000, spacing, 1, 'dpmsolver++'))
+  print(f'{spacing}: {checked} timestep arrays identical')
+
+
+# ---------------------------------------------------------------------------------------------
+# Training maths.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
+def test_add_noise_and_targets_match_diffusers(prediction_type):
+  ours, ref, _ = _schedules(prediction_type)
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((3, 2, 4, 4, 4)).astype(np.float32)  # [B, F, H, W, C]
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.array([0, 500, 999])
+  noisy = diffusion.add_noise(ours, x0, noise, t)
+  ref_noisy = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+  err = np.abs(np.asarray(noisy) - ref_noisy.numpy()).max()
+  target = diffusion.training_target(ours, x0, noise, t)
+  ref_target = (noise if prediction_type == 'epsilon' else ref.get_velocity(
+      torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy())
+  terr = np.abs(np.asarray(target) - ref_target).max()
+  x0_hat, eps_hat = diffusion.predict_x0_eps(ours, noisy, target, t)
+  rerr = max(np.abs(np.asarray(x0_hat) - x0).max(), np.abs(np.asarray(eps_hat) - noise).max())
+  print(f'{prediction_type}: add_noise {err:.2e}, target {terr:.2e}, x0/eps round trip {rerr:.2e}')
+  assert err < 1e-6 and terr < 1e-6 and rerr < 1e-4  # Round trip divides by sqrt(abar_999).
+  # bf16 latents: float32 arithmetic and result.
+  assert diffusion.add_noise(ours, x0.astype(jnp.bfloat16), noise, t).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: full trajectories against diffusers.
+# ---------------------------------------------------------------------------------------------
+
+DDIM_CASES = [
+    # prediction_type, n, eta, schedule overrides
+    ('epsilon', 10, 0.0, {}),
+    ('epsilon', 25, 0.0, {}),
+    ('epsilon', 25, 0.5, {}),
+    ('v_prediction', 10, 0.0, {}),
+    ('v_prediction', 25, 0.5, {}),
+    ('v_prediction', 25, 0.0, dict(beta_schedule='squaredcos_cap_v2', timestep_spacing='trailing',
+                                   set_alpha_to_one=True, steps_offset=0)),
+    ('epsilon', 25, 0.0, dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02,
+                              timestep_spacing='linspace', steps_offset=0)),
+]
+
+
+@pytest.mark.parametrize('prediction_type,n,eta,overrides', DDIM_CASES)
+def test_ddim_trajectory_matches_diffusers(prediction_type, n, eta, overrides):
+  ours, ref, _ = _schedules(prediction_type, **overrides)
+  model = _model_np(ref.alphas_cumprod.numpy(), prediction_type)
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal(SHAPE).astype(np.float32)
+  noises = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+  timesteps, ref_traj = _diffusers_trajectory(ref, model, x, n, eta, noises)
+  np.testing.assert_array_equal(
+      timesteps, diffusion.inference_timesteps(n, 1000, ours.timestep_spacing, ours.steps_offset))
+  step = jax.jit(diffusion.ddim_step, static_argnums=4, static_argnames='eta')
+  traj = []
+  for i, t in enumerate(timesteps):
+    x, _ = step(ours, model(np.asarray(x), int(t)), t, x, n, eta=eta,
+                variance_noise=noises[i] if eta > 0 else None)
+    traj.append(np.asarray(x))
+  err = np.abs(np.stack(traj) - ref_traj).max()
+  print(f'DDIM {prediction_type} n={n} eta={eta} {overrides}: max abs err {err:.2e} '
+        f'(|x| <= {np.abs(ref_traj).max():.1f})')
+  assert err <= 1e-5
+
+
+DPM_CASES = [
+    # prediction_type, n, final_sigmas_type, sigma_spacing, schedule overrides
+    ('epsilon', 10, 'zero', None, {}),
+    ('epsilon', 25, 'zero', None, {}),
+    ('v_prediction', 10, 'zero', None, {}),
+    ('v_prediction', 25, 'zero', None, {}),
+    ('epsilon', 20, 'sigma_min', None, {}),  # Last step second order (n >= 15, final sigma > 0).
+    ('epsilon', 20, 'zero', None, dict(timestep_spacing='linspace', steps_offset=0)),
+    ('v_prediction', 15, 'zero', None, dict(beta_schedule='squaredcos_cap_v2', steps_offset=0,
+                                            timestep_spacing='trailing')),
+    ('epsilon', 20, 'zero', 'karras', {}),
+    ('v_prediction', 25, 'sigma_min', 'karras', {}),
+    ('epsilon', 15, 'zero', 'lu_lambdas', {}),
+    ('v_prediction', 25, 'zero', 'lu_lambdas', {}),
+]
+
+
+@pytest.mark.parametrize('prediction_type,n,final_sigmas_type,sigma_spacing,overrides', DPM_CASES)
+def test_dpm_solver_trajectory_matches_diffusers(prediction_type, n, final_sigmas_type,
+                                                 sigma_spacing, overrides):
+  ours, _, ref = _schedules(prediction_type, **overrides)
+  ref.register_to_config(final_sigmas_type=final_sigmas_type,
+                         use_karras_sigmas=sigma_spacing == 'karras',
+                         use_lu_lambdas=sigma_spacing == 'lu_lambdas')
+  model = _model_np(ref.alphas_cumprod.numpy(), prediction_type)
+  x = np.random.default_rng(n).standard_normal(SHAPE).astype(np.float32)
+  ref_timesteps, ref_traj = _diffusers_trajectory(ref, model, x, n)
+  timesteps, sigmas = diffusion.dpm_solver_timesteps(
+      ours, n, sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+  np.testing.assert_array_equal(timesteps, ref_timesteps)
+  np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=2e-6)
+  plan = diffusion.dpm_solver_plan(sigmas, final_sigmas_type)
+  step = jax.jit(diffusion.dpm_solver_step)
+  prev_x0, traj = np.zeros_like(x), []
+  for i, t in enumerate(np.asarray(timesteps)):
+    x, prev_x0 = step(ours, model(np.asarray(x), int(t)), x, prev_x0, *(p[i] for p in plan))
+    traj.append(np.asarray(x))
+  err = np.abs(np.stack(traj) - ref_traj).max()
+  print(f'DPM++2M {prediction_type} n={n} final={final_sigmas_type} sigmas={sigma_spacing} '
+        f'{overrides}: max abs err {err:.2e} (|x| <= {np.abs(ref_traj).max():.1f})')
+  assert np.all(np.isfinite(traj)) and err <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The scanned loop.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('sampler,prediction_type,eta,sigma_spacing', [
+    ('ddim', 'epsilon', 0.0, None), ('ddim', 'v_prediction', 0.5, None),
+    ('dpmsolver++', 'epsilon', 0.0, None), ('dpmsolver++', 'v_prediction', 0.0, 'karras')])
+def test_sample_loop_matches_diffusers_and_compiles_once(sampler, prediction_type, eta,
+                                                         sigma_spacing):
+  n = 12
+  ours, ddim, dpm = _schedules(prediction_type)
+  dpm.register_to_config(use_karras_sigmas=sigma_spacing == 'karras')
+  ref = ddim if sampler == 'ddim' else dpm
+  abar = ref.alphas_cumprod.numpy()
+  model = _model_jnp(abar, prediction_type)
+  traces = []
+
+  @jax.jit
+  def generate(latents, key):
+    traces.append(1)  # Python side effect: runs once per trace.
+    return diffusion.sample_loop(model, latents, ours, n, sampler=sampler, eta=eta, key=key,
+                                 sigma_spacing=sigma_spacing)
+
+  rng = np.random.default_rng(1)
+  for seed in (0, 1):
+    x = rng.standard_normal(SHAPE).astype(np.float32)
+    key = jax.random.key(seed)
+    noises = None
+    if eta > 0:  # The noise sample_loop draws, fed to diffusers as variance_noise.
+      noises = [np.array(jax.random.normal(k, SHAPE)) for k in jax.random.split(key, n)]
+    _, ref_traj = _diffusers_trajectory(ref, _model_np(abar, prediction_type), x, n, eta, noises)
+    out = generate(jnp.asarray(x), key)
+    err = np.abs(np.asarray(out) - ref_traj[-1]).max()
+    print(f'sample_loop {sampler} {prediction_type} eta={eta} sigmas={sigma_spacing} seed={seed}: '
+          f'max abs err {err:.2e}')
+    assert out.dtype == jnp.float32 and err <= 1e-5
+  assert len(traces) == 1 and generate._cache_size() == 1
+
+
+def test_sample_loop_errors():
+  ours = diffusion.Schedule.from_config(common.diffusion_sd15())
+  x = jnp.zeros(SHAPE)
+  with pytest.raises(ValueError, match="'ddim', 'dpmsolver\\+\\+'"):
+    diffusion.sample_loop(lambda x, t: x, x, ours, 10, sampler='euler')
+  with pytest.raises(ValueError, match='key'):
+    diffusion.sample_loop(lambda x, t: x, x, ours, 10, eta=1.0)
+  with pytest.raises(ValueError, match='DPM-Solver option'):
+    diffusion.sample_loop(lambda x, t: x, x, ours, 10, sigma_spacing='karras')
+  with pytest.raises(ValueError, match='DDIM option'):
+    diffusion.sample_loop(lambda x, t: x, x, ours, 10, sampler='dpmsolver++', eta=1.0,
+                          key=jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality: DPM-Solver++ in fewer steps vs DDIM-50 on a problem with a known exact answer.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpm_solver_beats_ddim50_on_gaussian_data():
+  """Quality in fewer steps, against the exact probability-flow ODE solution.
+
+  Data x0 ~ N(mu, s^2) per dimension, so the optimal eps-prediction is closed form, and the ODE
+  maps x at level abar_a to x = sqrt(abar_b) mu + sqrt(abar_b s^2 + 1 - abar_b) z at level abar_b,
+  with z = (x - sqrt(abar_a) mu) / sqrt(abar_a s^2 + 1 - abar_a). Each sampler is compared with
+  the exact map from its own first noise level to its own last one. Schedule: SD defaults.
+  """
+  ours = diffusion.Schedule.from_config(common.diffusion_sd15())
+  abar = ours.alphas_cumprod
+  mu = jnp.linspace(-1.0, 1.0, 64)
+  s = jnp.linspace(0.05, 1.0, 64)  # Small s: sharply peaked data, the hard end of the ODE.
+
+  def optimal_eps(x, t):
+    return jnp.sqrt(1 - abar[t]) * (x - jnp.sqrt(abar[t]) * mu) / (abar[t] * s**2 + 1 - abar[t])
+
+  x_init = jax.random.normal(jax.random.key(0), (256, 64))
+
+  def rms_error(sampler, n, **kwargs):
+    out = jax.jit(lambda x: diffusion.sample_loop(optimal_eps, x, ours, n, sampler=sampler,
+                                                  **kwargs))(x_init)
+    if sampler == 'ddim':
+      first = abar[diffusion.inference_timesteps(n, 1000, 'leading', 1)[0]]
+      last = ours.final_alpha_cumprod
+    else:
+      _, sigmas = diffusion.dpm_solver_timesteps(ours, n, **kwargs)
+      first, last = 1 / (1 + sigmas[0]**2), 1 / (1 + sigmas[-1]**2)
+    z = (x_init - jnp.sqrt(first) * mu) / jnp.sqrt(first * s**2 + 1 - first)
+    exact = jnp.sqrt(last) * mu + jnp.sqrt(last * s**2 + 1 - last) * z
+    return float(jnp.sqrt(jnp.mean((out - exact)**2)))
+
+  errs = {}
+  for name, n, kwargs in (
+      ('ddim', 50, {}), ('ddim', 1000, dict(steps_offset=0)),
+      ('dpmsolver++', 20, {}),  # diffusers' defaults: uniform in t, last step a jump to sigma = 0.
+      ('dpmsolver++', 15, dict(sigma_spacing='karras')),
+      ('dpmsolver++', 20, dict(sigma_spacing='karras')),
+      ('dpmsolver++', 15, dict(sigma_spacing='lu_lambdas')),
+      ('dpmsolver++', 20, dict(sigma_spacing='lu_lambdas'))):
+    errs[name, n, kwargs.get('sigma_spacing')] = rms_error(name, n, **kwargs)
+  for (name, n, spacing), e in errs.items():
+    print(f'{name:12s} {n:5d} steps, sigmas {spacing or "at leading timesteps":21s}: '
+          f'RMS error vs exact ODE solution {e:.2e}')
+  ddim50 = errs['ddim', 50, None]
+  assert errs['ddim', 1000, None] < ddim50 / 5  # The comparison measures ODE-solving error.
+  for spacing in ('karras', 'lu_lambdas'):
+    assert errs['dpmsolver++', 15, spacing] <= ddim50
+    assert errs['dpmsolver++', 20, spacing] <= ddim50
+
+
+@pytest.mark.parametrize('sampler,sigma_spacing', [('ddim', None), ('dpmsolver++', 'karras')])
+def test_sample_loop_takes_a_traced_schedule_and_has_no_cond(sampler, sigma_spacing):
+  ours = diffusion.Schedule.from_config(common.diffusion_sd15())
+  model = lambda x, t: 0.1 * x * jnp.cos(t / 300.0)
+
+  def generate(schedule, latents):
+    return diffusion.sample_loop(model, latents, schedule, 8, sampler=sampler,
+                                 sigma_spacing=sigma_spacing)
+
+  x = jnp.ones(SHAPE)
+  jaxpr = str(jax.make_jaxpr(generate)(ours, x))
+  assert 'scan' in jaxpr and 'cond' not in jaxpr
+  np.testing.assert_allclose(jax.jit(generate)(ours, x), generate(ours, x), rtol=1e-6, atol=1e-6)
