@@ -1,0 +1,1 @@
+"""Evaluation of generated and reconstructed videos (e.g. `judge`: the moving-shapes judge)."""
