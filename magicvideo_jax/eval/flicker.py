@@ -1,0 +1,117 @@
+"""Flicker and PSNR of reconstructed clips, and the image-VAE vs VideoVAE decoder comparison.
+
+Scale: every metric is computed on the [0, 1] pixel scale. Inputs are in `value_range` (default
+(-1, 1), the models' scale) and are mapped to [0, 1] and clipped there, as when frames are saved.
+
+  flicker(recon, target)   mean over t of mean |e[t+1] - e[t]|, e = recon - target: frame-to-frame
+                           change of the reconstruction error (0 when the error is static, however
+                           large; the per-frame "dithering" a temporal decoder should remove). It is
+                           the temporal term of `video_vae_loss`, on the [0, 1] scale.
+  psnr(recon, target)      per-frame PSNR [..., F] (dB, peak 1) and its mean.
+  compare_decoders(...)    both decoders on the same latents of held-out clips.
+"""
+
+from typing import Any, Dict, Optional, Tuple
+
+import einops
+import jax
+import numpy as np
+
+from magicvideo_jax.models import vae as vae_lib
+
+_MIN_MSE = 1e-10  # PSNR of a perfect frame: 100 dB, not inf.
+
+
+def _to_unit(x: Any, value_range: Tuple[float, float]) -> np.ndarray:
+  """`x` in `value_range` -> float64 in [0, 1], clipped."""
+  low, high = value_range
+  return np.clip((np.asarray(x, np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def flicker(recon: Any, target: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> float:
+  """Mean over t of mean |e[t+1] - e[t]|, e = recon - target, on the [0, 1] scale.
+
+  Args:
+    recon, target: clips `[..., F, H, W, C]` (F >= 2) in `value_range`.
+    value_range: (low, high) of the inputs.
+  """
+  recon, target = _to_unit(recon, value_range), _to_unit(target, value_range)
+  if recon.shape != target.shape or recon.ndim < 4 or recon.shape[-4] < 2:
+    raise ValueError(f'flicker needs two clips [..., F >= 2, H, W, C] of one shape, got '
+                     f'{recon.shape} and {target.shape}.')
+  error = recon - target
+  return float(np.mean(np.abs(np.diff(error, axis=-4))))
+
+
+def psnr(recon: Any, target: Any, value_range: Tuple[float, float] = (-1.0, 1.0)
+         ) -> Tuple[np.ndarray, float]:
+  """Per-frame PSNR (dB, [0, 1] scale) `[...]` of frames `[..., H, W, C]`, and its mean."""
+  recon, target = _to_unit(recon, value_range), _to_unit(target, value_range)
+  if recon.shape != target.shape or recon.ndim < 3:
+    raise ValueError(f'psnr needs two arrays [..., H, W, C] of one shape, got {recon.shape} and '
+                     f'{target.shape}.')
+  mse = np.mean(np.square(recon - target), axis=(-3, -2, -1))
+  per_frame = 10.0 * np.log10(1.0 / np.maximum(mse, _MIN_MSE))
+  return per_frame, float(np.mean(per_frame))
+
+
+def compare_decoders(image_vae, image_params, video_vae, video_params, clips: Any, *,
+                     batch_size: int = 1, value_range: Tuple[float, float] = (-1.0, 1.0),
+                     key: Optional[jax.Array] = None) -> Dict[str, Dict[str, Any]]:
+  """Flicker and PSNR of the image VAE's and the VideoVAE's decoders on held-out clips.
+
+  Both decoders get the same latents: the image VAE's posterior mean of each frame (or a per-frame
+  posterior sample when `key` is given; the VideoVAE's encoder is the same frozen encoder), so only the
+  decoders differ. The image decoder decodes frame by frame, the VideoVAE `decode_video` per clip.
+
+  Args:
+    image_vae, image_params: an `AutoencoderKL` and its params (the inner `params` tree).
+    video_vae, video_params: a `VideoAutoencoderKL` and its params.
+    clips: `[N, F, H, W, 3]` in `value_range`, F >= 2 and F <= video_vae.num_frames.
+    batch_size: clips per jitted call.
+    value_range: (low, high) of `clips` and of the decoders' outputs.
+    key: optional PRNG key: decode posterior samples instead of means.
+
+  Returns:
+    {'image': {...}, 'video': {...}}, each with 'flicker' (float), 'psnr' (mean, float) and
+    'psnr_per_frame' (`[F]`, mean over clips); plus 'target_motion': mean |x[t+1] - x[t]| of the
+    clips themselves (the scale against which flicker is small or large).
+  """
+  clips = np.asarray(clips, np.float32)
+  num_clips, num_frames = clips.shape[:2]
+
+  @jax.jit  # Params are arguments, not constants baked into the program.
+  def reconstruct(image_params, video_params, x, sample_key):
+    frames = einops.rearrange(x, 'b f h w c -> (b f) h w c')
+    mean, logvar = image_vae.apply({'params': image_params}, frames, method=image_vae.encode)
+    z = mean if sample_key is None else vae_lib.diagonal_gaussian_sample(mean, logvar, sample_key)
+    image = image_vae.apply({'params': image_params}, z, method=image_vae.decode)
+    image = einops.rearrange(image, '(b f) h w c -> b f h w c', f=num_frames)
+    z = einops.rearrange(z, '(b f) h w c -> b f h w c', f=num_frames)
+    video = video_vae.apply({'params': video_params}, z, method=video_vae.decode_video)
+    return image, video
+
+  image_out, video_out = [], []
+  for start in range(0, num_clips, batch_size):
+    sample_key = None if key is None else jax.random.fold_in(key, start)
+    image, video = reconstruct(image_params, video_params, clips[start:start + batch_size],
+                               sample_key)
+    image_out.append(np.asarray(image))
+    video_out.append(np.asarray(video))
+  results = {}
+  for name, recon in (('image', np.concatenate(image_out)), ('video', np.concatenate(video_out))):
+    per_frame, mean_psnr = psnr(recon, clips, value_range)
+    results[name] = dict(flicker=flicker(recon, clips, value_range), psnr=mean_psnr,
+                         psnr_per_frame=per_frame.mean(axis=0))
+  unit = _to_unit(clips, value_range)
+  results['target_motion'] = float(np.mean(np.abs(np.diff(unit, axis=1))))
+  return results
+
+
+def format_comparison(results: Dict[str, Any]) -> str:
+  """One line per decoder: flicker (x1e-3, [0, 1] scale) and mean PSNR."""
+  lines = [f"clip motion mean|dx/dt| = {results['target_motion'] * 1e3:.2f}e-3"]
+  for name in ('image', 'video'):
+    r = results[name]
+    lines.append(f"{name:>5} decoder: flicker {r['flicker'] * 1e3:.2f}e-3, PSNR {r['psnr']:.2f} dB")
+  return '\n'.join(lines)
