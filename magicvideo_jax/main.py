@@ -9,6 +9,7 @@ overrides a key, and a mistyped key fails at once, naming it. Several processes 
 TPU pod or under Slurm, with `--distributed`).
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -26,14 +27,32 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', None,
                                         'Fake CPU devices per process (development and tests).')
+_CACHE_DIR = flags.DEFINE_string(
+    'compilation_cache_dir', os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.join(
+        os.path.expanduser('~'), '.cache', 'magicvideo_jax', 'xla')),
+    'Persistent XLA compilation cache ("" disables it): a rerun or resume skips recompiling.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def setup_logging() -> None:
+  """INFO from this project, warnings only from Orbax's very chatty checkpoint internals."""
+  logging.set_verbosity(logging.INFO)
+  quiet = lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler, *std_logging.getLogger().handlers):
+    h.addFilter(quiet)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  os.environ.setdefault('KERAS_HOME', os.path.join(os.path.expanduser('~'), '.keras'))
+  setup_logging()
   import jax  # pylint: disable=g-import-not-at-top
+  if _CACHE_DIR.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', float(
+        os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
   if _NUM_CPU_DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
   if _COORDINATOR.value or _DISTRIBUTED.value:

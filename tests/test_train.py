@@ -1,0 +1,249 @@
+"""Training program end to end: overfitting, resume after kill -9, topology change, multi-host,
+SIGTERM, NaN guard, config errors. Runs `magicvideo_jax.main` in subprocesses like a user would."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+from magicvideo_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def _env(devices=None):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  env['PYTHONPATH'] = ROOT
+  return env
+
+
+def _main_cmd(workdir, data_dir, *overrides, devices=1, variant=''):
+  config = 'configs/tiny.py' + (f':{variant}' if variant else '')
+  return [PYTHON, '-m', 'magicvideo_jax.main', f'--config={config}', f'--workdir={workdir}',
+          f'--num_cpu_devices={devices}', f'--config.data.data_dir={data_dir}',
+          '--config.data.prefetch=0', '--config.train.export=False', *overrides]
+
+
+def _run(cmd, timeout=600):
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+  if proc.returncode:
+    raise AssertionError(f'{" ".join(cmd)} failed:\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def _checkpoint(workdir, step=None):
+  """(state, data_state) of a training checkpoint, restored as host numpy arrays."""
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  return step, restored['state'], restored['data']
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep='/')
+
+
+def _wait_for(predicate, proc, timeout=300):
+  t0 = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'process ended early:\n{proc.stderr.read()[-3000:]}')
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.05)
+
+
+def _steps_on_disk(workdir):
+  root = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_config_key_fails_fast(tmp_path):
+  t0 = time.time()
+  proc = subprocess.run(
+      [PYTHON, '-m', 'magicvideo_jax.main', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+       '--config.train.num_stepz=3'], cwd=ROOT, env=_env(), capture_output=True, text=True,
+      timeout=120)
+  elapsed = time.time() - t0
+  print(f'unknown key rejected in {elapsed:.1f} s')
+  assert proc.returncode != 0
+  assert 'num_stepz' in proc.stderr
+  assert elapsed < 30
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_overfits_a_fixed_batch(shapes_data_dir):
+  """All parameters train on one batch with fixed noise: the loss falls by a large factor."""
+  config = tiny.get_config('all')
+  config.data.data_dir = shapes_data_dir
+  config.train.update(learning_rate=2e-3, warmup_steps=10, num_steps=200, ema_decay=0.0,
+                      grad_clip_norm=10.0)
+  modules = models_lib.build_models(config.model)
+  tokenizer = train.build_tokenizer(config)
+  iterator = train.make_iterator(config, tokenizer)
+  batch = jax.tree.map(jnp.asarray, train.device_batch(iterator.make_batch(0, 0)))
+  params = jax.jit(lambda k: train.nn.unbox(train.init_params(modules, config, k)))(
+      jax.random.key(0))
+  mask = train.trainable_mask(params, config.train.trainable)
+  tx, lr = train.make_optimizer(config)
+  trainable, _ = train.split_params(params, mask)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(trainable), ema_params=trainable)
+  step_fn = train.make_train_step(config, modules, diffusion.Schedule.from_config(config.diffusion),
+                                  tx, lr, mask)
+
+  @jax.jit
+  def fixed_noise_step(state):
+    # The step's PRNG key folds in state.step: pin it so noise and timesteps repeat.
+    new_state, metrics = step_fn(state.replace(step=jnp.zeros((), jnp.int32)), batch)
+    return new_state.replace(step=state.step + 1), metrics
+
+  losses = []
+  for _ in range(config.train.num_steps):
+    state, metrics = fixed_noise_step(state)
+    losses.append(float(metrics['loss']))
+  first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+  print(f'loss {first:.4f} -> {last:.5f} ({first / last:.0f}x) in {len(losses)} steps')
+  assert np.all(np.isfinite(losses))
+  assert last < first / 20
+
+
+def test_kill_resume_is_bitwise_identical(tmp_path, shapes_data_dir):
+  args = ('--config.train.num_steps=12', '--config.train.checkpoint_every=4',
+          '--config.train.log_every=1')
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  _run(_main_cmd(straight, shapes_data_dir, *args))
+
+  proc = subprocess.Popen(_main_cmd(resumed, shapes_data_dir, *args), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: 4 in _steps_on_disk(resumed), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _steps_on_disk(resumed)
+  print('checkpoints on disk after kill -9:', killed_at)
+  assert 12 not in killed_at
+  _run(_main_cmd(resumed, shapes_data_dir, *args))
+
+  step_a, state_a, data_a = _checkpoint(straight)
+  step_b, state_b, data_b = _checkpoint(resumed)
+  assert step_a == step_b == 12
+  assert data_a == data_b
+  flat_a, flat_b = _flat(state_a), _flat(state_b)
+  assert flat_a.keys() == flat_b.keys()
+  different = [k for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])]
+  assert not different, f'{len(different)} leaves differ, e.g. {different[:3]}'
+
+
+def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
+  """Saved on 8 devices with fsdp=8, continued on 4 devices with data=2, fsdp=2."""
+  workdir = str(tmp_path / 'run')
+  common = ('--config.train.checkpoint_every=4', '--config.train.trainable=("^unet/",)')
+  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=4',
+                 '--config.mesh.data=1', '--config.mesh.fsdp=8', devices=8))
+  step, saved, _ = _checkpoint(workdir)
+  assert step == 4
+  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=8',
+                 '--config.mesh.data=2', '--config.mesh.fsdp=2', devices=4))
+  step, state, _ = _checkpoint(workdir)
+  assert step == 8
+  assert int(state['step']) == 8
+  moved = [k for k, v in _flat(state['params']).items()
+           if not np.array_equal(v, _flat(saved['params'])[k])]
+  assert moved, 'training did not continue after the restore'
+
+
+def test_two_processes_match_one(tmp_path, shapes_data_dir):
+  """2 processes x 2 devices reach the parameters of 1 process x 4 devices."""
+  common = ('--config.train.num_steps=3', '--config.train.checkpoint_every=3',
+            '--config.mesh.data=2', '--config.mesh.fsdp=2')
+  single = str(tmp_path / 'single')
+  _run(_main_cmd(single, shapes_data_dir, *common, devices=4))
+  multi = str(tmp_path / 'multi')
+  cmd = _main_cmd(multi, shapes_data_dir, *common, devices=2)
+  launch = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', *cmd[3:]]
+  env = _env()
+  env.update(DEVICES='2', PYTHON=PYTHON, WORKDIR_LOGS=str(tmp_path / 'logs'))
+  proc = subprocess.run([a for a in launch if not a.startswith('--num_cpu_devices')], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  _, state_1, _ = _checkpoint(single)
+  _, state_2, _ = _checkpoint(multi)
+  flat_1, flat_2 = _flat(state_1['params']), _flat(state_2['params'])
+  worst = max(float(np.max(np.abs(flat_1[k] - flat_2[k])) / (np.max(np.abs(flat_1[k])) + 1e-12))
+              for k in flat_1)
+  print(f'max relative difference 2x2 vs 1x4 after 3 steps: {worst:.2e}')
+  assert worst <= 1e-5
+
+
+def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(
+      _main_cmd(workdir, shapes_data_dir, '--config.train.num_steps=100000',
+                '--config.train.checkpoint_every=1000', '--config.train.log_every=1'),
+      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  log = []
+
+  def trained_a_few_steps():
+    line = proc.stderr.readline()
+    log.append(line)
+    return '[6] ' in line or ' 6 steps' in line
+
+  _wait_for(trained_a_few_steps, proc)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  steps = _steps_on_disk(workdir)
+  print('returncode', proc.returncode, 'checkpoints', steps)
+  assert proc.returncode == 0
+  assert steps and steps[-1] >= 6 and steps[-1] % 1000 != 0
+
+
+def test_nan_loss_stops_without_checkpointing_it(tmp_path, shapes_data_dir, monkeypatch):
+  config = tiny.get_config()
+  config.data.data_dir = shapes_data_dir
+  config.data.prefetch = 0
+  config.train.update(num_steps=10, checkpoint_every=1, export=False, async_checkpointing=False)
+  config.mesh.update(data=-1, fsdp=1)
+  real_make_iterator = train.make_iterator
+
+  class Poisoned:
+    """Yields NaN video from the 4th batch on."""
+
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def __next__(self):
+      batch = next(self.inner)
+      self.count += 1
+      if self.count >= 4:
+        batch = dict(batch, video=np.full_like(batch['video'], np.nan))
+      return batch
+
+  monkeypatch.setattr(train, 'make_iterator', lambda *a, **k: Poisoned(real_make_iterator(*a, **k)))
+  with pytest.raises(FloatingPointError, match='loss is nan at step 4'):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = _steps_on_disk(str(tmp_path))
+  print('checkpoints after NaN:', steps)
+  assert steps and max(steps) == 3
