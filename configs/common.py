@@ -96,6 +96,7 @@ def logical_axis_rules():
       ('norm', None),
       ('kernel_h', None),
       ('kernel_w', None),
+      ('kernel_t', None),
       ('length', None),
       ('height', None),
       ('width', None),
@@ -123,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',
       attention_impl=placeholder(str),  # None (XLA), 'xla' or 'cudnn'.
       remat=False,
+      # MagicVideo v2's VideoVAE: the SD decoder plus temporal layers (models/video_vae.py).
+      video_vae=dict(enabled=False, num_frames=16, temporal_conv=True, temporal_attention=True),
   ))
   config.tokenizer = ml_collections.ConfigDict(dict(kind='clip', path='', words=()))
   config.diffusion = diffusion_sd15()
@@ -131,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
-      objective='diffusion',  # 'diffusion' or 'vae'.
+      objective='diffusion',  # 'diffusion', 'vae' or 'video_vae'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
       trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),
@@ -146,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay=0.999,
       image_loss_weight=1.0,  # Joint image-video training: weight of the appended images' loss.
       kl_weight=1e-6,  # 'vae' objective.
+      temporal_loss_weight=1.0,  # 'video_vae' objective: weight of the temporal-difference term.
+      video_vae_sample_posterior=True,
       init_from=placeholder(str),  # Pretrained folder whose matching weights initialise the model.
       log_every=50,
       checkpoint_every=500,

@@ -155,7 +155,13 @@ def vae_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, *, mod
   return loss, dict(l1=l1, l2=l2, kl=kl)
 
 
-LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss}
+def video_vae_loss(*args, **kwargs):
+  """Clip reconstruction through the frozen encoder and the temporal decoder (models/video_vae.py)."""
+  from magicvideo_jax.models import video_vae  # pylint: disable=g-import-not-at-top
+  return video_vae.video_vae_loss(*args, **kwargs)
+
+
+LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,6 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   tc = config.train
+  if tc.get('init_from'):
+    _inherit_scaling_factor(config, tc.init_from)
 
   # ---------------------------------------------------------------------------------- mesh, models
   mesh = sharding_lib.create_mesh(config.mesh)
@@ -351,7 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---------------------------------------------------------------------------------- train state
   tx, lr_schedule = make_optimizer(config)
-  init_key = jax.random.key(config.seed)
+  # rbg keys compile the big init much faster than threefry; the step's keys stay threefry.
+  init_key = jax.random.key(config.seed, impl='rbg')
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(functools.partial(init_params, modules, config), init_key)
   abstract_params = nn.unbox(boxed)
@@ -460,9 +469,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if tc.export:
     export_dir = os.path.join(workdir, 'model')
     params = merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
-    ckpt_lib.save_pretrained(export_dir, _export_config(config), jax.device_get(params), tokenizer)
+    export_config = _export_config(config)
+    if tc.objective == 'vae':
+      scale = latent_scaling_factor(modules['vae'], params['vae'], train_iter, mesh)
+      logging.info('latent scaling factor (1 / std of the latents): %.5f', scale)
+      export_config.model.vae.scaling_factor = scale
+    ckpt_lib.save_pretrained(export_dir, export_config, jax.device_get(params), tokenizer)
     logging.info('exported %s', export_dir)
   return state
+
+
+def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: int = 4) -> float:
+  """1 / std of posterior samples over a few batches: latents of unit variance, as SD's 0.18215."""
+  encode = jax.jit(lambda p, x, k: encode_latents(vae, p, x, k, 1.0))
+  values = []
+  for i in range(num_batches):
+    video = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)['video']
+    frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
+    values.append(np.asarray(jax.device_get(encode(vae_params, frames, jax.random.key(i)))))
+  return float(1.0 / np.std(np.concatenate([v.ravel() for v in values])))
+
+
+def _inherit_scaling_factor(config: ml_collections.ConfigDict, folder: str) -> None:
+  """The latent scaling factor belongs to the VAE weights: take it from the checkpoint they come from."""
+  loaded = ckpt_lib.load_config(folder)
+  factor = loaded.get('model', {}).get('vae', {}).get('scaling_factor')
+  if factor is not None and factor != config.model.vae.scaling_factor:
+    logging.info('model.vae.scaling_factor=%s from %s', factor, folder)
+    with config.unlocked():
+      config.model.vae.scaling_factor = factor
 
 
 def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -27,7 +27,15 @@ def build_text_encoder(model_config: Any):
                        attention_impl=model_config.get('attention_impl', None))
 
 
+def uses_video_vae(model_config: Any) -> bool:
+  return bool(model_config.get('video_vae') and model_config.video_vae.get('enabled', False))
+
+
 def build_vae(model_config: Any):
+  """The SD autoencoder, or the VideoVAE when `model.video_vae.enabled`."""
+  if uses_video_vae(model_config):
+    from magicvideo_jax.models.video_vae import build_video_vae  # pylint: disable=g-import-not-at-top
+    return build_video_vae(model_config)
   from magicvideo_jax.models.vae import AutoencoderKL
   return AutoencoderKL(**_fields(model_config.vae), **dtypes(model_config),
                        attention_impl=model_config.get('attention_impl', None))

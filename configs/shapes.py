@@ -1,0 +1,61 @@
+r"""The built-in default: MagicVideo's recipe in miniature on moving_shapes (16 frames of 32x32).
+
+Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all):
+  vae        the autoencoder on single frames (32x32x3 -> 16x16x4)
+  image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
+  video      MagicVideo's video stage: frame adaptors + directed temporal attention + fps embedding added
+             to the image model and trained, everything else frozen (init_from: image)
+  video_vae  MagicVideo v2's VideoVAE: temporal layers of the decoder (init_from: video)
+  image_long the ablation: the image model alone trained for the image + video budget
+
+  python -m magicvideo_jax.main --config=configs/shapes.py:vae --workdir=runs/shapes/vae
+"""
+
+import ml_collections
+
+from configs import common
+
+STAGES = ('vae', 'image', 'video', 'video_vae', 'image_long')
+
+
+def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
+  stage = stage or 'video'
+  if stage not in STAGES:
+    raise ValueError(f'configs/shapes.py:{stage}: unknown stage; choose one of {STAGES}')
+  config = common.base_config()
+  config.model.text_encoder.update(vocab_size=32, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=8)
+  config.model.vae.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                          scaling_factor=1.0)
+  config.model.unet.update(
+      block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4,
+      down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+      up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+      cross_attention_dim=64, norm_num_groups=16, num_frames=16, temporal_position='rope')
+  config.model.video_vae.update(num_frames=16)
+  config.tokenizer = common.shapes_tokenizer()
+  config.data.update(dataset='moving_shapes', split='train', num_frames=16, resolution=32,
+                     global_batch_size=8, caption_dropout=0.1, num_threads=2, prefetch=2)
+  config.sampling.update(num_inference_steps=25, guidance_scale=4.0)
+  config.train.update(log_every=50, checkpoint_every=500, keep_checkpoints=2, warmup_steps=100,
+                      learning_rate=1e-3, ema_decay=0.99, sample_every=0,
+                      sample_prompts=('a red circle moving left', 'a blue square moving up',
+                                      'a yellow star growing', 'a green triangle moving right'))
+
+  if stage == 'vae':
+    config.train.update(objective='vae', trainable=('^vae/',), num_steps=800, kl_weight=1e-6)
+    config.data.update(num_frames=1, global_batch_size=32, caption_dropout=0.0)
+  elif stage in ('image', 'image_long'):
+    config.model.unet = common.image_only(config.model.unet)
+    config.train.update(trainable=('^unet/', '^text_encoder/'),
+                        num_steps=2000 if stage == 'image' else 3500,
+                        init_from='runs/shapes/vae/model')
+    config.data.update(num_frames=1, global_batch_size=64)
+  elif stage == 'video':
+    config.train.update(num_steps=1500, init_from='runs/shapes/image/model')
+  elif stage == 'video_vae':
+    config.model.video_vae.enabled = True
+    config.train.update(objective='video_vae', trainable=(r'^vae/decoder/.*temporal',),
+                        num_steps=600, init_from='runs/shapes/video/model', learning_rate=5e-4)
+  return config
