@@ -86,6 +86,9 @@ def load_pretrained(folder: str) -> Tuple[ml_collections.ConfigDict, Any, Any]:
   """(config, params, tokenizer) of a pretrained folder; params as host numpy arrays."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'checkpoint folder not found: {folder}')
+  if not os.path.isdir(os.path.join(folder, PARAMS_DIR)):
+    raise FileNotFoundError(f'{os.path.join(folder, PARAMS_DIR)} not found: {folder} is not a '
+                            'magicvideo_jax checkpoint folder (config.json + params/ + tokenizer/)')
   config = load_config(folder)
   params = jax.tree.map(np.asarray, load_params(folder))
   logging.info('loaded %s', folder)

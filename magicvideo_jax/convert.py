@@ -1,18 +1,24 @@
 r"""Weight import from diffusers / transformers folders (safetensors) and export back.
 
     python -m magicvideo_jax.convert --diffusers_dir SRC --output DST [--num_frames 16]
+    python -m magicvideo_jax.convert --export_from DST --output OUT [--reference_dir SRC]
 
 SRC is a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), each
 model folder holding `config.json` and `*.safetensors`. DST becomes a checkpoint folder that the rest of the
-project loads (`magicvideo_jax.checkpoint.load_pretrained`): `config.json` (our model config), Orbax params
-and the tokenizer files.
+project loads (`magicvideo_jax.checkpoint.load_pretrained`): `config.json` (our config: model, diffusion
+and sampling from the scheduler config, data), Orbax params and the tokenizer files. Export writes our
+image-part weights back as diffusers / transformers safetensors, in the reference folder's layout and
+CLIP key style when `--reference_dir` is given.
 
 Our Linen trees mirror the PyTorch state dicts, so the mapping is by name:
   torch `down_blocks.0.resnets.1.conv1.weight` <-> flax `down_blocks_0/resnets_1/conv1/kernel`
 with `weight` -> `kernel` (transposed), `scale` (norms) or `embedding`, and `bias` -> `bias`.
+transformers 5 writes CLIPTextModel without SD's `text_model.` prefix; both styles import.
 Video-only parameters (a path component containing 'temporal' or 'adaptor', or starting with 'fps_')
-do not exist in image checkpoints and keep their (identity) init.
-Pickle checkpoints (.ckpt, .bin, .pt, .pth) are never loaded.
+do not exist in image checkpoints: `grow_video_params` initialises only them (identity at init) in one
+small jitted `apply`, so the converted video model equals the image model frame by frame.
+Pickle checkpoints (.ckpt, .bin, .pt, .pth) are never loaded; a missing, unexpected or mis-shaped tensor
+is a `ConversionError` naming it.
 """
 
 import os
@@ -90,6 +96,7 @@ def state_dict_to_params(
     params_template: Any,
     keep_init: Optional[Any] = None,
     prefix: str = '',
+    allow_missing_video: bool = False,
 ) -> Params:
   """Maps a PyTorch state dict onto a Flax params tree.
 
@@ -98,7 +105,10 @@ def state_dict_to_params(
     params_template: a params tree (arrays or `jax.ShapeDtypeStruct`, boxed or not) fixing names and shapes.
     keep_init: optional params tree of the same structure whose video-only leaves are used as they are
       (their identity init); without it, video-only leaves missing from `state_dict` raise.
-    prefix: prepended to every torch key's path (e.g. to load a bare model's weights into a sub-tree).
+    prefix: prepended to every torch key's path (e.g. `text_model` for a transformers 5 CLIPTextModel
+      file, which lacks the `text_model.` prefix of SD's files).
+    allow_missing_video: leave video-only leaves missing from `state_dict` (and `keep_init`) out of the
+      result instead of raising (`grow_params` then initialises them).
 
   Returns:
     A nested dict of numpy arrays with the template's structure and dtypes.
@@ -127,14 +137,15 @@ def state_dict_to_params(
           f'checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model expects '
           f'{tuple(target.shape)} at {path}')
     out[path] = array.astype(target.dtype)
-  missing = [p for p in template if p not in out]
-  for path in missing:
-    if is_video_only(path) and path in init:
+  for path in template:
+    if path not in out and is_video_only(path) and path in init:
       out[path] = np.asarray(init[path])
-  still_missing = [p for p in template if p not in out]
-  if still_missing:
-    shown = ', '.join(still_missing[:8]) + (' ...' if len(still_missing) > 8 else '')
-    raise ConversionError(f'{len(still_missing)} model parameters missing from the checkpoint: {shown}')
+  missing = [p for p in template if p not in out and not (allow_missing_video and is_video_only(p))]
+  if missing:
+    strip = len(prefix) + 1 if prefix else 0
+    shown = ', '.join(f'{flax_path_to_torch_key(p)[strip:]!r} ({p})' for p in missing[:8])
+    raise ConversionError(f'{len(missing)} tensors the model needs are missing from the checkpoint: '
+                          f'{shown}{" ..." if len(missing) > 8 else ""}')
   return traverse_util.unflatten_dict(out, sep='/')
 
 
@@ -205,10 +216,12 @@ def load_safetensors_folder(folder: str) -> Dict[str, np.ndarray]:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'model folder not found: {folder}')
   refuse_pickles(folder)
+  files = sorted(n for n in os.listdir(folder) if n.endswith('.safetensors'))
+  # Variants (`name.fp16.safetensors`, `name.non_ema.safetensors`) only when there is no plain file.
+  plain = [n for n in files if n.count('.') == 1]
   state: Dict[str, np.ndarray] = {}
-  for name in sorted(os.listdir(folder)):
-    if name.endswith('.safetensors'):
-      state.update(load_file(os.path.join(folder, name)))
+  for name in plain or files:
+    state.update(load_file(os.path.join(folder, name)))
   return state
 
 
@@ -244,10 +257,24 @@ _UNET_REQUIRED = dict(class_embed_type=None, addition_embed_type=None, time_cond
                       mid_block_type='UNetMidBlock2DCrossAttn', conv_in_kernel=3, conv_out_kernel=3,
                       center_input_sample=False, transformer_layers_per_block=1,
                       num_attention_heads=None, act_fn='silu')
+# Scheduler defaults of the diffusers classes (keys absent from a scheduler_config.json).
+_SCHEDULER_DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+    trained_betas=None, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0,
+    set_alpha_to_one=True, clip_sample=False)
+_SCHEDULER_CLASS_DEFAULTS = {
+    'DDIMScheduler': dict(clip_sample=True),
+    'PNDMScheduler': dict(set_alpha_to_one=False),
+    'DPMSolverMultistepScheduler': dict(timestep_spacing='linspace'),
+    'EulerDiscreteScheduler': dict(timestep_spacing='linspace'),
+    'EulerAncestralDiscreteScheduler': dict(timestep_spacing='linspace'),
+}
+MODEL_FILES = {'unet': 'diffusion_pytorch_model.safetensors',
+               'vae': 'diffusion_pytorch_model.safetensors', 'text_encoder': 'model.safetensors'}
 
 
 def _read_json(path: str) -> Dict[str, Any]:
-  import json
+  import json  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} not found')
   with open(path) as f:
@@ -256,10 +283,15 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any], num_frames: int = 16) -> Dict[str, Any]:
   """Our U-Net config from a diffusers `unet/config.json`; video extensions on at identity init."""
+  levels = len(cfg.get('block_out_channels', ()))
   for key, required in _UNET_REQUIRED.items():
-    if key in cfg and cfg[key] != required and not (key == 'transformer_layers_per_block'
-                                                    and cfg[key] in (1, [1] * len(cfg.get('block_out_channels', [])))):
-      raise ConversionError(f'unet/config.json: {key}={cfg[key]!r} is not supported (needs {required!r})')
+    value = cfg.get(key, required)
+    if key == 'transformer_layers_per_block' and value in (1, [1] * levels):
+      continue
+    if key == 'num_attention_heads' and value is not None and value == cfg.get('attention_head_dim'):
+      continue  # Some SD 1.x configs spell the head count twice.
+    if value != required:
+      raise ConversionError(f'unet/config.json: {key}={value!r} is not supported (needs {required!r})')
   from configs import common  # pylint: disable=g-import-not-at-top
   out = common.unet_sd15().to_dict()
   out.update({k: cfg[k] for k in _UNET_KEYS if k in cfg})
@@ -270,8 +302,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], num_frames: int = 16) -> 
 def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   bad = [t for t in cfg.get('down_block_types', []) if t != 'DownEncoderBlock2D']
   bad += [t for t in cfg.get('up_block_types', []) if t != 'UpDecoderBlock2D']
-  if bad or cfg.get('use_quant_conv', True) is False or cfg.get('mid_block_add_attention', True) is False:
-    raise ConversionError(f'vae/config.json: unsupported autoencoder variant ({bad or cfg})')
+  if bad or cfg.get('use_quant_conv', True) is False or cfg.get('use_post_quant_conv', True) is False \
+      or cfg.get('mid_block_add_attention', True) is False or cfg.get('act_fn', 'silu') != 'silu':
+    raise ConversionError(f'vae/config.json: unsupported autoencoder variant ({bad or dict(cfg)})')
   from configs import common  # pylint: disable=g-import-not-at-top
   out = common.vae_sd15().to_dict()
   out.update({k: cfg[k] for k in _VAE_KEYS if k in cfg and cfg[k] is not None})
@@ -286,15 +319,41 @@ def text_config_from_transformers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   return out
 
 
+def scheduler_config_from_diffusers(cfg: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(our `diffusion` section, our `sampling` section) from a diffusers `scheduler_config.json`.
+
+  The noise schedule (betas, timestep spacing, steps offset, set_alpha_to_one, prediction type) is
+  taken as is; a DPMSolverMultistepScheduler selects our 'dpmsolver++' sampler (with its karras /
+  lu_lambdas sigma spacing), any other class our DDIM sampler on the same schedule.
+  """
+  name = cfg.get('_class_name', 'DDIMScheduler')
+  full = dict(_SCHEDULER_DEFAULTS, **_SCHEDULER_CLASS_DEFAULTS.get(name, {}))
+  full.update({k: v for k, v in cfg.items() if k in full and v is not None})
+  for key in ('rescale_betas_zero_snr', 'thresholding'):
+    if cfg.get(key):
+      raise ConversionError(f'scheduler_config.json: {key}=True is not supported')
+  diffusion_cfg = {k: full[k] for k in ('num_train_timesteps', 'beta_schedule', 'beta_start',
+                                        'beta_end', 'prediction_type', 'timestep_spacing',
+                                        'steps_offset', 'set_alpha_to_one')}
+  if full['trained_betas'] is not None:
+    diffusion_cfg['trained_betas'] = tuple(float(b) for b in full['trained_betas'])
+  sampling = dict(sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0,
+                  clip_sample=bool(full['clip_sample']),
+                  clip_sample_range=float(cfg.get('clip_sample_range', 1.0)),
+                  sigma_spacing=None, final_sigmas_type='zero')
+  if name == 'DPMSolverMultistepScheduler':
+    if cfg.get('algorithm_type', 'dpmsolver++') != 'dpmsolver++' or cfg.get('solver_order', 2) != 2:
+      raise ConversionError('scheduler_config.json: only DPM-Solver++(2M) is implemented '
+                            '(algorithm_type="dpmsolver++", solver_order=2)')
+    sampling.update(sampler='dpmsolver++', clip_sample=False,
+                    final_sigmas_type=cfg.get('final_sigmas_type', 'zero') or 'zero',
+                    sigma_spacing=('karras' if cfg.get('use_karras_sigmas') else
+                                   'lu_lambdas' if cfg.get('use_lu_lambdas') else None))
+  return diffusion_cfg, sampling
+
+
 def diffusion_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-  from configs import common  # pylint: disable=g-import-not-at-top
-  out = common.diffusion_sd15().to_dict()
-  for key in out:
-    if key in cfg and cfg[key] is not None:
-      out[key] = cfg[key]
-  if cfg.get('trained_betas') is not None:
-    out['trained_betas'] = tuple(cfg['trained_betas'])
-  return out
+  return scheduler_config_from_diffusers(cfg)[0]
 
 
 def model_config_from_diffusers(src: str, num_frames: int = 16):
@@ -304,105 +363,193 @@ def model_config_from_diffusers(src: str, num_frames: int = 16):
   vae_cfg = _read_json(os.path.join(src, 'vae', 'config.json'))
   text_cfg = _read_json(os.path.join(src, 'text_encoder', 'config.json'))
   sched_path = os.path.join(src, 'scheduler', 'scheduler_config.json')
-  sched_cfg = _read_json(sched_path) if os.path.isfile(sched_path) else {}
+  if os.path.isfile(sched_path):
+    diffusion_cfg, sampling = scheduler_config_from_diffusers(_read_json(sched_path))
+  else:  # No scheduler folder: SD 1.x's schedule.
+    from configs import common  # pylint: disable=g-import-not-at-top
+    diffusion_cfg = common.diffusion_sd15().to_dict()
+    sampling = scheduler_config_from_diffusers({})[1]
   unet = unet_config_from_diffusers(unet_cfg, num_frames)
   vae = vae_config_from_diffusers(vae_cfg)
   sample_size = int(unet_cfg.get('sample_size', 32)) * 2 ** (len(vae['block_out_channels']) - 1)
   return ml_collections.ConfigDict(dict(
       model=dict(text_encoder=text_config_from_transformers(text_cfg), vae=vae, unet=unet,
                  dtype='float32', param_dtype='float32', attention_impl=None, remat=False),
-      diffusion=diffusion_config_from_diffusers(sched_cfg),
-      sampling=dict(sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0),
+      diffusion=diffusion_cfg,
+      sampling=sampling,
       tokenizer=dict(kind='clip', path=''),
       data=dict(num_frames=num_frames, resolution=sample_size, fps=8.0),
   ))
 
 
-def abstract_params_for(config) -> Dict[str, Any]:
-  """Unboxed ShapeDtypeStructs of {'text_encoder', 'vae', 'unet'} (nothing allocated)."""
+def dummy_inputs(config) -> Dict[str, Any]:
+  """Smallest inputs that create every parameter (parameter shapes do not depend on input sizes)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mc = config.model
+  vae_factor = 2 ** (len(mc.vae.block_out_channels) - 1)
+  latent = 2 ** (len(mc.unet.block_out_channels) - 1)
+  return dict(
+      input_ids=jnp.zeros((1, 1), jnp.int32),
+      image=jnp.zeros((1, latent * vae_factor, latent * vae_factor, mc.vae.in_channels), jnp.float32),
+      latents=jnp.zeros((1, 1, latent, latent, mc.unet.in_channels), jnp.float32),
+      timesteps=jnp.zeros((1,), jnp.int32),
+      context=jnp.zeros((1, 1, mc.unet.cross_attention_dim), jnp.float32),
+      fps=jnp.ones((1,), jnp.float32),
+  )
+
+
+def abstract_params_for(config, modules: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Unboxed ShapeDtypeStructs of {'text_encoder', 'vae', 'unet'} (nothing allocated or compiled)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  modules = models_lib.build_models(config.model)
-  init = lambda key: train.init_params(modules, _init_config(config), key)
-  return nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+  modules = modules or models_lib.build_models(config.model)
+  x = dummy_inputs(config)
+  key = jax.random.key(0)
+  shapes = lambda f: nn.unbox(jax.eval_shape(f, key)['params'])
+  return dict(
+      text_encoder=shapes(lambda k: modules['text_encoder'].init(k, x['input_ids'])),
+      vae=shapes(lambda k: modules['vae'].init(k, x['image'])),
+      unet=shapes(lambda k: modules['unet'].init(k, x['latents'], x['timesteps'], x['context'],
+                                                 fps=x['fps'])),
+  )
 
 
-def _init_config(config):
-  """Smallest shapes that create every parameter (init cost does not depend on resolution)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  small = ml_collections.ConfigDict(config.to_dict())
-  small.data.resolution = 2 ** (len(config.model.vae.block_out_channels) - 1) * 2 ** (
-      len(config.model.unet.block_out_channels) - 1)
-  small.data.num_frames = 1
-  return small
+def grow_params(module, params: Any, *args, seed: int = 0, method: Any = None, **kwargs) -> Params:
+  """`params` completed with `module`'s init of the leaves they lack (the video-only ones).
 
-
-def init_video_params(config, seed: int = 0) -> Dict[str, Any]:
-  """Freshly initialised params of the three models (used for the video-only leaves' identity init)."""
+  Runs `module.apply(..., *args, mutable=['params'])` once under `jax.jit`: only the missing leaves are
+  drawn (a full `init` compiles every image parameter's initialiser too, several times slower).
+  `args`/`kwargs` are example inputs that reach every missing parameter. Returns numpy arrays, unboxed.
+  """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+
+  def grow(p, key):
+    _, variables = module.apply({'params': p}, *args, rngs={'params': key}, mutable=['params'],
+                                method=method, **kwargs)
+    return nn.unbox(variables['params'])
+
+  grown = jax.jit(grow)(params, jax.random.key(seed))
+  return jax.tree.map(np.asarray, grown)
+
+
+def grow_video_params(config, params: Mapping[str, Any], modules: Optional[Mapping[str, Any]] = None,
+                      seed: int = 0) -> Dict[str, Any]:
+  """Initialises the video-only leaves (U-Net adaptors, temporal layers, fps embedding; VideoVAE
+  temporal layers) that `params` {'text_encoder', 'vae', 'unet'} lack, at their identity init."""
   from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  modules = models_lib.build_models(config.model)
-  params = jax.jit(lambda k: nn.unbox(train.init_params(modules, _init_config(config), k)))(
-      jax.random.key(seed))
-  return jax.tree.map(np.asarray, params)
+  modules = modules or models_lib.build_models(config.model)
+  template = abstract_params_for(config, modules)
+  x = dummy_inputs(config)
+  out = dict(params)
+  for name in ('unet', 'vae'):
+    have = set(iter_paths(params[name]))
+    if all(p in have for p in iter_paths(template[name])):
+      continue
+    if name == 'unet':
+      out[name] = grow_params(modules['unet'], params['unet'], x['latents'], x['timesteps'],
+                              x['context'], fps=x['fps'], seed=seed)
+    else:
+      out[name] = grow_params(modules['vae'], params['vae'], x['image'], seed=seed)
+  return out
 
 
-def convert_diffusers_folder(src: str, num_frames: int = 16):
-  """(config, params, tokenizer) of a diffusers SD folder; video-only params at identity init."""
+def load_model_state(folder: str, name: str) -> Tuple[Dict[str, np.ndarray], str]:
+  """(state dict, prefix) of one model folder of a diffusers pipeline (`unet`, `vae`, `text_encoder`).
+
+  The prefix maps a transformers 5 CLIPTextModel file (no `text_model.` prefix) onto our tree.
+  """
+  state = load_safetensors_folder(folder)
+  prefix = ''
+  if name == 'text_encoder' and not any(k.startswith('text_model.') for k in state):
+    prefix = 'text_model'
+  return state, prefix
+
+
+def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
+  """(config, params, tokenizer) of a diffusers SD folder; video-only params at identity init.
+
+  Raises:
+    FileNotFoundError: `src` or one of its model folders does not exist.
+    ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
+      mis-shaped tensor (named in the message).
+  """
+  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
-                          'code). Convert it to a diffusers folder with safetensors weights first.')
+                          'code). Convert it to a diffusers folder with safetensors weights first, '
+                          'e.g. with diffusers `StableDiffusionPipeline.from_single_file(path)'
+                          '.save_pretrained(out, safe_serialization=True)`.')
   if not os.path.isdir(src):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
   config = model_config_from_diffusers(src, num_frames)
-  template = abstract_params_for(config)
-  video_only = [p for p in iter_paths(template) if is_video_only(p)]
-  init = init_video_params(config) if video_only else None
+  modules = models_lib.build_models(config.model)
+  template = abstract_params_for(config, modules)
   params = {}
-  for name, sub in (('unet', 'unet'), ('vae', 'vae'), ('text_encoder', 'text_encoder')):
-    state = load_safetensors_folder(os.path.join(src, sub))
-    # transformers 5 saves CLIPTextModel without the `text_model.` prefix SD's files carry.
-    prefix = 'text_model' if name == 'text_encoder' and not any(
-        k.startswith('text_model.') for k in state) else ''
-    params[name] = state_dict_to_params(state, template[name], prefix=prefix,
-                                        keep_init=init[name] if init is not None else None)
-  tokenizer = tok_lib.CLIPTokenizer(os.path.join(src, 'tokenizer'),
-                                    config.model.text_encoder.max_position_embeddings)
+  for name in MODEL_FILES:
+    state, prefix = load_model_state(os.path.join(src, name), name)
+    try:
+      params[name] = state_dict_to_params(state, template[name], prefix=prefix,
+                                          allow_missing_video=True)
+    except ConversionError as e:
+      raise ConversionError(f'{os.path.join(src, name)}: {e}') from None
+  params = grow_video_params(config, params, modules, seed)
+  tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
+                                     config.model.text_encoder.max_position_embeddings)
   return config, params, tokenizer
 
 
 def export_diffusers(params: Mapping[str, Any], config, dst: str,
-                     reference_dir: Optional[str] = None) -> None:
+                     reference_dir: Optional[str] = None, tokenizer: Any = None) -> None:
   """Writes our image-part params as diffusers/transformers safetensors (`unet/`, `vae/`,
-  `text_encoder/` + config.json each). With `reference_dir` (the diffusers folder the weights came
-  from) its configs are copied and its tensor layouts used; otherwise configs are written from ours."""
+  `text_encoder/`, each with config.json; plus `tokenizer/`, `scheduler/`, `model_index.json`).
+
+  With `reference_dir` (the diffusers folder the weights came from) its configs and other files are
+  copied, its tensor layouts used (1x1 conv vs Linear) and its CLIP key style kept (with or without
+  `text_model.`); otherwise configs are written from ours and CLIP keys carry SD's `text_model.` prefix.
+  Video-only parameters are not exported (no diffusers model has them).
+  """
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
-  files = {'unet': 'diffusion_pytorch_model.safetensors', 'vae': 'diffusion_pytorch_model.safetensors',
-           'text_encoder': 'model.safetensors'}
-  for name, filename in files.items():
+  os.makedirs(dst, exist_ok=True)
+  for name, filename in MODEL_FILES.items():
     ndims = None
     out_dir = os.path.join(dst, name)
     os.makedirs(out_dir, exist_ok=True)
+    state = params_to_state_dict(params[name])
     if reference_dir:
       ref = os.path.join(reference_dir, name)
-      ndims = torch_ndims_of(load_safetensors_folder(ref))
+      ref_state, prefix = load_model_state(ref, name)
+      ndims = {(f'{prefix}.{k}' if prefix else k): v.ndim for k, v in ref_state.items()}
+      state = params_to_state_dict(params[name], ndims)
+      if prefix:
+        state = {k[len(prefix) + 1:]: v for k, v in state.items()}
       shutil.copy(os.path.join(ref, 'config.json'), os.path.join(out_dir, 'config.json'))
     else:
       with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(_diffusers_config(name, config), f, indent=1)
-    state = params_to_state_dict(params[name], ndims)
-    if name == 'text_encoder' and ndims is not None and not any(k.startswith('text_model.') for k in ndims):
-      state = {k[len('text_model.'):]: v for k, v in state.items()}
+        json.dump(_diffusers_config(name, config, tokenizer), f, indent=1)
     save_safetensors(state, os.path.join(out_dir, filename))
+  if reference_dir:
+    for extra in ('tokenizer', 'scheduler', 'model_index.json'):
+      path = os.path.join(reference_dir, extra)
+      target = os.path.join(dst, extra)
+      if os.path.isdir(path):
+        shutil.copytree(path, target, dirs_exist_ok=True)
+      elif os.path.isfile(path):
+        shutil.copy(path, target)
+    return
+  if tokenizer is not None:
+    tokenizer.save(os.path.join(dst, 'tokenizer'))
+  os.makedirs(os.path.join(dst, 'scheduler'), exist_ok=True)
+  with open(os.path.join(dst, 'scheduler', 'scheduler_config.json'), 'w') as f:
+    sched = {k: list(v) if isinstance(v, tuple) else v for k, v in config.diffusion.to_dict().items()}
+    json.dump(dict(sched, _class_name='DDIMScheduler', clip_sample=bool(
+        config.get('sampling', {}).get('clip_sample', False))), f, indent=1)
 
 
-def _diffusers_config(name: str, config) -> Dict[str, Any]:
+def _diffusers_config(name: str, config, tokenizer: Any = None) -> Dict[str, Any]:
   mc = config.model
   if name == 'unet':
     out = {k: mc.unet[k] for k in _UNET_KEYS}
@@ -417,42 +564,59 @@ def _diffusers_config(name: str, config) -> Dict[str, Any]:
   else:
     out = {k: mc.text_encoder[k] for k in _TEXT_KEYS}
     out.update(architectures=['CLIPTextModel'], model_type='clip_text_model')
+    hf = getattr(tokenizer, 'tokenizer', None)  # The special tokens' ids (CLIP tokenizers only).
+    for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+      if getattr(hf, key, None) is not None:
+        out[key] = int(getattr(hf, key))
   return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _refuse_pickle_args(*paths: Optional[str]) -> None:
+  for path in paths:
+    if path and os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
+      raise ConversionError(f'{path} is a pickle checkpoint and is never loaded (it can run arbitrary '
+                            'code): convert it to safetensors first, e.g. in PyTorch with diffusers '
+                            '`StableDiffusionPipeline.from_single_file(path).save_pretrained(out, '
+                            'safe_serialization=True)`, then pass that folder.')
 
 
 def main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog='python -m magicvideo_jax.convert',
-      description='Convert a diffusers SD folder (safetensors) to a magicvideo_jax checkpoint folder, '
-                  'or export our image-part weights back to diffusers safetensors.')
+      description='Convert a diffusers SD folder (safetensors) to a magicvideo_jax checkpoint folder '
+                  '(params + model config + tokenizer; video layers at identity init), or export our '
+                  'image-part weights back to diffusers safetensors. Pickle files (.ckpt, .bin, .pt) '
+                  'are refused.')
   parser.add_argument('--diffusers_dir', help='diffusers folder to import (unet/, vae/, text_encoder/, '
                       'tokenizer/, scheduler/)')
   parser.add_argument('--output', required=True, help='folder to write')
   parser.add_argument('--num_frames', type=int, default=16,
-                      help='frames the video layers support (adaptor rows)')
+                      help='import: frames the video layers support (adaptor rows)')
   parser.add_argument('--export_from', help='our checkpoint folder to export as diffusers safetensors')
-  parser.add_argument('--reference_dir', help='with --export_from: the diffusers folder whose configs '
-                      'and tensor layouts to reuse')
+  parser.add_argument('--reference_dir', help='with --export_from: the diffusers folder whose configs, '
+                      'tensor layouts and key style to reuse')
   args = parser.parse_args(argv)
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   if bool(args.diffusers_dir) == bool(args.export_from):
     parser.error('give exactly one of --diffusers_dir (import) or --export_from (export)')
   try:
+    _refuse_pickle_args(args.diffusers_dir, args.export_from, args.reference_dir)
+    from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     if args.diffusers_dir:
-      for p in os.listdir(args.diffusers_dir) if os.path.isdir(args.diffusers_dir) else []:
-        if p.endswith(PICKLE_SUFFIXES):
-          raise ConversionError(f'{p}: pickle checkpoints are never loaded; convert it to a diffusers '
-                                'folder with safetensors weights first.')
+      if args.num_frames < 1:
+        raise ConversionError(f'--num_frames={args.num_frames} must be >= 1')
       config, params, tokenizer = convert_diffusers_folder(args.diffusers_dir, args.num_frames)
       ckpt_lib.save_pretrained(args.output, config, params, tokenizer)
-      print(f'wrote {args.output}')
     else:
-      config, params, _ = ckpt_lib.load_pretrained(args.export_from)
-      export_diffusers(params, config, args.output, args.reference_dir)
-      print(f'wrote {args.output}')
+      folder = args.export_from
+      if not ckpt_lib.is_pretrained_folder(folder) and ckpt_lib.is_pretrained_folder(
+          os.path.join(folder, 'model')):  # A training workdir: its exported model.
+        folder = os.path.join(folder, 'model')
+      config, params, tokenizer = ckpt_lib.load_pretrained(folder)
+      export_diffusers(params, config, args.output, args.reference_dir, tokenizer)
+    print(os.path.abspath(args.output))
   except (ConversionError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}')
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -1,18 +1,23 @@
 """MagicVideoPipeline: prompt -> video, the whole denoising loop in one jit.
 
-    pipe = MagicVideoPipeline.from_pretrained('path/to/checkpoint')
+    pipe = MagicVideoPipeline.from_pretrained('path/to/checkpoint')   # or a diffusers SD folder
     video = pipe('a red circle moving left', num_frames=16, seed=0)   # [1, F, H, W, 3] uint8
 
-Text encoding, the DDIM / DPM-Solver++ loop with classifier-free guidance (conditional and
-unconditional batches concatenated) and the VAE decode are jitted once per shape and static option;
-prompts, seeds, latents, fps and the guidance scale are traced, so new ones do not recompile.
+The text encoder, the DDIM / DPM-Solver++ loop with classifier-free guidance (unconditional or
+negative-prompt batch and conditional batch concatenated) run in one `jax.jit`; the VAE decode in a second.
+Both are compiled once per shape and static option (sampler, steps, eta, guidance on/off) and cached in
+`pipe.compiled`; prompts, seeds, initial latents, fps and the guidance scale are traced, so new ones do
+not recompile (`pipe.trace_count` counts traces of the denoising function).
+
+The prompt batch is sharded over the mesh's ('data', 'fsdp') axes (padded to a multiple of the device
+count); parameters are replicated.
 """
 
 import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import einops
 import jax
@@ -27,10 +32,118 @@ from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 
 OUTPUT_TYPES = ('uint8', 'float', 'latent')
+DEFAULT_DIFFUSERS_FRAMES = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint folders and request validation (no weights needed: the CLI checks before loading).
+
+
+def checkpoint_kind(path: str) -> Tuple[str, str]:
+  """('pretrained' | 'diffusers', folder) of a checkpoint folder, a training workdir or a diffusers
+  folder. Raises FileNotFoundError naming what was expected."""
+  if os.path.isfile(path):
+    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    if path.endswith(convert.PICKLE_SUFFIXES):
+      raise convert.ConversionError(
+          f'{path} is a pickle checkpoint and is never loaded (it can run arbitrary code): convert it '
+          'to safetensors first (a diffusers folder, e.g. `StableDiffusionPipeline.from_single_file('
+          'path).save_pretrained(out, safe_serialization=True)` in PyTorch) and pass that folder.')
+    raise FileNotFoundError(f'{path} is a file; expected a checkpoint folder (config.json + params/) '
+                            'or a diffusers folder (unet/, vae/, text_encoder/, tokenizer/)')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint folder not found: {path}')
+  if ckpt_lib.is_pretrained_folder(path):
+    return 'pretrained', path
+  if ckpt_lib.is_pretrained_folder(os.path.join(path, 'model')):
+    return 'pretrained', os.path.join(path, 'model')
+  if os.path.isfile(os.path.join(path, 'unet', 'config.json')):
+    return 'diffusers', path
+  raise FileNotFoundError(
+      f'{path} is neither a magicvideo_jax checkpoint folder (config.json + params/), a training '
+      'workdir with an exported model/, nor a diffusers folder (unet/config.json ...)')
+
+
+def load_config(path: str, num_frames: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config of a checkpoint (for a diffusers folder: what conversion would give); no weights."""
+  kind, folder = checkpoint_kind(path)
+  if kind == 'pretrained':
+    return ckpt_lib.load_config(folder)
+  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  return convert.model_config_from_diffusers(folder, num_frames or DEFAULT_DIFFUSERS_FRAMES)
+
+
+def is_video_model(config: ml_collections.ConfigDict) -> bool:
+  unet = config.model.unet
+  return bool(unet.get('frame_adaptor', False) or unet.get('temporal_attention', 'none') != 'none'
+              or unet.get('fps_embedding', False))
+
+
+def max_frames(config: ml_collections.ConfigDict) -> Optional[int]:
+  """The longest clip the model supports (None: any number of independent frames)."""
+  limits = []
+  if is_video_model(config):
+    limits.append(int(config.model.unet.get('num_frames', 1)))
+  if models_lib.uses_video_vae(config.model):
+    vv = config.model.video_vae
+    limits.append(int(vv.get('num_frames', config.model.unet.get('num_frames', 16))))
+  return min(limits) if limits else None
+
+
+def size_multiple(config: ml_collections.ConfigDict) -> Tuple[int, int]:
+  """(VAE factor, required multiple of height / width): the VAE factor times the U-Net's."""
+  vae_factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+  return vae_factor, vae_factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
+
+
+def validate_request(config: ml_collections.ConfigDict, *, num_frames: int, height: int, width: int,
+                     num_inference_steps: int, sampler: str, eta: float = 0.0,
+                     guidance_scale: float = 7.5, output_type: str = 'uint8',
+                     sigma_spacing: Optional[str] = None) -> None:
+  """Raises a ValueError naming the offending argument (and what the model supports)."""
+  limit = max_frames(config)
+  if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+    raise ValueError(f'num_frames={num_frames!r} must be an integer >= 1')
+  if limit is not None and num_frames > limit:
+    raise ValueError(f'num_frames={num_frames} is more than this model supports ({limit}, '
+                     'config.model.unet.num_frames)')
+  vae_factor, multiple = size_multiple(config)
+  for name, size in (('height', height), ('width', width)):
+    if not isinstance(size, (int, np.integer)) or size <= 0 or size % multiple:
+      raise ValueError(f'{name}={size!r} must be a positive multiple of {multiple} (VAE downsampling '
+                       f'factor {vae_factor} x U-Net downsampling factor {multiple // vae_factor})')
+  if sampler not in diffusion.SAMPLERS:
+    raise ValueError(f'unknown sampler {sampler!r}; valid: {", ".join(diffusion.SAMPLERS)}')
+  if sigma_spacing is not None:
+    if sampler != 'dpmsolver++':
+      raise ValueError(f'sigma_spacing={sigma_spacing!r} needs sampler="dpmsolver++"')
+    if sigma_spacing not in diffusion.SIGMA_SPACINGS:
+      raise ValueError(f'unknown sigma_spacing {sigma_spacing!r}; valid: '
+                       f'{", ".join(diffusion.SIGMA_SPACINGS)}')
+  if output_type not in OUTPUT_TYPES:
+    raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
+  total = int(config.diffusion.num_train_timesteps)
+  if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= total:
+    raise ValueError(f'num_inference_steps={num_inference_steps!r} must be an integer in [1, {total}]')
+  if eta < 0 or (eta > 0 and sampler != 'ddim'):
+    raise ValueError(f'eta={eta}: must be >= 0, and > 0 only with sampler="ddim"')
+  if guidance_scale < 0:
+    raise ValueError(f'guidance_scale={guidance_scale} must be >= 0 (1 or less: no guidance)')
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline.
 
 
 class MagicVideoPipeline:
-  """Text-to-video sampling with a converted or trained checkpoint."""
+  """Text-to-video sampling with a converted or trained checkpoint.
+
+  Attributes:
+    config: the checkpoint's config (model, diffusion, sampling, data sections).
+    params: {'text_encoder', 'vae', 'unet'} params, replicated over `mesh`.
+    compiled: cache of compiled executables, keyed by (stage, shape, static options).
+    trace_count: how many times the denoising function was traced (tests check it stays put).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Dict[str, Any], tokenizer: Any, *,
                modules: Optional[Dict[str, Any]] = None, mesh: Optional[jax.sharding.Mesh] = None,
@@ -41,17 +154,18 @@ class MagicVideoPipeline:
     self.schedule = schedule or diffusion.Schedule.from_config(config.diffusion)
     self.mesh = mesh or sharding_lib.create_mesh({'data': -1, 'fsdp': 1})
     self.verbose = verbose
-    self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-    unet_cfg = config.model.unet
-    self.is_video = (unet_cfg.get('frame_adaptor', False) or unet_cfg.get('temporal_attention', 'none')
-                     != 'none')
-    self.max_frames = int(unet_cfg.get('num_frames', 1)) if self.is_video else None
-    self.vae_factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    self.params_sharding = NamedSharding(self.mesh, P())  # Replicated.
+    self.params = jax.device_put(params, self.params_sharding)
+    self.video_vae = models_lib.uses_video_vae(config.model)
+    self.max_frames = max_frames(config)
+    self.vae_factor = size_multiple(config)[0]
     self.latent_channels = int(config.model.unet.in_channels)
-    self._compiled: Dict[Any, Any] = {}
+    self.compiled: Dict[Any, Any] = {}
+    self.trace_count = 0
     self._denoise = jax.jit(self._denoise_impl, static_argnames=(
-        'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'use_fps', 'show_progress'))
-    self._decode = jax.jit(self._decode_impl)
+        'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'use_fps', 'show_progress',
+        'sigma_spacing', 'final_sigmas_type', 'clip_sample'))
+    self._decode = jax.jit(self._decode_impl, static_argnames=('use_video_vae',))
 
   # ------------------------------------------------------------------------------------------------
   # Loading.
@@ -64,26 +178,27 @@ class MagicVideoPipeline:
 
     A diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is converted on the
     fly; its video layers get their identity init for `num_frames` frames (default 16), and its
-    scheduler config (betas, spacing, offset, set_alpha_to_one, prediction type) is honoured.
+    scheduler config (betas, spacing, offset, set_alpha_to_one, prediction type, DDIM or DPM-Solver++)
+    is honoured. `overrides` replace keys of `config.model` (e.g. dtype='bfloat16').
+
+    Raises:
+      FileNotFoundError: `path` is missing or not a checkpoint.
+      convert.ConversionError: a diffusers folder that does not fit (named tensor or config key).
     """
     t0 = time.time()
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f'checkpoint folder not found: {path}')
-    if ckpt_lib.is_pretrained_folder(path):
-      config, params, tokenizer = ckpt_lib.load_pretrained(path)
-    elif ckpt_lib.is_pretrained_folder(os.path.join(path, 'model')):
-      config, params, tokenizer = ckpt_lib.load_pretrained(os.path.join(path, 'model'))
-    elif os.path.isfile(os.path.join(path, 'unet', 'config.json')):
-      from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
-      config, params, tokenizer = convert.convert_diffusers_folder(path, num_frames=num_frames or 16)
+    kind, folder = checkpoint_kind(path)
+    if verbose:
+      print(f'loading {folder} ({kind}) ...', file=sys.stderr, flush=True)
+    if kind == 'pretrained':
+      config, params, tokenizer = ckpt_lib.load_pretrained(folder)
     else:
-      raise FileNotFoundError(
-          f'{path} is neither a magicvideo_jax checkpoint folder (config.json + params/), a training '
-          'workdir with an exported model/, nor a diffusers folder (unet/config.json ...)')
+      from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+      config, params, tokenizer = convert.convert_diffusers_folder(
+          folder, num_frames=num_frames or DEFAULT_DIFFUSERS_FRAMES)
     for key, value in overrides.items():
       config.model[key] = value
     pipe = cls(config, params, tokenizer, mesh=mesh, verbose=verbose)
-    pipe._log(f'loaded {path} in {time.time() - t0:.1f} s')
+    pipe._log(f'loaded {path} ({kind}) in {time.time() - t0:.1f} s')
     return pipe
 
   # ------------------------------------------------------------------------------------------------
@@ -94,11 +209,13 @@ class MagicVideoPipeline:
 
   def _denoise_impl(self, params, input_ids, uncond_ids, latents, key, fps, guidance_scale, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,
-                    show_progress: bool):
-    """Latents `[B, F, h, w, c]` (unit noise) -> denoised latents, scaled as the U-Net sees them."""
+                    show_progress: bool, sigma_spacing: Optional[str], final_sigmas_type: str,
+                    clip_sample: Optional[float]):
+    """Unit-noise latents `[B, F, h, w, c]` -> denoised latents (as the U-Net sees them, scaled)."""
+    self.trace_count += 1  # Python side effect: runs once per trace, not per call.
     unet = self.modules['unet']
     context = self._encode_text(params, input_ids)
-    if do_cfg:
+    if do_cfg:  # Unconditional (or negative) first, as diffusers.
       context = jnp.concatenate([self._encode_text(params, uncond_ids), context], axis=0)
       fps = jnp.concatenate([fps, fps], axis=0)
     fps = fps if use_fps else None
@@ -115,17 +232,31 @@ class MagicVideoPipeline:
         out = uncond + guidance_scale * (cond - uncond)
       return out
 
-    return diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
-                                 sampler=sampler, eta=eta, key=key)
+    options = dict(eta=eta, key=key, clip_sample=clip_sample is not None)
+    if sampler == 'dpmsolver++':
+      options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+    x = diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
+                              sampler=sampler, **options)
+    return x
 
-  def _decode_impl(self, params, latents):
-    """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` in [0, 1]."""
+  def _decode_impl(self, params, latents, use_video_vae: bool = True):
+    """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` in [0, 1].
+
+    With a VideoVAE and `use_video_vae=False`, the frames go through the image decoder alone (the same
+    parameters without the temporal layers), for comparisons.
+    """
     vae = self.modules['vae']
-    b = latents.shape[0]
-    z = einops.rearrange(latents, 'b f h w c -> (b f) h w c') / self.config.model.vae.scaling_factor
-    frames = vae.apply({'params': params['vae']}, z, method=vae.decode).astype(jnp.float32)
-    frames = jnp.clip(frames / 2 + 0.5, 0.0, 1.0)
-    return einops.rearrange(frames, '(b f) h w c -> b f h w c', b=b)
+    z = latents / self.config.model.vae.scaling_factor
+    if self.video_vae and not use_video_vae:
+      vae = models_lib.build_vae(_without_video_vae(self.config.model))
+    if self.video_vae and use_video_vae:  # The temporal decoder sees whole clips.
+      frames = vae.apply({'params': params['vae']}, z, method='decode_video')
+    else:
+      b = latents.shape[0]
+      z = einops.rearrange(z, 'b f h w c -> (b f) h w c')
+      frames = vae.apply({'params': params['vae']}, z, method='decode')
+      frames = einops.rearrange(frames, '(b f) h w c -> b f h w c', b=b)
+    return jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
   # ------------------------------------------------------------------------------------------------
   # The call.
@@ -134,26 +265,58 @@ class MagicVideoPipeline:
                Sequence[str]] = None, num_frames: int = 16, height: int = 256, width: int = 256,
                num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
                fps: Optional[float] = None, seed: int = 0, latents: Optional[np.ndarray] = None,
-               sampler: str = 'ddim', output_type: str = 'uint8') -> np.ndarray:
-    """Generates one video per prompt: `[B, F, H, W, 3]` uint8 (or float in [0, 1], or latents)."""
+               sampler: str = 'ddim', output_type: str = 'uint8',
+               sigma_spacing: Optional[str] = None, use_video_vae: bool = True) -> np.ndarray:
+    """Generates one video per prompt.
+
+    Args:
+      prompt: a prompt or a non-empty list of prompts (B videos). "" is the unconditional prompt.
+      negative_prompt: one for all prompts or one per prompt; None: "" (as diffusers). Used only
+        with guidance_scale > 1.
+      num_frames, height, width: the clip size; height and width multiples of the VAE factor times
+        the U-Net's (`size_multiple`), num_frames at most the model's `max_frames`.
+      num_inference_steps: sampler steps.
+      guidance_scale: classifier-free guidance weight w in uncond + w (cond - uncond); <= 1 runs
+        the conditional model only.
+      eta: DDIM stochasticity (0: deterministic DDIM).
+      fps: frame-rate conditioning (models with an fps embedding); None: config.data.fps.
+      seed: seeds the initial noise (unless `latents` is given) and DDIM's noise for eta > 0.
+      latents: initial unit noise `[B, num_frames, height/f, width/f, latent_channels]`.
+      sampler: 'ddim' or 'dpmsolver++' (DPM-Solver++(2M)).
+      output_type: 'uint8' `[B, F, H, W, 3]`, 'float' (same, in [0, 1]) or 'latent' (the denoised
+        latents `[B, F, h, w, c]`, scaled).
+      sigma_spacing: DPM-Solver++ only: None (the schedule's timesteps), 'karras' or 'lu_lambdas';
+        defaults to config.sampling.sigma_spacing.
+      use_video_vae: with a VideoVAE checkpoint, False decodes frame by frame with the image decoder.
+
+    Returns:
+      numpy `[B, F, H, W, 3]` (see `output_type`).
+    """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-      raise ValueError('prompt is empty: give a string or a non-empty list of strings')
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+      raise ValueError('prompt must be a string or a non-empty list of strings')
+    sampling = self.config.get('sampling', None) or {}
+    if sigma_spacing is None and sampler == 'dpmsolver++':
+      sigma_spacing = sampling.get('sigma_spacing', None)
+    validate_request(self.config, num_frames=num_frames, height=height, width=width,
+                     num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
+                     guidance_scale=guidance_scale, output_type=output_type,
+                     sigma_spacing=sigma_spacing)
     negatives = self._negatives(negative_prompt, len(prompts))
-    self._check_call(num_frames, height, width, num_inference_steps, sampler, output_type, eta)
     b = len(prompts)
     latent_shape = (b, num_frames, height // self.vae_factor, width // self.vae_factor,
                     self.latent_channels)
-    key = jax.random.key(seed)
-    noise_key, loop_key = jax.random.split(key)
+    noise_key, loop_key = jax.random.split(jax.random.key(seed))
     if latents is None:
       latents = jax.random.normal(noise_key, latent_shape, jnp.float32)
     else:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != latent_shape:
         raise ValueError(f'latents have shape {latents.shape}; expected {latent_shape} '
-                         '[B, num_frames, height/8, width/8, channels]')
-    fps_value = float(fps if fps is not None else self.config.get('data', {}).get('fps', 8.0))
+                         f'[B, num_frames, height/{self.vae_factor}, width/{self.vae_factor}, '
+                         'latent channels]')
+    data = self.config.get('data', None) or {}
+    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
 
     # Shard the prompt batch over the mesh: pad it to a multiple of the device count.
     pad = (-b) % self.mesh.size
@@ -161,24 +324,31 @@ class MagicVideoPipeline:
     uncond_ids = self._pad(self.tokenizer(negatives), pad)
     latents = self._pad(latents, pad)
     fps_array = jnp.full((b + pad,), fps_value, jnp.float32)
-    batch_sharding = lambda x: sharding_lib.batch_sharding(self.mesh, x.ndim)
-    args = [jax.device_put(jnp.asarray(x), batch_sharding(jnp.asarray(x)))
-            for x in (input_ids, uncond_ids, latents)]
-    fps_array = jax.device_put(fps_array, batch_sharding(fps_array))
+    shard = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+    input_ids, uncond_ids, latents, fps_array = (
+        shard(jnp.asarray(x)) for x in (input_ids, uncond_ids, latents, fps_array))
+    clip = sampling.get('clip_sample', False) and sampler == 'ddim'
     static = dict(num_inference_steps=int(num_inference_steps), sampler=sampler, eta=float(eta),
-                  do_cfg=guidance_scale > 1.0,
+                  do_cfg=bool(guidance_scale > 1.0),
                   use_fps=bool(self.config.model.unet.get('fps_embedding', False)),
-                  show_progress=self.verbose)
-    dynamic = (self.params, *args, loop_key, fps_array, jnp.float32(guidance_scale))
-    compiled = self._compile(('denoise', tuple(args[2].shape), tuple(sorted(static.items()))),
-                             lambda: self._denoise.lower(*dynamic, **static))
+                  show_progress=self.verbose, sigma_spacing=sigma_spacing,
+                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'),
+                  clip_sample=float(sampling.get('clip_sample_range', 1.0)) if clip else None)
+    if static['clip_sample'] not in (None, 1.0):
+      raise ValueError('config.sampling.clip_sample_range other than 1.0 is not supported')
+    dynamic = (self.params, input_ids, uncond_ids, latents, loop_key, fps_array,
+               jnp.float32(guidance_scale))
+    denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items()))),
+                            lambda: self._denoise.lower(*dynamic, **static))
     self._steps_done, self._steps_total, self._t_start = 0, num_inference_steps, time.time()
-    z0 = compiled(*dynamic)
-    z0 = jax.block_until_ready(z0)
-    self._log(f'denoised {num_inference_steps} steps ({sampler}) in {time.time() - self._t_start:.1f} s')
+    z0 = jax.block_until_ready(denoise(*dynamic))
+    self._log(f'denoised {b} x {num_frames} frames, {num_inference_steps} {sampler} steps in '
+              f'{time.time() - self._t_start:.1f} s')
     if output_type == 'latent':
       return np.asarray(z0)[:b]
-    decode = self._compile(('decode', tuple(z0.shape)), lambda: self._decode.lower(self.params, z0))
+    use_video_vae = bool(use_video_vae and self.video_vae)
+    decode = self._compile(('decode', tuple(z0.shape), use_video_vae),
+                           lambda: self._decode.lower(self.params, z0, use_video_vae))
     t0 = time.time()
     frames = np.asarray(jax.block_until_ready(decode(self.params, z0)))[:b]
     self._log(f'decoded {b * num_frames} frames in {time.time() - t0:.1f} s')
@@ -189,34 +359,18 @@ class MagicVideoPipeline:
   # ------------------------------------------------------------------------------------------------
   # Helpers.
 
-  def _negatives(self, negative_prompt, batch: int) -> List[str]:
+  @staticmethod
+  def _negatives(negative_prompt, batch: int) -> List[str]:
     if negative_prompt is None:
       return [''] * batch  # As diffusers: the empty prompt is the unconditional one.
     negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if not all(isinstance(n, str) for n in negatives):
+      raise ValueError('negative_prompt must be a string or a list of strings')
     if len(negatives) == 1:
       negatives = negatives * batch
     if len(negatives) != batch:
       raise ValueError(f'{len(negatives)} negative prompts for {batch} prompts')
     return negatives
-
-  def _check_call(self, num_frames, height, width, steps, sampler, output_type, eta):
-    if self.max_frames is not None and not 1 <= num_frames <= self.max_frames:
-      raise ValueError(f'num_frames={num_frames}: this model supports 1 to {self.max_frames} frames '
-                       '(config.model.unet.num_frames)')
-    if num_frames < 1:
-      raise ValueError(f'num_frames={num_frames} must be >= 1')
-    for name, size in (('height', height), ('width', width)):
-      if size % self.vae_factor or size <= 0:
-        raise ValueError(f'{name}={size} must be a positive multiple of the VAE downsampling factor '
-                         f'{self.vae_factor}')
-    if sampler not in diffusion.SAMPLERS:
-      raise ValueError(f'unknown sampler {sampler!r}; valid: {", ".join(diffusion.SAMPLERS)}')
-    if output_type not in OUTPUT_TYPES:
-      raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
-    if not 1 <= steps <= self.schedule.num_train_timesteps:
-      raise ValueError(f'num_inference_steps={steps} must be in [1, {self.schedule.num_train_timesteps}]')
-    if eta < 0 or (eta > 0 and sampler != 'ddim'):
-      raise ValueError(f'eta={eta}: must be >= 0, and > 0 only with sampler="ddim"')
 
   @staticmethod
   def _pad(x, pad: int):
@@ -226,18 +380,22 @@ class MagicVideoPipeline:
     return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
 
   def _compile(self, cache_key, lower):
-    if cache_key not in self._compiled:
+    if cache_key not in self.compiled:
+      self._log(f'compiling {cache_key[0]} for {cache_key[1]} ...')
       t0 = time.time()
-      self._compiled[cache_key] = lower().compile()
+      self.compiled[cache_key] = lower().compile()
       self._log(f'compiled {cache_key[0]} in {time.time() - t0:.1f} s')
-    return self._compiled[cache_key]
+    return self.compiled[cache_key]
 
   def _on_step(self, t):
     del t
     self._steps_done += 1
     elapsed = time.time() - self._t_start
-    print(f'\r  denoising step {self._steps_done}/{self._steps_total} ({elapsed:.1f} s)', end='',
-          file=sys.stderr, flush=True)
+    message = f'  denoising step {self._steps_done}/{self._steps_total} ({elapsed:.1f} s)'
+    if not sys.stderr.isatty():  # Logs and pipes: one line per step.
+      print(message, file=sys.stderr, flush=True)
+      return
+    print('\r' + message, end='', file=sys.stderr, flush=True)
     if self._steps_done == self._steps_total:
       print('', file=sys.stderr, flush=True)
 
@@ -245,3 +403,11 @@ class MagicVideoPipeline:
     logging.info(message)
     if self.verbose:
       print(message, file=sys.stderr, flush=True)
+
+
+def _without_video_vae(model_config):
+  """A copy of a `model` config section with the VideoVAE switched off."""
+  plain = ml_collections.ConfigDict(model_config.to_dict())
+  if 'video_vae' in plain:
+    plain.video_vae.enabled = False
+  return plain

@@ -5,9 +5,9 @@ tokens, and warn once when a prompt is truncated.
 """
 
 import json
-import logging
 import os
 import re
+import warnings
 from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
@@ -45,7 +45,8 @@ class WordTokenizer:
     for row, text in enumerate(texts):
       tokens = [self.vocab.get(w, self.unk_id) for w in self.split(text)]
       if len(tokens) > self.max_length - 2:
-        logging.warning('prompt truncated to %d words: %r', self.max_length - 2, text)
+        warnings.warn(f'prompt has {len(tokens)} words; truncated to {self.max_length - 2}: {text!r}',
+                      stacklevel=2)
         tokens = tokens[:self.max_length - 2]
       seq = [self.bos_id] + tokens + [self.eos_id]
       ids[row, :len(seq)] = seq
@@ -65,7 +66,8 @@ class WordTokenizer:
 
 
 class CLIPTokenizer:
-  """`transformers.CLIPTokenizer` from a local folder (vocab.json + merges.txt), padded to 77."""
+  """`transformers.CLIPTokenizer` from a local folder (vocab.json + merges.txt, or tokenizer.json),
+  padded to `max_length` (77). Prompts longer than that are truncated with a `UserWarning`."""
 
   def __init__(self, folder: str, max_length: int = 77):
     from transformers import CLIPTokenizer as HFCLIPTokenizer  # pylint: disable=g-import-not-at-top
@@ -81,7 +83,8 @@ class CLIPTokenizer:
     full = self.tokenizer(list(texts), padding=False, truncation=False)['input_ids']
     for text, ids in zip(texts, full):
       if len(ids) > self.max_length:
-        logging.warning('prompt has %d tokens; truncated to %d: %r', len(ids), self.max_length, text)
+        warnings.warn(f'prompt has {len(ids)} tokens; truncated to {self.max_length} (the text '
+                      f'encoder\'s maximum): {text!r}', stacklevel=2)
     out = self.tokenizer(list(texts), padding='max_length', truncation=True,
                          max_length=self.max_length, return_tensors='np')['input_ids']
     return out.astype(np.int32)
@@ -94,7 +97,7 @@ def load_tokenizer(folder: str, max_length: int = 77):
   """The tokenizer stored in a checkpoint or diffusers `tokenizer/` folder."""
   if os.path.exists(os.path.join(folder, WORDS_FILE)):
     return WordTokenizer.load(folder)
-  if os.path.exists(os.path.join(folder, 'vocab.json')):
+  if any(os.path.exists(os.path.join(folder, f)) for f in ('vocab.json', 'tokenizer.json')):
     return CLIPTokenizer(folder, max_length)
   raise FileNotFoundError(
-      f'no tokenizer in {folder}: expected {WORDS_FILE} or vocab.json + merges.txt')
+      f'no tokenizer in {folder}: expected {WORDS_FILE}, tokenizer.json or vocab.json + merges.txt')

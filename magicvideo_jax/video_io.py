@@ -2,6 +2,7 @@
 Pillow. No system ffmpeg is needed."""
 
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -29,8 +30,10 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:  # yuv420p needs even sizes.
       frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode='edge')
-    iio.imwrite(path, frames, fps=fps, codec='libx264' if ext != '.webm' else 'libvpx-vp9',
-                macro_block_size=1, quality=8)
+    with warnings.catch_warnings():  # imageio-ffmpeg forks and at once execs ffmpeg: harmless.
+      warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
+      iio.imwrite(path, frames, fps=fps, codec='libx264' if ext != '.webm' else 'libvpx-vp9',
+                  macro_block_size=1, quality=8)
   else:
     raise ValueError(f'unsupported video extension {ext!r}: use .mp4 or .gif')
   return path
@@ -39,7 +42,8 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
 def read_video(path: str) -> np.ndarray:
   """`[F, H, W, 3]` uint8 frames of a video file."""
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
-  return np.asarray(iio.imread(path, index=None))[..., :3]
+  frames = np.asarray(iio.imread(path, index=None))
+  return (frames[None] if frames.ndim == 3 else frames)[..., :3]
 
 
 def tile_videos(videos: np.ndarray, columns: int = 0) -> np.ndarray:

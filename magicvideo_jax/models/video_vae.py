@@ -272,6 +272,7 @@ def build_video_vae(model_config: Any) -> VideoAutoencoderKL:
   """
   from magicvideo_jax import models  # pylint: disable=g-import-not-at-top
   extra = dict(model_config.get('video_vae', None) or {})
+  extra.pop('enabled', None)
   if 'num_frames' not in extra and 'unet' in model_config:
     extra['num_frames'] = model_config.unet.num_frames
   return VideoAutoencoderKL(**models._fields(model_config.vae), **extra,  # pylint: disable=protected-access

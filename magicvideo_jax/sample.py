@@ -1,0 +1,156 @@
+r"""Text-to-video from the command line.
+
+  python -m magicvideo_jax.sample --checkpoint DIR --prompt "a red circle moving left" --output out.mp4
+
+DIR is a checkpoint folder (`python -m magicvideo_jax.convert` or a training export), a training
+workdir, or a diffusers SD folder (converted on the fly, video layers at identity init). Options left
+out default to the checkpoint's `config.sampling` (steps, guidance scale, sampler, eta) and
+`config.data` (frames, resolution, fps). Several --prompt flags make one grid video (one tile per
+prompt, in order, left to right, top to bottom), or numbered files OUTPUT_0.mp4, OUTPUT_1.mp4, ...
+with --separate. Progress (load, compile, denoising, decode) goes to stderr; the written path(s) to
+stdout. User errors end with a one-line message and exit status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional, Sequence
+
+VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov', '.mkv')
+SAMPLERS = ('ddim', 'dpmsolver++')  # = diffusion.SAMPLERS; repeated so --help needs no jax import.
+SIGMA_SPACINGS = ('karras', 'lu_lambdas')
+
+
+class UserError(Exception):
+  """A bad flag or checkpoint: reported in one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m magicvideo_jax.sample', description='\n\n'.join(__doc__.split('\n\n')[:2]),
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 2)[2])
+  parser.add_argument('--checkpoint', required=True,
+                      help='checkpoint folder, training workdir or diffusers folder')
+  parser.add_argument('--prompt', action='append', required=True,
+                      help='text prompt; repeat the flag for several videos (a grid, or numbered files '
+                      'with --separate)')
+  parser.add_argument('--output', required=True,
+                      help=f'video file to write ({", ".join(VIDEO_EXTENSIONS)})')
+  parser.add_argument('--negative_prompt', default=None,
+                      help='what to steer away from (default: the empty, unconditional prompt)')
+  parser.add_argument('--num_frames', type=int, help='frames per clip (default: config.data)')
+  parser.add_argument('--height', type=int, help='pixels (default: config.data.resolution)')
+  parser.add_argument('--width', type=int, help='pixels (default: config.data.resolution)')
+  parser.add_argument('--steps', type=int, help='sampler steps (default: config.sampling)')
+  parser.add_argument('--guidance_scale', type=float,
+                      help='classifier-free guidance scale; <= 1 disables it (default: config.sampling)')
+  parser.add_argument('--sampler', choices=SAMPLERS, help='default: config.sampling.sampler')
+  parser.add_argument('--sigma_spacing', choices=SIGMA_SPACINGS,
+                      help='dpmsolver++ only: noise-level spacing')
+  parser.add_argument('--eta', type=float, help='DDIM stochasticity, 0 = deterministic (default: config)')
+  parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+  parser.add_argument('--fps', type=float,
+                      help='frame rate: fps conditioning of the model and of the file (default: '
+                      'config.data.fps)')
+  parser.add_argument('--num_frames_model', type=int, default=None,
+                      help='diffusers folders only: frames the fresh video layers support (default 16)')
+  parser.add_argument('--separate', action='store_true',
+                      help='several prompts: write OUTPUT_0.ext, OUTPUT_1.ext, ... instead of a grid')
+  parser.add_argument('--upscale', type=int, default=1,
+                      help='enlarge the frames N times (nearest neighbour) for viewing')
+  return parser
+
+
+def output_paths(output: str, count: int, separate: bool) -> List[str]:
+  if not separate or count == 1:
+    return [output]
+  stem, ext = os.path.splitext(output)
+  return [f'{stem}_{i}{ext}' for i in range(count)]
+
+
+def resolve(args: argparse.Namespace, config) -> dict:
+  """Pipeline keyword arguments: the flags, with defaults from the checkpoint's config."""
+  sampling = config.get('sampling', None) or {}
+  data = config.get('data', None) or {}
+  pick = lambda value, section, key, default: value if value is not None else section.get(key, default)
+  resolution = data.get('resolution', 256)
+  kwargs = dict(
+      num_frames=pick(args.num_frames, data, 'num_frames', 16),
+      height=args.height if args.height is not None else resolution,
+      width=args.width if args.width is not None else resolution,
+      num_inference_steps=pick(args.steps, sampling, 'num_inference_steps', 50),
+      guidance_scale=float(pick(args.guidance_scale, sampling, 'guidance_scale', 7.5)),
+      sampler=pick(args.sampler, sampling, 'sampler', 'ddim'),
+      eta=float(pick(args.eta, sampling, 'eta', 0.0)),
+      fps=float(pick(args.fps, data, 'fps', 8.0)),
+      seed=args.seed,
+      negative_prompt=args.negative_prompt,
+      sigma_spacing=args.sigma_spacing,
+  )
+  if kwargs['sampler'] != 'ddim' and args.eta is None:
+    kwargs['eta'] = 0.0  # A DDIM eta from the config does not apply to another sampler.
+  return kwargs
+
+
+def check_flags(args: argparse.Namespace) -> None:
+  """Checks that need no jax (fast failure)."""
+  if not os.path.isdir(args.checkpoint):
+    raise UserError(f'checkpoint folder not found: {args.checkpoint}')
+  ext = os.path.splitext(args.output)[1].lower()
+  if ext not in VIDEO_EXTENSIONS:
+    raise UserError(f'--output {args.output}: unsupported extension {ext or "(none)"!r}; use one of '
+                    f'{", ".join(VIDEO_EXTENSIONS)}')
+  if args.upscale < 1:
+    raise UserError(f'--upscale={args.upscale} must be >= 1')
+  if args.fps is not None and args.fps <= 0:
+    raise UserError(f'--fps={args.fps} must be > 0')
+  if args.num_frames_model is not None and args.num_frames_model < 1:
+    raise UserError(f'--num_frames_model={args.num_frames_model} must be >= 1')
+
+
+def run(args: argparse.Namespace) -> List[str]:
+  """Generates and writes the video(s); returns the written paths."""
+  check_flags(args)
+  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
+  try:  # Validate against the config before loading any weights.
+    config = pipeline_lib.load_config(args.checkpoint, args.num_frames_model)
+    kwargs = resolve(args, config)
+    pipeline_lib.validate_request(
+        config, **{k: kwargs[k] for k in ('num_frames', 'height', 'width', 'num_inference_steps',
+                                          'sampler', 'eta', 'guidance_scale', 'sigma_spacing')})
+    pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
+        args.checkpoint, num_frames=args.num_frames_model, verbose=True)
+  except (ValueError, FileNotFoundError, convert.ConversionError) as e:
+    raise UserError(str(e)) from None
+  print(f'sampling {len(args.prompt)} prompt(s): {kwargs["num_frames"]} frames of '
+        f'{kwargs["height"]}x{kwargs["width"]}, {kwargs["num_inference_steps"]} {kwargs["sampler"]} '
+        f'steps, guidance {kwargs["guidance_scale"]}, seed {kwargs["seed"]}', file=sys.stderr)
+  videos = pipe(args.prompt, **kwargs)  # [B, F, H, W, 3] uint8
+  videos = video_io.upscale_nearest(videos, args.upscale)
+  paths = output_paths(args.output, len(args.prompt), args.separate)
+  if len(paths) == 1 and len(videos) > 1:
+    grid = video_io.tile_videos(videos, columns=math.ceil(math.sqrt(len(videos))))
+    video_io.write_video(paths[0], grid, fps=kwargs['fps'])
+  else:
+    video_io.write_videos(paths, videos, fps=kwargs['fps'])
+  return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    paths = run(args)
+  except UserError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
+  for path in paths:
+    print(os.path.abspath(path))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
