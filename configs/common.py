@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
       temporal_loss_weight=1.0,  # 'video_vae' objective: weight of the temporal-difference term.
       video_vae_sample_posterior=True,
       init_from=placeholder(str),  # Pretrained folder whose matching weights initialise the model.
+      init_from_include=('.*',),  # Regexes: which parameter paths to take from init_from.
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=3,

@@ -29,10 +29,10 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
   config.model.vae.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                           scaling_factor=1.0)
   config.model.unet.update(
-      block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4,
+      block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
       down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
       up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
-      cross_attention_dim=64, norm_num_groups=16, num_frames=16, temporal_position='rope')
+      cross_attention_dim=64, norm_num_groups=8, num_frames=16, temporal_position='rope')
   config.model.video_vae.update(num_frames=16)
   config.tokenizer = common.shapes_tokenizer()
   config.data.update(dataset='moving_shapes', split='train', num_frames=16, resolution=32,
@@ -49,11 +49,11 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
-                        num_steps=2000 if stage == 'image' else 3500,
-                        init_from='runs/shapes/vae/model')
-    config.data.update(num_frames=1, global_batch_size=64)
+                        num_steps=1500 if stage == 'image' else 2500,
+                        init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
+    config.data.update(num_frames=1, global_batch_size=32)
   elif stage == 'video':
-    config.train.update(num_steps=1500, init_from='runs/shapes/image/model')
+    config.train.update(num_steps=1000, init_from='runs/shapes/image/model')
   elif stage == 'video_vae':
     config.model.video_vae.enabled = True
     config.train.update(objective='video_vae', trainable=(r'^vae/decoder/.*temporal',),

@@ -249,15 +249,18 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
   )
 
 
-def load_init_checkpoint(params: Params, folder: str) -> Params:
-  """Weight reuse: leaves of a pretrained folder replace ours where paths and shapes match.
+def load_init_checkpoint(params: Params, folder: str, include=('.*',)) -> Params:
+  """Weight reuse: leaves of a pretrained folder replace ours where their path matches `include`.
 
   Leaves absent from the checkpoint keep their init (logged); a shape mismatch is an error.
   """
   loaded = traverse_util.flatten_dict(ckpt_lib.load_params(folder), sep='/')
+  patterns = [re.compile(p) for p in include]
   flat = traverse_util.flatten_dict(params, sep='/')
   kept = []
   for path, value in flat.items():
+    if not any(p.search(path) for p in patterns):
+      continue
     if path not in loaded:
       kept.append(path)
       continue
@@ -414,10 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
     if tc.get('init_from'):
-      params = load_init_checkpoint(jax.device_get(state.params), tc.init_from)
+      params = load_init_checkpoint(jax.device_get(state.params), tc.init_from,
+                                    tc.get('init_from_include', ('.*',)))
       params = jax.device_put(params, param_shardings)
       trainable, _ = split_params(params, mask)
-      state = state.replace(params=params, ema_params=trainable)
+      # The EMA starts equal to the params but must not share their (donated) buffers.
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, trainable))
   start_step = int(jax.device_get(state.step))
 
   # ---------------------------------------------------------------------------------- train loop
@@ -542,10 +547,15 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
   prompts = list(config.train.sample_prompts)
   out_dir = os.path.join(workdir, 'samples')
 
+  pipes = []  # Built once: later calls reuse its compiled sampler with new params.
+
   def hook(step: int, state: TrainState) -> None:
     params = merge_ema(state.params, state.ema_params)
-    pipe = pipeline_lib.MagicVideoPipeline(_export_config(config), params, tokenizer, modules=modules,
-                                           mesh=mesh)
+    if not pipes:
+      pipes.append(pipeline_lib.MagicVideoPipeline(_export_config(config), params, tokenizer,
+                                                   modules=modules, mesh=mesh))
+    pipe = pipes[0]
+    pipe.params = jax.device_put(params, pipe.params_sharding)
     videos = pipe(prompts, num_frames=config.data.num_frames, height=config.data.resolution,
                   width=config.data.resolution,
                   num_inference_steps=config.sampling.num_inference_steps,
