@@ -3,8 +3,9 @@ r"""The built-in default: MagicVideo's recipe in miniature on moving_shapes (16 
 Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all):
   vae        the autoencoder on single frames (32x32x3 -> 16x16x4)
   image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
-  video      MagicVideo's video stage: frame adaptors + directed temporal attention + fps embedding added
-             to the image model and trained, everything else frozen (init_from: image)
+  video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
+             image model and trained with the rest of the U-Net (init_from: image)
+  video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: temporal layers of the decoder (init_from: video)
   image_long the ablation: the image model alone trained for the image + video budget
 
@@ -15,7 +16,7 @@ import ml_collections
 
 from configs import common
 
-STAGES = ('vae', 'image', 'video', 'video_vae', 'image_long')
+STAGES = ('vae', 'image', 'video', 'video_layers', 'video_vae', 'image_long')
 
 
 def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
@@ -52,8 +53,14 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                         num_steps=1500 if stage == 'image' else 2500,
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
-  elif stage == 'video':
-    config.train.update(num_steps=1000, init_from='runs/shapes/image/model')
+  elif stage in ('video', 'video_layers'):
+    # MagicVideo trains only the new video layers on top of a strong SD model; the miniature's image
+    # model is weak, so the spatial layers keep training too ('video_layers' trains only the new ones).
+    config.train.update(num_steps=1500, init_from='runs/shapes/image/model', trainable=('^unet/',),
+                        learning_rate=5e-4)
+    config.data.update(global_batch_size=4)
+    if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
+      config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':
     config.model.video_vae.enabled = True
     config.train.update(objective='video_vae', trainable=(r'^vae/decoder/.*temporal',),

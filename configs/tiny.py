@@ -27,6 +27,7 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
       block_out_channels=(32, 64), down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
       up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1, attention_head_dim=4,
       cross_attention_dim=32, norm_num_groups=8, num_frames=8, temporal_position='rope')
+  config.model.video_vae.num_frames = 8
   config.tokenizer = common.shapes_tokenizer()
 
   config.data.update(dataset='moving_shapes/tiny', num_frames=8, resolution=16,

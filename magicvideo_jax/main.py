@@ -28,9 +28,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', None,
                                         'Fake CPU devices per process (development and tests).')
 _CACHE_DIR = flags.DEFINE_string(
-    'compilation_cache_dir', os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.join(
-        os.path.expanduser('~'), '.cache', 'magicvideo_jax', 'xla')),
-    'Persistent XLA compilation cache ("" disables it): a rerun or resume skips recompiling.')
+    'compilation_cache_dir', 'auto',
+    'Persistent XLA compilation cache, so a rerun or resume skips recompiling. "auto": '
+    '$JAX_COMPILATION_CACHE_DIR or ~/.cache/magicvideo_jax/xla for single-process runs, off for '
+    'multi-process ones (on CPU with gloo it was seen to hang there); "": off; a path: always on.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -49,8 +50,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   setup_logging()
   import jax  # pylint: disable=g-import-not-at-top
-  if _CACHE_DIR.value:
-    jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
+  multi_process = bool(_COORDINATOR.value or _DISTRIBUTED.value)
+  cache_dir = _CACHE_DIR.value
+  if cache_dir == 'auto':
+    cache_dir = '' if multi_process else os.environ.get(
+        'JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'magicvideo_jax', 'xla'))
+  if cache_dir:
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+  else:  # Also overrides a $JAX_COMPILATION_CACHE_DIR that jax read at import.
+    jax.config.update('jax_enable_compilation_cache', False)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', float(
         os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
   if _NUM_CPU_DEVICES.value:

@@ -99,31 +99,47 @@ def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTra
 # Losses.
 
 
-def encode_latents(vae, vae_params, frames: jax.Array, key: jax.Array, scaling_factor: float) -> jax.Array:
-  """`[N, H, W, 3]` in [-1, 1] -> scaled latent samples `[N, h, w, c]` (no gradient)."""
+# Every loss takes `keys`: one PRNG key per example [B], derived from (seed, step, example index), so
+# noise, timesteps and posterior samples do not depend on how the batch is split (devices, hosts,
+# gradient-accumulation micro-batches).
+
+
+def example_normal(keys: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard normal `[B, *shape]`, row i drawn from keys[i]."""
+  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
+
+
+def split_keys(keys: jax.Array, num: int) -> Tuple[jax.Array, ...]:
+  """`[B]` keys -> `num` independent `[B]` key arrays."""
+  split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+  return tuple(split[:, i] for i in range(num))
+
+
+def encode_latents(vae, vae_params, video: jax.Array, keys: jax.Array, scaling_factor: float) -> jax.Array:
+  """Video `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior samples `[B, F, h, w, c]` (no gradient)."""
+  b = video.shape[0]
+  frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
   mean, logvar = vae.apply({'params': vae_params}, frames, method=vae.encode)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  mean, logvar = (einops.rearrange(x, '(b f) h w c -> b f h w c', b=b) for x in (mean, logvar))
+  z = mean + jnp.exp(0.5 * logvar) * example_normal(keys, mean.shape[1:], mean.dtype)
   return jax.lax.stop_gradient(z * scaling_factor)
 
 
-def diffusion_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, *, modules, schedule,
+def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
                    config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Noise-prediction loss over a `[B, F, H, W, 3]` video batch (or precomputed `latents`)."""
   unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
-  key_z, key_t, key_n = jax.random.split(key, 3)
+  keys_z, keys_t, keys_n = split_keys(keys, 3)
   if 'latents' in batch:
     latents = batch['latents'].astype(jnp.float32)
   else:
-    video = batch['video']
-    b = video.shape[0]
-    frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
-    latents = encode_latents(vae, params['vae'], frames, key_z, config.model.vae.scaling_factor)
-    latents = einops.rearrange(latents, '(b f) h w c -> b f h w c', b=b)
+    latents = encode_latents(vae, params['vae'], batch['video'], keys_z,
+                             config.model.vae.scaling_factor)
   b, f = latents.shape[:2]
   frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
   context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
-  timesteps = jax.random.randint(key_t, (b,), 0, schedule.num_train_timesteps)
-  noise = jax.random.normal(key_n, latents.shape, jnp.float32)
+  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  noise = example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
   prediction = unet.apply({'params': params['unet']}, noisy, timesteps, context, fps=fps,
@@ -139,14 +155,16 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, 
   return loss, dict(video_loss=video_loss, image_loss=image_loss)
 
 
-def vae_loss(params: Params, batch: Dict[str, jax.Array], key: jax.Array, *, modules, schedule,
+def vae_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
              config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """L1 + L2 reconstruction and KL of the autoencoder on the batch's frames."""
   del schedule
   vae = modules['vae']
+  b = batch['video'].shape[0]
   frames = einops.rearrange(batch['video'], 'b f h w c -> (b f) h w c')
   mean, logvar = vae.apply({'params': params['vae']}, frames, method=vae.encode)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  eps = example_normal(keys, (mean.shape[0] // b,) + mean.shape[1:], mean.dtype)
+  z = mean + jnp.exp(0.5 * logvar) * einops.rearrange(eps, 'b f h w c -> (b f) h w c')
   recon = vae.apply({'params': params['vae']}, z, method=vae.decode).astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - frames))
   l2 = jnp.mean(jnp.square(recon - frames))
@@ -181,26 +199,27 @@ def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
     trainable, frozen = split_params(state.params, mask)
     step_key = jax.random.fold_in(base_key, state.step)
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(batch_size))
 
-    def compute(trainable, micro_batch, key):
+    def compute(trainable, micro_batch, micro_keys):
       (loss, aux), grads = jax.value_and_grad(
-          lambda t: loss_fn(merge_params(frozen, t), micro_batch, key), has_aux=True)(trainable)
+          lambda t: loss_fn(merge_params(frozen, t), micro_batch, micro_keys), has_aux=True)(trainable)
       return loss, aux, grads
 
     if accum == 1:
-      loss, aux, grads = compute(trainable, batch, step_key)
-    else:
-      micro = jax.tree.map(lambda x: einops.rearrange(x, '(a b) ... -> a b ...', a=accum), batch)
+      loss, aux, grads = compute(trainable, batch, keys)
+    else:  # Micro-batches in a scan: activations of one micro-batch live at a time.
+      micro = jax.tree.map(lambda x: einops.rearrange(x, '(a b) ... -> a b ...', a=accum),
+                           (batch, keys))
 
       def body(carry, xs):
-        micro_batch, i = xs
-        loss, aux, grads = compute(trainable, micro_batch, jax.random.fold_in(step_key, i))
-        carry = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+        carry = jax.tree.map(jnp.add, carry, compute(trainable, *xs))
         return carry, None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(compute, trainable, jax.tree.map(
-          lambda x: x[0], micro), step_key))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          compute, trainable, *jax.tree.map(lambda x: x[0], micro)))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
 
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -486,12 +505,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: int = 4) -> float:
   """1 / std of posterior samples over a few batches: latents of unit variance, as SD's 0.18215."""
-  encode = jax.jit(lambda p, x, k: encode_latents(vae, p, x, k, 1.0))
+  encode = jax.jit(lambda p, x, k: encode_latents(vae, p, x, jax.random.split(k, x.shape[0]), 1.0))
   values = []
   for i in range(num_batches):
     video = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)['video']
-    frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
-    values.append(np.asarray(jax.device_get(encode(vae_params, frames, jax.random.key(i)))))
+    values.append(np.asarray(jax.device_get(encode(vae_params, video, jax.random.key(i)))))
   return float(1.0 / np.std(np.concatenate([v.ravel() for v in values])))
 
 

@@ -1,6 +1,7 @@
 """Training program end to end: overfitting, resume after kill -9, topology change, multi-host,
 SIGTERM, NaN guard, config errors. Runs `magicvideo_jax.main` in subprocesses like a user would."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import traverse_util
 
 from configs import tiny
 from magicvideo_jax import diffusion
@@ -45,16 +45,25 @@ def _run(cmd, timeout=600):
 
 
 def _checkpoint(workdir, step=None):
-  """(state, data_state) of a training checkpoint, restored as host numpy arrays."""
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
-  return step, restored['state'], restored['data']
+  """(step, state, data_state) of a training checkpoint, restored onto this process's first device
+  (the checkpoint may come from another topology or from several processes)."""
+  root = os.path.join(workdir, 'checkpoints')
+  step = max(_steps_on_disk(workdir)) if step is None else step
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    path = os.path.join(root, str(step), 'state')
+    tree = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = checkpointer.restore(path, target)
+  with open(os.path.join(root, str(step), 'data', 'metadata')) as f:
+    data_state = json.load(f)
+  return step, state, data_state
 
 
 def _flat(tree):
-  return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep='/')
+  """path -> numpy leaf, through dicts, lists and tuples (restored optimizer states hold lists)."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -96,7 +105,7 @@ def test_overfits_a_fixed_batch(shapes_data_dir):
   """All parameters train on one batch with fixed noise: the loss falls by a large factor."""
   config = tiny.get_config('all')
   config.data.data_dir = shapes_data_dir
-  config.train.update(learning_rate=2e-3, warmup_steps=10, num_steps=200, ema_decay=0.0,
+  config.train.update(learning_rate=2e-3, warmup_steps=10, num_steps=120, ema_decay=0.0,
                       grad_clip_norm=10.0)
   modules = models_lib.build_models(config.model)
   tokenizer = train.build_tokenizer(config)
@@ -247,3 +256,35 @@ def test_nan_loss_stops_without_checkpointing_it(tmp_path, shapes_data_dir, monk
   steps = _steps_on_disk(str(tmp_path))
   print('checkpoints after NaN:', steps)
   assert steps and max(steps) == 3
+
+
+def test_gradient_accumulation_matches_one_big_batch(shapes_data_dir):
+  """Two micro-batches give the update of one batch: per-example noise does not depend on the split."""
+  config = tiny.get_config('all')
+  config.data.data_dir = shapes_data_dir
+  config.data.prefetch = 0
+  modules = models_lib.build_models(config.model)
+  iterator = train.make_iterator(config, train.build_tokenizer(config))
+  batch = jax.tree.map(jnp.asarray, train.device_batch(iterator.make_batch(0, 0)))
+  params = jax.jit(lambda k: train.nn.unbox(train.init_params(modules, config, k)))(
+      jax.random.key(0))
+  mask = train.trainable_mask(params, config.train.trainable)
+  tx, lr = train.make_optimizer(config)
+  trainable, _ = train.split_params(params, mask)
+  state = train.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
+                           opt_state=tx.init(trainable), ema_params=trainable)
+  schedule = diffusion.Schedule.from_config(config.diffusion)
+  results = {}
+  for accum in (1, 2):
+    config.train.grad_accum_steps = accum
+    step = jax.jit(train.make_train_step(config, modules, schedule, tx, lr, mask))
+    results[accum] = step(state, batch)
+  (state_1, metrics_1), (state_2, metrics_2) = results[1], results[2]
+  print(f'loss {float(metrics_1["loss"]):.6f} vs {float(metrics_2["loss"]):.6f}, grad norm '
+        f'{float(metrics_1["grad_norm"]):.6f} vs {float(metrics_2["grad_norm"]):.6f}')
+  np.testing.assert_allclose(metrics_1['loss'], metrics_2['loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics_1['grad_norm'], metrics_2['grad_norm'], rtol=1e-4)
+  flat_1, flat_2 = _flat(state_1.params), _flat(state_2.params)
+  worst = max(float(np.max(np.abs(flat_1[k] - flat_2[k]))) for k in flat_1)
+  print(f'max abs parameter difference after one step: {worst:.2e}')
+  assert worst < 1e-5

@@ -307,7 +307,10 @@ def video_vae_loss(params: Dict[str, Any], batch: Dict[str, jax.Array], key: jax
   frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
   mean, logvar = jax.lax.stop_gradient(vae.apply(variables, frames, method=vae.encode))
   if config.train.get('video_vae_sample_posterior', True):
-    z = vae_lib.diagonal_gaussian_sample(mean, logvar, key)
+    # One key per clip (`key` [B]): samples do not depend on how the batch is split.
+    eps = jax.vmap(lambda k: jax.random.normal(k, (video.shape[1],) + mean.shape[1:], mean.dtype))(
+        key if key.ndim else jax.random.split(key, video.shape[0]))
+    z = mean + jnp.exp(0.5 * logvar) * einops.rearrange(eps, 'b f h w c -> (b f) h w c')
   else:
     z = mean
   z = einops.rearrange(z, '(b f) h w c -> b f h w c', f=video.shape[1])
