@@ -5,8 +5,9 @@
 #   bash launch/train_shapes.sh [RUNS_DIR]        (default RUNS_DIR=runs/shapes)
 #
 # Stages (configs/shapes.py): vae -> image (text-to-image U-Net + text encoder) -> video (adaptors,
-# directed temporal attention, fps embedding on top of the frozen image model) -> video_vae.
-# Each stage resumes from its workdir if interrupted; a finished stage is skipped.
+# directed temporal attention and fps embedding added to the image model) [-> video_vae with
+# WITH_VIDEO_VAE=1: MagicVideo v2's temporal decoder]. Each stage resumes from its workdir if
+# interrupted; a finished stage is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-runs/shapes}"
@@ -28,14 +29,18 @@ stage() {  # stage NAME [extra main.py flags]
 stage vae
 stage image --config.train.init_from="$RUNS/vae/model"
 stage video --config.train.init_from="$RUNS/image/model"
-stage video_vae --config.train.init_from="$RUNS/video/model"
+FINAL="$RUNS/video/model"
+if [[ "${WITH_VIDEO_VAE:-0}" == 1 ]]; then
+  stage video_vae --config.train.init_from="$RUNS/video/model"
+  FINAL="$RUNS/video_vae/model"
+fi
 echo "== recipe finished in $(($(date +%s) - start)) s"
 
-rm -rf "$ASSET" && mkdir -p "$(dirname "$ASSET")" && cp -r "$RUNS/video_vae/model" "$ASSET"
+rm -rf "$ASSET" && mkdir -p "$(dirname "$ASSET")" && cp -r "$FINAL" "$ASSET"
 cat > "$ASSET/PROVENANCE.md" <<NOTE
 # Bundled shapes checkpoint
-Produced by \`bash launch/train_shapes.sh\` (configs/shapes.py, stages vae -> image -> video ->
-video_vae on the moving_shapes dataset) on $(date -u +%Y-%m-%d), $(nproc) CPU cores, in $(($(date +%s) - start)) s.
+Produced by \`bash launch/train_shapes.sh\` (configs/shapes.py stages vae -> image -> video
+[-> video_vae], from $FINAL) on $(date -u +%Y-%m-%d), $(nproc) CPU cores, in $(($(date +%s) - start)) s.
 NOTE
 "$PYTHON" -m magicvideo_jax.eval.shapes --checkpoint "$ASSET" --split test --num_prompts 64
 "$PYTHON" -m magicvideo_jax.eval.shapes --checkpoint "$ASSET" --split validation --num_prompts 64

