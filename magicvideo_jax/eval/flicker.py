@@ -115,3 +115,38 @@ def format_comparison(results: Dict[str, Any]) -> str:
     r = results[name]
     lines.append(f"{name:>5} decoder: flicker {r['flicker'] * 1e3:.2f}e-3, PSNR {r['psnr']:.2f} dB")
   return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  """`python -m magicvideo_jax.eval.flicker --checkpoint DIR`: image decoder vs VideoVAE on held-out
+  moving_shapes test clips (the checkpoint's `model.video_vae` must be enabled)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.flicker',
+                                   description=main.__doc__)
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--num_clips', type=int, default=64)
+  args = parser.parse_args(argv)
+  config, params, _ = ckpt_lib.load_pretrained(args.checkpoint)
+  if not models_lib.uses_video_vae(config.model):
+    raise SystemExit(f'error: {args.checkpoint} has no VideoVAE (config model.video_vae.enabled)')
+  plain = config.model.to_dict()
+  plain['video_vae']['enabled'] = False
+  image_vae = models_lib.build_vae(ml_collections.ConfigDict(plain))
+  video_vae = models_lib.build_vae(config.model)
+  shapes_config = moving_shapes.MovingShapesConfig(name='default')
+  clips = np.stack([moving_shapes.make_example('test', i, shapes_config)['video']
+                    for i in range(args.num_clips)]).astype(np.float32) / 127.5 - 1.0
+  for name, key in (('posterior mean', None), ('posterior sample', jax.random.key(0))):
+    results = compare_decoders(image_vae, params['vae'], video_vae, params['vae'], clips,
+                               batch_size=8, key=key)
+    print(f'{name}, {args.num_clips} test clips:')
+    print(format_comparison(results))
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
