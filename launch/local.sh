@@ -2,7 +2,7 @@
 # Runs N training processes on this machine as N hosts (CPU, gloo collectives), each with
 # DEVICES fake CPU devices. Extra arguments go to magicvideo_jax.main.
 #
-#   DEVICES=2 launch/local.sh 2 --config=configs/tiny.py --workdir=/tmp/mh --config.mesh.data=-1
+#   DEVICES=2 PYTHON=.venv/bin/python launch/local.sh 2 --config=configs/tiny.py --workdir=/tmp/mh
 #
 # Every process writes its log to WORKDIR_LOGS/process_<i>.log (default: /tmp/magicvideo_jax_local).
 # The script exits non-zero if any process fails.

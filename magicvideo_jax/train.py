@@ -299,6 +299,13 @@ DEVICE_KEYS = ('video', 'latents', 'input_ids', 'fps', 'frame_mask', 'image_inpu
 def make_iterator(config: ml_collections.ConfigDict, tokenizer):
   """This process's slice of the training stream (`config.data`)."""
   from data import input_pipeline  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1 and config.data.get('prepare', False):
+    # One process builds a missing (generated) dataset; the others wait, then read it.
+    if jax.process_index() == 0:
+      input_pipeline.load_source(config.data.dataset, data_dir=config.data.get('data_dir'),
+                                 split=config.data.get('split', 'train'), prepare=True)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('dataset prepared')
   return input_pipeline.create_iterator(
       config.data, tokenize_fn=tokenizer, process_index=jax.process_index(),
       process_count=jax.process_count())
