@@ -19,7 +19,7 @@ import os
 import re
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import einops
 import flax
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from magicvideo_jax import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion

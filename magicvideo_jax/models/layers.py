@@ -128,8 +128,12 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-  """Linear -> SiLU -> Linear, named as diffusers' `TimestepEmbedding`."""
+  """Linear -> SiLU -> Linear, named as diffusers' `TimestepEmbedding`.
+
+  `zero_init_output`: the last Linear starts at zero, so a newly added embedding adds nothing.
+  """
   features: int
+  zero_init_output: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -137,7 +141,8 @@ class TimestepEmbedding(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name='linear_1')(x)
     x = nn.silu(x)
-    return dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name='linear_2')(x)
+    return dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name='linear_2',
+                 zero_init=self.zero_init_output)(x)
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:

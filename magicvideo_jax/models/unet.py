@@ -437,19 +437,6 @@ class UNetBlock(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class FpsEmbedding(nn.Module):
-  """Linear -> SiLU -> Linear (last one zero-initialised: a fresh fps path adds nothing)."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.silu(layers.dense(self.features, name='linear_1', **kw)(x))
-    return layers.dense(self.features, zero_init=True, name='linear_2', **kw)(x)
-
-
 _DOWN_TYPES = {'CrossAttnDownBlock2D': True, 'DownBlock2D': False}
 _UP_TYPES = {'CrossAttnUpBlock2D': True, 'UpBlock2D': False}
 
@@ -557,7 +544,8 @@ class UNet(nn.Module):
     temb = layers.TimestepEmbedding(temb_dim, name='time_embedding', **kw)(t_emb.astype(self.dtype))
     temb = einops.repeat(temb, 'b t -> (b f) t', f=frames)
     if self.fps_embedding:
-      fps_module = FpsEmbedding(temb_dim, name='fps_embedding', **kw)
+      fps_module = layers.TimestepEmbedding(temb_dim, zero_init_output=True, name='fps_embedding',
+                                              **kw)
       if fps is not None:
         fps = jnp.broadcast_to(jnp.asarray(fps), (batch,))
         f_emb = layers.timestep_embedding(fps, channels[0], self.flip_sin_to_cos, self.freq_shift)
