@@ -4,9 +4,12 @@ r"""Weight import from diffusers / transformers folders (safetensors) and export
     python -m magicvideo_jax.convert --export_from DST --output OUT [--reference_dir SRC]
 
 SRC is a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), each
-model folder holding `config.json` and `*.safetensors`. DST becomes a checkpoint folder that the rest of the
-project loads (`magicvideo_jax.checkpoint.load_pretrained`): `config.json` (our config: model, diffusion
-and sampling from the scheduler config, data), Orbax params and the tokenizer files. Export writes our
+model folder holding `config.json` and `*.safetensors`. A `StableDiffusionUpscalePipeline` folder (SD x4
+upscaler: class-embedded noise level, only-cross-attention blocks, 3-level VAE) also has
+`low_res_scheduler/`, whose noise schedule becomes the config's `upscaler` section (read by
+`magicvideo_jax.upscaler`). DST becomes a checkpoint folder that the rest of the project loads
+(`magicvideo_jax.checkpoint.load_pretrained`): `config.json` (our config: model, diffusion and sampling
+from the scheduler config, data), Orbax params and the tokenizer files. Export writes our
 image-part weights back as diffusers / transformers safetensors, in the reference folder's layout and
 CLIP key style when `--reference_dir` is given.
 
@@ -245,18 +248,27 @@ def iter_paths(params: Any) -> Iterable[str]:
 
 _UNET_KEYS = ('in_channels', 'out_channels', 'block_out_channels', 'down_block_types',
               'up_block_types', 'layers_per_block', 'attention_head_dim', 'cross_attention_dim',
-              'norm_num_groups', 'norm_eps', 'flip_sin_to_cos', 'freq_shift', 'use_linear_projection')
+              'norm_num_groups', 'norm_eps', 'flip_sin_to_cos', 'freq_shift', 'use_linear_projection',
+              'num_class_embeds', 'only_cross_attention')
 _VAE_KEYS = ('in_channels', 'out_channels', 'latent_channels', 'block_out_channels',
              'layers_per_block', 'norm_num_groups', 'scaling_factor')
 _TEXT_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
               'num_attention_heads', 'max_position_embeddings', 'layer_norm_eps', 'hidden_act')
 # diffusers options this port does not implement, with the value it requires.
+# (`upcast_attention` is accepted whatever its value: our attention computes its logits and softmax in
+# float32 anyway.)
 _UNET_REQUIRED = dict(class_embed_type=None, addition_embed_type=None, time_cond_proj_dim=None,
-                      encoder_hid_dim=None, num_class_embeds=None, only_cross_attention=False,
-                      dual_cross_attention=False, resnet_time_scale_shift='default',
-                      mid_block_type='UNetMidBlock2DCrossAttn', conv_in_kernel=3, conv_out_kernel=3,
-                      center_input_sample=False, transformer_layers_per_block=1,
-                      num_attention_heads=None, act_fn='silu')
+                      encoder_hid_dim=None, dual_cross_attention=False,
+                      resnet_time_scale_shift='default', mid_block_type='UNetMidBlock2DCrossAttn',
+                      conv_in_kernel=3, conv_out_kernel=3, center_input_sample=False,
+                      transformer_layers_per_block=1, num_attention_heads=None, act_fn='silu',
+                      downsample_padding=1, mid_block_scale_factor=1, class_embeddings_concat=False,
+                      time_embedding_type='positional', time_embedding_dim=None,
+                      time_embedding_act_fn=None, timestep_post_act=None, resnet_skip_time_act=False,
+                      resnet_out_scale_factor=1.0, cross_attention_norm=None, attention_type='default')
+# The upscale pipeline's call defaults (diffusers' StableDiffusionUpscalePipeline.__call__, 0.42).
+_UPSCALER_DEFAULTS = dict(noise_level=20, max_noise_level=350, num_inference_steps=75,
+                          guidance_scale=9.0)
 # Scheduler defaults of the diffusers classes (keys absent from a scheduler_config.json).
 _SCHEDULER_DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
@@ -356,8 +368,31 @@ def diffusion_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   return scheduler_config_from_diffusers(cfg)[0]
 
 
+def upscaler_config_from_diffusers(src: str) -> Optional[Dict[str, Any]]:
+  """Our `upscaler` section for a `StableDiffusionUpscalePipeline` folder (None for other folders).
+
+  `noise_schedule`: the low-res scheduler's (a DDPMScheduler's) schedule, used only by its `add_noise`;
+  `max_noise_level`: from `model_index.json`; `noise_level`: the pipeline's default.
+  """
+  path = os.path.join(src, 'low_res_scheduler', 'scheduler_config.json')
+  if not os.path.isfile(path):
+    return None
+  from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
+  low_res = _read_json(path)
+  schedule = scheduler_config_from_diffusers(low_res)[0]
+  if schedule['beta_schedule'] not in diffusion.BETA_SCHEDULES:
+    raise ConversionError(f'{path}: beta_schedule={schedule["beta_schedule"]!r} is not supported '
+                          f'(one of {diffusion.BETA_SCHEDULES})')
+  index_path = os.path.join(src, 'model_index.json')
+  index = _read_json(index_path) if os.path.isfile(index_path) else {}
+  max_level = int(index.get('max_noise_level', _UPSCALER_DEFAULTS['max_noise_level']))
+  return dict(noise_schedule=schedule, max_noise_level=max_level,
+              noise_level=min(_UPSCALER_DEFAULTS['noise_level'], max_level))
+
+
 def model_config_from_diffusers(src: str, num_frames: int = 16):
-  """Our full config (model, diffusion, sampling, tokenizer, data) for a diffusers pipeline folder."""
+  """Our full config (model, diffusion, sampling, tokenizer, data) for a diffusers pipeline folder,
+  plus an `upscaler` section for an upscale pipeline folder."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   unet_cfg = _read_json(os.path.join(src, 'unet', 'config.json'))
   vae_cfg = _read_json(os.path.join(src, 'vae', 'config.json'))
@@ -372,14 +407,20 @@ def model_config_from_diffusers(src: str, num_frames: int = 16):
   unet = unet_config_from_diffusers(unet_cfg, num_frames)
   vae = vae_config_from_diffusers(vae_cfg)
   sample_size = int(unet_cfg.get('sample_size', 32)) * 2 ** (len(vae['block_out_channels']) - 1)
-  return ml_collections.ConfigDict(dict(
+  sections = dict(
       model=dict(text_encoder=text_config_from_transformers(text_cfg), vae=vae, unet=unet,
                  dtype='float32', param_dtype='float32', attention_impl=None, remat=False),
       diffusion=diffusion_cfg,
       sampling=sampling,
       tokenizer=dict(kind='clip', path=''),
       data=dict(num_frames=num_frames, resolution=sample_size, fps=8.0),
-  ))
+  )
+  upscaler = upscaler_config_from_diffusers(src)
+  if upscaler is not None:
+    sections['upscaler'] = upscaler
+    sampling.update(num_inference_steps=_UPSCALER_DEFAULTS['num_inference_steps'],
+                    guidance_scale=_UPSCALER_DEFAULTS['guidance_scale'])
+  return ml_collections.ConfigDict(sections)
 
 
 def dummy_inputs(config) -> Dict[str, Any]:
@@ -395,7 +436,17 @@ def dummy_inputs(config) -> Dict[str, Any]:
       timesteps=jnp.zeros((1,), jnp.int32),
       context=jnp.zeros((1, 1, mc.unet.cross_attention_dim), jnp.float32),
       fps=jnp.ones((1,), jnp.float32),
+      class_labels=jnp.zeros((1,), jnp.int32),
   )
+
+
+def _unet_kwargs(config, x: Mapping[str, Any]) -> Dict[str, Any]:
+  """Keyword inputs of `UNet.__call__` that create every parameter: fps, and class labels when the
+  U-Net has a class embedding (the upscaler's noise level)."""
+  kwargs = dict(fps=x['fps'])
+  if config.model.unet.get('num_class_embeds'):
+    kwargs['class_labels'] = x['class_labels']
+  return kwargs
 
 
 def abstract_params_for(config, modules: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -411,7 +462,7 @@ def abstract_params_for(config, modules: Optional[Mapping[str, Any]] = None) -> 
       text_encoder=shapes(lambda k: modules['text_encoder'].init(k, x['input_ids'])),
       vae=shapes(lambda k: modules['vae'].init(k, x['image'])),
       unet=shapes(lambda k: modules['unet'].init(k, x['latents'], x['timesteps'], x['context'],
-                                                 fps=x['fps'])),
+                                                 **_unet_kwargs(config, x))),
   )
 
 
@@ -449,7 +500,7 @@ def grow_video_params(config, params: Mapping[str, Any], modules: Optional[Mappi
       continue
     if name == 'unet':
       out[name] = grow_params(modules['unet'], params['unet'], x['latents'], x['timesteps'],
-                              x['context'], fps=x['fps'], seed=seed)
+                              x['context'], seed=seed, **_unet_kwargs(config, x))
     else:
       out[name] = grow_params(modules['vae'], params['vae'], x['image'], seed=seed)
   return out
@@ -532,7 +583,7 @@ def export_diffusers(params: Mapping[str, Any], config, dst: str,
         json.dump(_diffusers_config(name, config, tokenizer), f, indent=1)
     save_safetensors(state, os.path.join(out_dir, filename))
   if reference_dir:
-    for extra in ('tokenizer', 'scheduler', 'model_index.json'):
+    for extra in ('tokenizer', 'scheduler', 'low_res_scheduler', 'model_index.json'):
       path = os.path.join(reference_dir, extra)
       target = os.path.join(dst, extra)
       if os.path.isdir(path):
@@ -547,12 +598,19 @@ def export_diffusers(params: Mapping[str, Any], config, dst: str,
     sched = {k: list(v) if isinstance(v, tuple) else v for k, v in config.diffusion.to_dict().items()}
     json.dump(dict(sched, _class_name='DDIMScheduler', clip_sample=bool(
         config.get('sampling', {}).get('clip_sample', False))), f, indent=1)
+  upscaler = config.get('upscaler', None)
+  if upscaler is not None:  # An upscale pipeline: its low-res noise schedule (DDPM add_noise).
+    os.makedirs(os.path.join(dst, 'low_res_scheduler'), exist_ok=True)
+    with open(os.path.join(dst, 'low_res_scheduler', 'scheduler_config.json'), 'w') as f:
+      low_res = {k: list(v) if isinstance(v, tuple) else v
+                 for k, v in upscaler.noise_schedule.to_dict().items()}
+      json.dump(dict(low_res, _class_name='DDPMScheduler'), f, indent=1)
 
 
 def _diffusers_config(name: str, config, tokenizer: Any = None) -> Dict[str, Any]:
   mc = config.model
   if name == 'unet':
-    out = {k: mc.unet[k] for k in _UNET_KEYS}
+    out = {k: mc.unet[k] for k in _UNET_KEYS if k in mc.unet}
     out.update(_class_name='UNet2DConditionModel', sample_size=config.data.resolution // 2 ** (
         len(mc.vae.block_out_channels) - 1))
   elif name == 'vae':

@@ -25,6 +25,13 @@ Video extensions (DESIGN.md section 2), each a field, each the identity at init:
 `frame_mask` `[B, F]` (True = video frame) marks appended still images for joint image-video training:
 they bypass the adaptors, the fps embedding and the temporal layers (in both directions), i.e. they go
 through the image model.
+
+Options of diffusers' U-Net used by the SD x4 upscaler (off by default, so SD 1.x models are unchanged):
+- `num_class_embeds`: a `class_embedding` table `[num_class_embeds, 4 * C0]` whose row `class_labels[b]`
+  is added to the timestep embedding (the upscaler feeds the noise level of its low-res input).
+- `only_cross_attention` (one bool, or one per level): `attn1` attends to the text context instead of
+  the image tokens (its to_k / to_v read `cross_attention_dim` features). The mid block never does, as
+  diffusers' `UNetMidBlock2DCrossAttn`.
 """
 
 import dataclasses
@@ -246,11 +253,13 @@ class ResnetBlock2D(nn.Module):
 class BasicTransformerBlock(nn.Module):
   """diffusers `BasicTransformerBlock` (+ temporal attention); `[B*F, L, C]` -> same.
 
-  Spatial part: x + attn1(norm1(x)), then + attn2(norm2(.), context), then + ff(norm3(.)).
+  Spatial part: x + attn1(norm1(x)), then + attn2(norm2(.), context), then + ff(norm3(.)); with
+  `only_cross_attention`, attn1 attends to the context too.
   Temporal part (`temporal_attention`): attention over the F frames at each of the L positions.
   """
   heads: int
   dim_head: int
+  only_cross_attention: bool = False
   temporal_attention: str = 'none'
   temporal_mask: str = 'causal'
   temporal_position: str = 'none'
@@ -282,7 +291,8 @@ class BasicTransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = functools.partial(Attention, self.heads, self.dim_head,
                              attention_impl=self.attention_impl, **kw)
-    h = x + attn(name='attn1')(layers.layer_norm(name='norm1', **kw)(x))
+    attn1_context = context if self.only_cross_attention else None
+    h = x + attn(name='attn1')(layers.layer_norm(name='norm1', **kw)(x), attn1_context)
     h = h + attn(name='attn2')(layers.layer_norm(name='norm2', **kw)(h), context)
     if self.temporal_attention == 'parallel':  # MagicVideo: S-Attn(z) + T-Attn(z).
       h = h + self._temporal(x, frame_mask)
@@ -298,6 +308,7 @@ class Transformer2DModel(nn.Module):
   dim_head: int
   norm_num_groups: int = 32
   use_linear_projection: bool = False
+  only_cross_attention: bool = False
   temporal_attention: str = 'none'
   temporal_mask: str = 'causal'
   temporal_position: str = 'none'
@@ -320,7 +331,8 @@ class Transformer2DModel(nn.Module):
     h = project('proj_in', inner)(h)
     h = einops.rearrange(h, 'n h w c -> n (h w) c')
     h = BasicTransformerBlock(
-        self.heads, self.dim_head, temporal_attention=self.temporal_attention,
+        self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
+        temporal_attention=self.temporal_attention,
         temporal_mask=self.temporal_mask, temporal_position=self.temporal_position,
         frames=self.frames, attention_impl=self.attention_impl, name='transformer_blocks_0',
         **kw)(h, context, frame_mask)
@@ -384,6 +396,7 @@ class UNetBlock(nn.Module):
   heads: int
   config: BlockConfig
   frames: int = 1
+  only_cross_attention: bool = False
 
   def _resnet(self, i: int):
     u = self.config
@@ -397,6 +410,7 @@ class UNetBlock(nn.Module):
     cls = nn.remat(Transformer2DModel) if u.remat else Transformer2DModel
     return cls(self.heads, self.out_channels // self.heads, norm_num_groups=u.norm_num_groups,
                use_linear_projection=u.use_linear_projection,
+               only_cross_attention=self.only_cross_attention,
                temporal_attention=u.temporal_attention, temporal_mask=u.temporal_mask,
                temporal_position=u.temporal_position, frames=self.frames,
                attention_impl=u.attention_impl, dtype=u.dtype, param_dtype=u.param_dtype,
@@ -444,9 +458,10 @@ _UP_TYPES = {'CrossAttnUpBlock2D': True, 'UpBlock2D': False}
 class UNet(nn.Module):
   """SD 1.x `UNet2DConditionModel` over video latents, with MagicVideo's video extensions.
 
-  Fields are the keys of `configs/common.unet_sd15()` (see there and the module docstring), plus
-  `dtype`, `param_dtype`, `attention_impl` (passed to `layers.dot_product_attention`) and `remat`
-  (rematerialise every res block and transformer block).
+  Fields are the keys of `configs/common.unet_sd15()` (see there and the module docstring), plus the
+  upscaler options `num_class_embeds` and `only_cross_attention` (set by the converter from a diffusers
+  config), `dtype`, `param_dtype`, `attention_impl` (passed to `layers.dot_product_attention`) and
+  `remat` (rematerialise every res block and transformer block).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -463,6 +478,8 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = True
   freq_shift: float = 0
   use_linear_projection: bool = False
+  num_class_embeds: Optional[int] = None
+  only_cross_attention: Union[bool, Sequence[bool]] = False
   num_frames: int = 16
   frame_adaptor: bool = True
   temporal_attention: str = 'parallel'
@@ -494,6 +511,10 @@ class UNet(nn.Module):
     if self.temporal_position not in TEMPORAL_POSITION:
       raise ValueError(f'temporal_position must be one of {TEMPORAL_POSITION}, '
                        f'got {self.temporal_position!r}.')
+    if not isinstance(self.only_cross_attention, bool) and \
+        len(self.only_cross_attention) != levels:
+      raise ValueError(f'only_cross_attention needs one bool per level ({levels}), got '
+                       f'{self.only_cross_attention!r}.')
     factor = 2 ** (levels - 1)
     if height % factor or width % factor:
       raise ValueError(f'latent height and width must be multiples of {factor} '
@@ -507,10 +528,15 @@ class UNet(nn.Module):
     heads = self.attention_head_dim
     return int(heads) if isinstance(heads, int) else int(heads[level])
 
+  def _only_cross(self, level: int) -> bool:
+    only = self.only_cross_attention
+    return bool(only) if isinstance(only, bool) else bool(only[level])
+
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: Union[jax.Array, float, int],
                context: jax.Array, fps: Optional[jax.Array] = None,
-               frame_mask: Optional[jax.Array] = None) -> jax.Array:
+               frame_mask: Optional[jax.Array] = None,
+               class_labels: Optional[jax.Array] = None) -> jax.Array:
     """Predicts the noise (or v) of every frame.
 
     Args:
@@ -521,6 +547,8 @@ class UNet(nn.Module):
       frame_mask: `[B, F]` bool, True = video frame (default all True); False marks still images
         appended for joint image-video training: they skip the adaptors, the fps embedding and the
         temporal attention (neither attending nor attended), i.e. they go through the image model.
+      class_labels: `[B]` int in [0, num_class_embeds) (or a scalar), required when `num_class_embeds`
+        is set: the SD x4 upscaler's noise level of its low-res input.
 
     Returns:
       `[B, F, h, w, out_channels]`.
@@ -542,6 +570,15 @@ class UNet(nn.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
     t_emb = layers.timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
     temb = layers.TimestepEmbedding(temb_dim, name='time_embedding', **kw)(t_emb.astype(self.dtype))
+    if self.num_class_embeds:
+      if class_labels is None:
+        raise ValueError(f'this U-Net has num_class_embeds={self.num_class_embeds}: pass '
+                         '`class_labels` [B] (the SD x4 upscaler: the noise level of the low-res input).')
+      labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32), (batch,))
+      temb = temb + nn.Embed(
+          self.num_class_embeds, temb_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+          embedding_init=layers.partitioned(nn.initializers.normal(1.0), ('vocab', 'embed')),
+          name='class_embedding')(labels)
     temb = einops.repeat(temb, 'b t -> (b f) t', f=frames)
     if self.fps_embedding:
       fps_module = layers.TimestepEmbedding(temb_dim, zero_init_output=True, name='fps_embedding',
@@ -567,6 +604,7 @@ class UNet(nn.Module):
     for i, kind in enumerate(self.down_block_types):
       x, outputs = block('down', channels[i], self.layers_per_block, _DOWN_TYPES[kind],
                          resample=i < levels - 1, heads=self._heads(i),
+                         only_cross_attention=self._only_cross(i),
                          name=f'down_blocks_{i}')(x, temb, context, frame_mask)
       skips.extend(outputs)
 
@@ -578,7 +616,8 @@ class UNet(nn.Module):
       n = self.layers_per_block + 1
       level_skips, skips = skips[-n:], skips[:-n]
       x = block('up', channels[level], n, _UP_TYPES[kind], resample=i < levels - 1,
-                heads=self._heads(level), name=f'up_blocks_{i}')(
+                heads=self._heads(level), only_cross_attention=self._only_cross(level),
+                name=f'up_blocks_{i}')(
                     x, temb, context, frame_mask, level_skips)
       x = layers.constrain(x, SPATIAL_AXES)
 

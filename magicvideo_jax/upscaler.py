@@ -1,0 +1,288 @@
+"""Super-resolution stage: the SD x4 upscaler over video frames, or a video SR U-Net grown from it.
+
+    upscaler = VideoUpscaler.from_pretrained('path/to/stable-diffusion-x4-upscaler')  # or a converted folder
+    frames = upscaler(low_res, 'a red circle', num_inference_steps=20)  # [B, F, 4h, 4w, 3] in [0, 1]
+
+The sampling follows diffusers' `StableDiffusionUpscalePipeline` (0.42):
+1. Noise augmentation: the low-res frames `x` `[B, F, h, w, 3]` in [-1, 1] become
+   `sqrt(abar_n) x + sqrt(1 - abar_n) eps` under the low-res (DDPM) schedule at `noise_level` n.
+2. The sampler loop of `diffusion.sample_loop` on latents `[B, F, h, w, 4]` at the low-res size (the
+   upscaler's VAE downsamples by 4, so latents are as large as the low-res frames): the U-Net sees the
+   latents and the augmented frames concatenated on channels (4 + 3 = `in_channels` 7) and
+   `class_labels = n`. Classifier-free guidance concatenates the negative and positive batches (frames
+   and noise level duplicated), negative first, as diffusers.
+3. VAE decode of `latents / scaling_factor`, one frame index at a time (`lax.map`) to bound memory.
+
+Frames go to the U-Net as a clip `[B, F, ...]`: an image upscaler (video layers off) folds them into the
+batch, i.e. upscales each frame independently; a video SR U-Net (frame adaptors, temporal attention;
+LaVie's recipe) sees the whole clip. A converted diffusers upscaler has its video layers at identity, so
+it starts as the image upscaler applied per frame.
+
+The denoising loop (text encoding included) is one `jax.jit` and the decode another; both compile once
+per shape and static option (sampler, steps, eta, guidance on/off); prompts' states, latents, noise, the
+noise level and the guidance scale are traced (`trace_count` counts traces of the loop). Arrays live on
+the default device; no mesh sharding yet.
+"""
+
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import einops
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+
+OUTPUT_TYPES = ('float', 'uint8', 'latent')
+LATENT_CHANNELS = 4  # The U-Net input is latents (4) + low-res RGB (3).
+
+
+def noise_augment(schedule: diffusion.Schedule, low_res: jax.Array, noise: jax.Array,
+                  noise_level: jax.Array) -> jax.Array:
+  """The low-res conditioning after the forward process at `noise_level` (int scalar), float32."""
+  return diffusion.add_noise(schedule, low_res, noise, jnp.asarray(noise_level, jnp.int32))
+
+
+def is_upscaler_config(config: ml_collections.ConfigDict) -> bool:
+  return config.get('upscaler', None) is not None
+
+
+class VideoUpscaler:
+  """Text-guided x4 super-resolution of video frames with a converted SD x4 upscaler checkpoint.
+
+  Attributes:
+    config: the checkpoint's config; `config.upscaler` holds the low-res noise schedule
+      (`noise_schedule`), `noise_level` (default) and `max_noise_level`.
+    params: {'text_encoder', 'vae', 'unet'}.
+    schedule, low_res_schedule: the sampler's and the noise augmentation's `diffusion.Schedule`.
+    trace_count: traces of the denoising function (new prompts, noise or levels must not add any).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Dict[str, Any], tokenizer: Any = None,
+               *, modules: Optional[Dict[str, Any]] = None):
+    if not is_upscaler_config(config):
+      raise ValueError('this checkpoint has no `upscaler` config section: convert a diffusers '
+                       'StableDiffusionUpscalePipeline folder (with low_res_scheduler/) first.')
+    unet = config.model.unet
+    if int(unet.in_channels) != LATENT_CHANNELS + 3 or not unet.get('num_class_embeds'):
+      raise ValueError(f'an upscaler U-Net needs in_channels={LATENT_CHANNELS + 3} (latents + low-res '
+                       'RGB) and num_class_embeds (the noise level); config.model.unet has '
+                       f'in_channels={unet.in_channels}, num_class_embeds={unet.get("num_class_embeds")}')
+    if models_lib.uses_video_vae(config.model):
+      raise ValueError('the upscaler decodes frame by frame: set config.model.video_vae.enabled=False')
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.modules = modules or models_lib.build_models(config.model)
+    self.schedule = diffusion.Schedule.from_config(config.diffusion)
+    self.low_res_schedule = diffusion.Schedule.from_config(config.upscaler.noise_schedule)
+    self.scaling_factor = float(config.model.vae.scaling_factor)
+    self.vae_factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    self.unet_factor = 2 ** (len(unet.block_out_channels) - 1)
+    self.use_fps = bool(unet.get('fps_embedding', False))
+    self.trace_count = 0
+    self._denoise = jax.jit(self._denoise_impl, static_argnames=(
+        'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'clip_sample', 'sigma_spacing',
+        'final_sigmas_type'))
+    self._decode = jax.jit(self._decode_impl)
+    self._encode = jax.jit(self._encode_impl)
+
+  @classmethod
+  def from_pretrained(cls, path: str, *, num_frames: int = 16, **overrides) -> 'VideoUpscaler':
+    """From a converted checkpoint folder or a diffusers `StableDiffusionUpscalePipeline` folder
+    (converted on the fly; video layers at identity for up to `num_frames` frames). `overrides`
+    replace keys of `config.model` (e.g. dtype='bfloat16')."""
+    if ckpt_lib.is_pretrained_folder(path):
+      config, params, tokenizer = ckpt_lib.load_pretrained(path)
+    elif os.path.isfile(os.path.join(path, 'unet', 'config.json')):
+      from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+      config, params, tokenizer = convert.convert_diffusers_folder(path, num_frames=num_frames)
+    else:
+      raise FileNotFoundError(f'{path} is neither a magicvideo_jax checkpoint folder (config.json + '
+                              'params/) nor a diffusers upscale pipeline folder (unet/config.json ...)')
+    for key, value in overrides.items():
+      config.model[key] = value
+    return cls(config, params, tokenizer)
+
+  # ------------------------------------------------------------------------------------------------
+  # The jitted pieces.
+
+  def _encode_impl(self, params, input_ids):
+    return self.modules['text_encoder'].apply({'params': params['text_encoder']}, input_ids)
+
+  def _denoise_impl(self, params, latents, low_res, noise, context, negative_context, noise_level,
+                    guidance_scale, fps, key, *, num_inference_steps: int, sampler: str, eta: float,
+                    do_cfg: bool, clip_sample: bool, sigma_spacing: Optional[str],
+                    final_sigmas_type: str):
+    """Unit-noise latents `[B, F, h, w, 4]` -> denoised latents (scaled, as the U-Net sees them)."""
+    self.trace_count += 1  # Python side effect: once per trace.
+    unet = self.modules['unet']
+    condition = noise_augment(self.low_res_schedule, low_res, noise, noise_level)
+    if do_cfg:  # Negative first, as diffusers.
+      context = jnp.concatenate([negative_context, context], axis=0)
+      condition = jnp.concatenate([condition, condition], axis=0)
+      fps = jnp.concatenate([fps, fps], axis=0)
+    labels = jnp.broadcast_to(jnp.asarray(noise_level, jnp.int32), (condition.shape[0],))
+
+    def model_fn(x, t):
+      x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
+      x_in = jnp.concatenate([x_in, condition], axis=-1).astype(unet.dtype)
+      timesteps = jnp.broadcast_to(t, (x_in.shape[0],))
+      out = unet.apply({'params': params['unet']}, x_in, timesteps, context,
+                       fps=fps if self.use_fps else None, class_labels=labels).astype(jnp.float32)
+      if do_cfg:
+        negative, positive = jnp.split(out, 2, axis=0)
+        out = negative + guidance_scale * (positive - negative)
+      return out
+
+    if sampler == 'dpmsolver++':
+      options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+    else:
+      options = dict(eta=eta, key=key, clip_sample=clip_sample)
+    return diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
+                                 sampler=sampler, **options)
+
+  def _decode_impl(self, params, latents):
+    """Scaled latents `[B, F, h, w, 4]` -> frames `[B, F, 4h, 4w, 3]` (about [-1, 1])."""
+    vae = self.modules['vae']
+    by_frame = einops.rearrange(latents / self.scaling_factor, 'b f h w c -> f b h w c')
+    frames = jax.lax.map(lambda z: vae.apply({'params': params['vae']}, z, method='decode'),
+                         by_frame)
+    return einops.rearrange(frames, 'f b h w c -> b f h w c').astype(jnp.float32)
+
+  # ------------------------------------------------------------------------------------------------
+  # The call.
+
+  def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+    """Text states `[B, L, D]` of the upscaler's own text encoder (not the base model's)."""
+    if self.tokenizer is None:
+      raise ValueError('this upscaler has no tokenizer: pass `context` (text states) instead')
+    return self._encode(self.params, jnp.asarray(self.tokenizer(list(prompts))))
+
+  def __call__(self, low_res: Any, prompt: Union[None, str, Sequence[str]] = None,
+               negative_prompt: Union[None, str, Sequence[str]] = None, *,
+               context: Optional[Any] = None, negative_context: Optional[Any] = None,
+               noise_level: Optional[int] = None, guidance_scale: Optional[float] = None,
+               num_inference_steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
+               latents: Optional[Any] = None, noise: Optional[Any] = None,
+               fps: Optional[float] = None, sampler: Optional[str] = None,
+               sigma_spacing: Optional[str] = None, output_type: str = 'float') -> np.ndarray:
+    """Upscales each clip of `low_res` by the VAE factor (4 for the SD x4 upscaler).
+
+    Args:
+      low_res: frames `[B, F, h, w, 3]` in [-1, 1]; h and w multiples of the U-Net's downsampling.
+      prompt: one prompt for all clips or one per clip; or give `context` (text states `[B, L, D]`
+        of this upscaler's text encoder) instead.
+      negative_prompt / negative_context: the unconditional batch for guidance; default the empty
+        prompt (as diffusers).
+      noise_level: noise augmentation level of the low-res frames, in [0, config.upscaler.
+        max_noise_level]; default config.upscaler.noise_level (20).
+      guidance_scale: classifier-free guidance weight (<= 1: no guidance); default config.sampling.
+      num_inference_steps, sampler, sigma_spacing: default config.sampling.
+      eta: DDIM stochasticity.
+      seed: seeds the latents, the augmentation noise and DDIM's noise (eta > 0) unless given.
+      latents: initial unit noise `[B, F, h, w, 4]`.
+      noise: the augmentation noise `[B, F, h, w, 3]` (diffusers draws it with `randn` before the
+        latents).
+      fps: frame-rate conditioning of a video SR U-Net with an fps embedding; default config.data.fps.
+      output_type: 'float' (`[B, F, 4h, 4w, 3]` in [0, 1]), 'uint8', or 'latent' (`[B, F, h, w, 4]`).
+
+    Returns:
+      numpy frames (see `output_type`).
+    """
+    sampling = self.config.get('sampling', None) or {}
+    upscaler = self.config.upscaler
+    noise_level = int(upscaler.noise_level if noise_level is None else noise_level)
+    guidance_scale = float(sampling.get('guidance_scale', 9.0) if guidance_scale is None
+                           else guidance_scale)
+    num_inference_steps = int(num_inference_steps or sampling.get('num_inference_steps', 75))
+    sampler = sampler or sampling.get('sampler', 'ddim')
+    if sigma_spacing is None and sampler == 'dpmsolver++':
+      sigma_spacing = sampling.get('sigma_spacing', None)
+    low_res = jnp.asarray(low_res, jnp.float32)
+    self._validate(low_res, noise_level, output_type)
+    batch, frames, height, width, _ = low_res.shape
+    do_cfg = guidance_scale > 1.0
+    context = self._context(prompt, context, batch, 'prompt')
+    if do_cfg:
+      if negative_context is None and negative_prompt is None:
+        negative_prompt = ''
+      negative_context = self._context(negative_prompt, negative_context, batch, 'negative_prompt')
+    else:
+      negative_context = context  # Unused.
+
+    latent_key, noise_key, loop_key = jax.random.split(jax.random.key(seed), 3)
+    latent_shape = (batch, frames, height, width, LATENT_CHANNELS)
+    latents = self._array_or_draw(latents, latent_key, latent_shape, 'latents')
+    noise = self._array_or_draw(noise, noise_key, low_res.shape, 'noise')
+    data = self.config.get('data', None) or {}
+    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
+    clip_sample = bool(sampling.get('clip_sample', False)) and sampler == 'ddim'
+    if clip_sample and float(sampling.get('clip_sample_range', 1.0)) != 1.0:
+      raise ValueError('config.sampling.clip_sample_range other than 1.0 is not supported')
+    static = dict(num_inference_steps=num_inference_steps, sampler=sampler, eta=float(eta),
+                  do_cfg=bool(do_cfg), clip_sample=clip_sample,
+                  sigma_spacing=sigma_spacing,
+                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'))
+    z0 = self._denoise(self.params, latents, low_res, noise, context, negative_context,
+                       jnp.int32(noise_level), jnp.float32(guidance_scale),
+                       jnp.full((batch,), fps_value, jnp.float32), loop_key, **static)
+    if output_type == 'latent':
+      return np.asarray(z0)
+    images = np.asarray(self._decode(self.params, z0))
+    images = np.clip(images / 2 + 0.5, 0.0, 1.0)
+    if output_type == 'float':
+      return images
+    return np.round(images * 255.0).astype(np.uint8)
+
+  # ------------------------------------------------------------------------------------------------
+  # Helpers.
+
+  def _validate(self, low_res: jax.Array, noise_level: int, output_type: str) -> None:
+    if low_res.ndim != 5 or low_res.shape[-1] != 3:
+      raise ValueError(f'low_res must be frames [B, F, h, w, 3] in [-1, 1], got shape {low_res.shape}')
+    height, width = low_res.shape[2:4]
+    if height % self.unet_factor or width % self.unet_factor:
+      raise ValueError(f'low-res height and width must be multiples of {self.unet_factor} (the '
+                       f'U-Net downsampling factor), got {height}x{width}')
+    limit = int(self.config.upscaler.max_noise_level)
+    if not 0 <= noise_level <= limit:
+      raise ValueError(f'noise_level={noise_level} must be in [0, {limit}] '
+                       '(config.upscaler.max_noise_level)')
+    if output_type not in OUTPUT_TYPES:
+      raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
+    unet = self.config.model.unet
+    if unet.get('frame_adaptor', False) and low_res.shape[1] > int(unet.num_frames):
+      raise ValueError(f'{low_res.shape[1]} frames; this video SR U-Net supports at most '
+                       f'{unet.num_frames} (config.model.unet.num_frames)')
+
+  def _context(self, prompt, context, batch: int, what: str) -> jax.Array:
+    """Text states `[batch, L, D]` from prompts or as given."""
+    if (prompt is None) == (context is None):
+      raise ValueError(f'give exactly one of `{what}` and its text states')
+    if context is None:
+      prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+      if len(prompts) == 1:
+        prompts = prompts * batch
+      if len(prompts) != batch:
+        raise ValueError(f'{len(prompts)} values of `{what}` for {batch} clips')
+      return self.encode_prompts(prompts)
+    context = jnp.asarray(context, jnp.float32)
+    expected = int(self.config.model.unet.cross_attention_dim)
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != expected:
+      raise ValueError(f'text states for `{what}` must be [{batch}, L, {expected}], got '
+                       f'{context.shape}')
+    return context
+
+  @staticmethod
+  def _array_or_draw(value, key: jax.Array, shape, name: str) -> jax.Array:
+    if value is None:
+      return jax.random.normal(key, shape, jnp.float32)
+    value = jnp.asarray(value, jnp.float32)
+    if value.shape != tuple(shape):
+      raise ValueError(f'{name} have shape {value.shape}; expected {tuple(shape)}')
+    return value
