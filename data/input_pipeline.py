@@ -20,6 +20,10 @@ Batch (per process, B = G / P, F = num_frames, n = num_image_frames, R = resolut
   'index'       int32   [B]         example index in the split (for debugging)
   with n > 0 also 'image_caption' object [B, n] and, with tokenize_fn, 'image_input_ids' int32
   [B, n, L] (each image's own caption, dropped at the same rate).
+From a dataset of precomputed latents (`data/encoded_latents.py`: examples hold 'latent_mean' and
+'latent_std' instead of 'video'), 'video' is replaced by
+  'latent_mean', 'latent_std'  float32 [B, F, h, w, c]  the VAE posterior of the sampled frames
+(frames are sampled the same way; no resize or crop: the latents were encoded at their resolution).
 
 Clip sampling: a stride s uniform in frame_stride_range (limited to what the stored clip allows)
 and a uniform start; F frames `start + s * arange(F)`. Clips shorter than F frames repeat their
@@ -32,6 +36,7 @@ offset; random crops only matter for data stored larger or non-square (resize_mo
                       data_dir (e.g. 'video_folder/webvid_256px_32f', 'moving_shapes/tiny')
   data_dir            TFDS data dir (None: ~/tensorflow_datasets)
   split               'train' (TFDS slicing such as 'train[:95%]' works)
+  precomputed_latents the dataset holds VAE latents (data/encoded_latents.py), not pixels
   prepare             build a registered dataset (e.g. moving_shapes) if it is not prepared yet;
                       VideoFolder / ImageFolder need their folders: build them beforehand
   global_batch_size   clips per step over all processes (divisible by the process count)
@@ -85,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dataset='',
       data_dir=ml_collections.config_dict.placeholder(str),
+      precomputed_latents=False,
       split='train',
       prepare=True,
       global_batch_size=8,
@@ -123,6 +129,17 @@ def _latest_version_dir(path: str) -> Optional[str]:
   return os.path.join(path, max(versions)[1]) if versions else None
 
 
+def prepared_directory(dataset: str, data_dir: Optional[str] = None) -> Optional[str]:
+  """The directory of a prepared dataset ('dir' or 'name[/config][:version]'), else None."""
+  name, _, version = dataset.partition(':')
+  directory = _latest_version_dir(dataset)
+  if directory is None:
+    root = data_dir or os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR
+    directory = _latest_version_dir(os.path.join(os.path.expanduser(root), *name.split('/'),
+                                                 version))
+  return directory
+
+
 def load_source(dataset: str, *, data_dir: Optional[str] = None, split: str = 'train',
                 prepare: bool = False):
   """A random-access data source for a prepared dataset.
@@ -140,10 +157,8 @@ def load_source(dataset: str, *, data_dir: Optional[str] = None, split: str = 't
   Returns:
     An object with `len()` and `[i]` returning a dict of numpy values.
   """
-  name, _, version = dataset.partition(':')
-  directory = _latest_version_dir(dataset)
-  if directory is None and data_dir is not None:
-    directory = _latest_version_dir(os.path.join(data_dir, *name.split('/'), version))
+  name = dataset.partition(':')[0]
+  directory = prepared_directory(dataset, data_dir)
   if directory is not None:
     return tfds.builder_from_directory(directory).as_data_source(split=split)
   try:  # A registered builder; importing data/<name>.py registers it.
@@ -331,6 +346,8 @@ class VideoIterator:
   def _load_example(self, epoch: int, index: int) -> Dict[str, Any]:
     rng = np.random.default_rng([_EXAMPLE_STREAM, self.seed, epoch, int(index)])
     ex = self._source[int(index)]
+    if 'latent_mean' in ex:
+      return self._load_latents(ex, rng, index)
     video = np.asarray(ex['video'])
     if video.shape[0] < self.num_frames and not self._warned_short:
       self._warned_short = True
@@ -354,6 +371,20 @@ class VideoIterator:
     out['video'] = to_float(frames)
     return out
 
+  def _load_latents(self, ex: Dict[str, Any], rng: np.random.Generator, index: int
+                    ) -> Dict[str, Any]:
+    if self.num_image_frames:
+      raise ValueError('num_image_frames > 0 is not supported with precomputed latents: the '
+                       'appended images would need latents of their own.')
+    mean, std = np.asarray(ex['latent_mean']), np.asarray(ex['latent_std'])
+    # Mean and std side by side so that one draw of the stride and start picks both.
+    both, fps = sample_clip(np.concatenate([mean, std], axis=-1), float(ex['fps']), rng,
+                            self.num_frames, self.frame_stride_range)
+    channels = mean.shape[-1]
+    return dict(caption=self._dropout(_text(ex['caption']), rng), fps=fps, index=int(index),
+                latent_mean=both[..., :channels].astype(np.float32),
+                latent_std=both[..., channels:].astype(np.float32))
+
   def make_batch(self, epoch: int, step: int) -> Batch:
     """This process's batch number `step` of `epoch` (a pure function of its arguments)."""
     indices = self.local_indices(epoch, step)
@@ -367,8 +398,9 @@ class VideoIterator:
     num_video = self.num_frames
     frame_mask = np.zeros((len(examples), num_video + self.num_image_frames), bool)
     frame_mask[:, :num_video] = True
+    pixel_keys = ('latent_mean', 'latent_std') if 'latent_mean' in examples[0] else ('video',)
     batch = dict(
-        video=np.stack([e['video'] for e in examples]),
+        **{key: np.stack([e[key] for e in examples]) for key in pixel_keys},
         frame_mask=frame_mask,
         fps=np.array([e['fps'] for e in examples], np.float32),
         caption=np.array([e['caption'] for e in examples], object),
@@ -505,6 +537,12 @@ def create_iterator(config: ml_collections.ConfigDict, *, tokenize_fn: Optional[
   prepare = config.get('prepare', False)
   source = load_source(config.dataset, data_dir=config.get('data_dir'),
                        split=config.get('split', 'train'), prepare=prepare)
+  has_latents = 'latent_mean' in source[0]
+  if has_latents != bool(config.get('precomputed_latents', False)):
+    raise ValueError(
+        f'config.data.dataset={config.dataset!r} holds {"latents" if has_latents else "pixels"} but '
+        f'config.data.precomputed_latents={config.get("precomputed_latents", False)}: '
+        f'set it to {has_latents}.')
   image_source = None
   if config.get('num_image_frames', 0):
     if not config.get('image_dataset'):

@@ -483,7 +483,8 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
   boxed TrainState), state_shardings, abstract_state, batch (abstract, sharded), batch_shardings,
   jit_kwargs (in/out shardings, donation) and trainable_params. The batch is
   `config.data.global_batch_size` clips: raw `video` (MagicVideo: encoded by the frozen VAE inside
-  the step) or pixel `latents` (VDM: pixel-space diffusion), token ids, fps and frame mask.
+  the step; with `config.data.precomputed_latents` the stored posterior instead) or pixel `latents`
+  (VDM: pixel-space diffusion), token ids, fps and frame mask.
   """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
@@ -525,6 +526,12 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
            'input_ids': _sds((b, length), jnp.int32, bs(2)),
            'fps': _sds((b,), jnp.float32, bs(1)),
            'frame_mask': _sds((b, f), jnp.bool_, bs(2))}
+  if kind == 'magicvideo' and config.data.get('precomputed_latents', False):
+    vae = config.model.vae  # Stored posterior (data/encoded_latents.py): no encoder in the step.
+    side = r // 2 ** (len(vae.block_out_channels) - 1)
+    del batch['video']
+    for key in ('latent_mean', 'latent_std'):
+      batch[key] = _sds((b, f, side, side, vae.latent_channels), jnp.float32, bs(5))
   batch_shardings = jax.tree.map(lambda s: s.sharding, batch)
   step = train_lib.make_train_step(step_config, modules, schedule, tx, lr_schedule, mask)
   jit_kwargs = dict(in_shardings=(state_shardings, batch_shardings),

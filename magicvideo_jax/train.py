@@ -127,10 +127,18 @@ def encode_latents(vae, vae_params, video: jax.Array, keys: jax.Array, scaling_f
 
 def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
                    config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Noise-prediction loss over a `[B, F, H, W, 3]` video batch (or precomputed `latents`)."""
+  """Noise-prediction loss over a `[B, F, H, W, 3]` video batch.
+
+  Or from precomputed latents: the VAE posterior (`latent_mean`, `latent_std`, sampled here as the
+  encoder path samples it) or final `latents` (pixel-space models).
+  """
   unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
   keys_z, keys_t, keys_n = split_keys(keys, 3)
-  if 'latents' in batch:
+  if 'latent_mean' in batch:
+    mean = batch['latent_mean'].astype(jnp.float32)
+    z = mean + batch['latent_std'].astype(jnp.float32) * example_normal(keys_z, mean.shape[1:])
+    latents = jax.lax.stop_gradient(z * config.model.vae.scaling_factor)
+  elif 'latents' in batch:
     latents = batch['latents'].astype(jnp.float32)
   else:
     latents = encode_latents(vae, params['vae'], batch['video'], keys_z,
@@ -293,7 +301,8 @@ def load_init_checkpoint(params: Params, folder: str, include=('.*',)) -> Params
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-DEVICE_KEYS = ('video', 'latents', 'input_ids', 'fps', 'frame_mask', 'image_input_ids')
+DEVICE_KEYS = ('video', 'latents', 'latent_mean', 'latent_std', 'input_ids', 'fps', 'frame_mask',
+               'image_input_ids')
 
 
 def make_iterator(config: ml_collections.ConfigDict, tokenizer):
@@ -385,6 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f'config.data.global_batch_size={batch_size} must divide by config.train.grad_accum_steps='
         f'{tc.grad_accum_steps} times the {mesh.size} devices of the mesh')
   train_iter = make_iterator(config, tokenizer)
+  latents_metadata = latents_dataset_metadata(config)
 
   # ---------------------------------------------------------------------------------- train state
   tx, lr_schedule = make_optimizer(config)
@@ -450,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       # The EMA starts equal to the params but must not share their (donated) buffers.
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, trainable))
   start_step = int(jax.device_get(state.step))
+  if latents_metadata:
+    check_latents_vae(config, latents_metadata, modules['vae'], state.params['vae'])
 
   # ---------------------------------------------------------------------------------- train loop
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -539,6 +551,34 @@ def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if 'path' in out.tokenizer:
     out.tokenizer.path = ''
   return out
+
+
+def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Metadata of a precomputed-latents dataset ({} unless config.data.precomputed_latents)."""
+  if not config.data.get('precomputed_latents', False):
+    return {}
+  from data import encoded_latents, input_pipeline  # pylint: disable=g-import-not-at-top
+  if config.train.objective != 'diffusion':
+    raise ValueError(f'config.train.objective={config.train.objective!r} trains on pixels; '
+                     'config.data.precomputed_latents=True only feeds the diffusion objective.')
+  directory = input_pipeline.prepared_directory(config.data.dataset, config.data.get('data_dir'))
+  metadata = encoded_latents.read_metadata(directory) if directory else {}
+  if 'vae_probe' not in metadata:
+    raise ValueError(f'config.data.dataset={config.data.dataset!r} carries no VAE fingerprint: '
+                     'build it with `python -m data.encoded_latents`.')
+  if int(metadata['resolution']) != int(config.data.resolution):
+    raise ValueError(f'The latents were encoded at {metadata["resolution"]}px, '
+                     f'config.data.resolution={config.data.resolution}.')
+  return metadata
+
+
+def check_latents_vae(config: ml_collections.ConfigDict, metadata: Dict[str, Any], vae,
+                      vae_params) -> None:
+  """Refuses precomputed latents that another VAE produced (their fingerprints differ)."""
+  from data import encoded_latents  # pylint: disable=g-import-not-at-top
+  encoded_latents.check_probe(metadata['vae_probe'],
+                              encoded_latents.vae_probe(vae, vae_params, config.data.resolution),
+                              f'config.data.dataset={config.data.dataset!r}')
 
 
 def _batch_struct(config: ml_collections.ConfigDict, train_iter, mesh: Mesh) -> Dict[str, Any]:
