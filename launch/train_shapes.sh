@@ -5,9 +5,9 @@
 #   bash launch/train_shapes.sh [RUNS_DIR]        (default RUNS_DIR=runs/shapes)
 #
 # Stages (configs/shapes.py): vae -> image (text-to-image U-Net + text encoder) -> video (adaptors,
-# directed temporal attention and fps embedding added to the image model) [-> video_vae with
-# WITH_VIDEO_VAE=1: MagicVideo v2's temporal decoder]. Each stage resumes from its workdir if
-# interrupted; a finished stage is skipped.
+# directed temporal attention and fps embedding added to the image model), then video_vae
+# (MagicVideo v2's temporal decoder, from the vae stage; WITH_VIDEO_VAE=0 skips it), merged into the
+# video model. Each stage resumes from its workdir if interrupted; a finished stage is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-runs/shapes}"
@@ -30,9 +30,11 @@ stage vae
 stage image --config.train.init_from="$RUNS/vae/model"
 stage video --config.train.init_from="$RUNS/image/model"
 FINAL="$RUNS/video/model"
-if [[ "${WITH_VIDEO_VAE:-0}" == 1 ]]; then
-  stage video_vae --config.train.init_from="$RUNS/video/model"
-  FINAL="$RUNS/video_vae/model"
+if [[ "${WITH_VIDEO_VAE:-1}" == 1 ]]; then
+  stage video_vae --config.train.init_from="$RUNS/vae/model"
+  "$PYTHON" -m magicvideo_jax.checkpoint merge --base "$RUNS/video/model" \
+    --other "$RUNS/video_vae/model" --output "$RUNS/final"
+  FINAL="$RUNS/final"
 fi
 echo "== recipe finished in $(($(date +%s) - start)) s"
 

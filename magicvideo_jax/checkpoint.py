@@ -95,6 +95,53 @@ def load_pretrained(folder: str) -> Tuple[ml_collections.ConfigDict, Any, Any]:
   return config, params, load_tokenizer(folder, config)
 
 
+def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/',
+                     config_keys: Tuple[str, ...] = ('model.vae', 'model.video_vae')) -> None:
+  """Writes `output`: `base` with the parameters matching the regex `params` and the config
+  sections `config_keys` (dotted paths) taken from `other`, e.g. a separately trained VideoVAE put
+  into a text-to-video model. The tokenizer is base's."""
+  import re  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  config, base_params, tokenizer = load_pretrained(base)
+  other_config, other_params, _ = load_pretrained(other)
+  pattern = re.compile(params)
+  flat = traverse_util.flatten_dict(base_params, sep='/')
+  flat = {k: v for k, v in flat.items() if not pattern.search(k)}
+  taken = {k: v for k, v in traverse_util.flatten_dict(other_params, sep='/').items()
+           if pattern.search(k)}
+  if not taken:
+    raise ValueError(f'{other} has no parameter matching {params!r}')
+  flat.update(taken)
+  for dotted in config_keys:
+    *parents, leaf = dotted.split('.')
+    source, target = other_config, config
+    for name in parents:
+      source, target = source[name], target[name]
+    target[leaf] = ml_collections.ConfigDict(source[leaf].to_dict()) if isinstance(
+        source[leaf], ml_collections.ConfigDict) else source[leaf]
+  save_pretrained(output, config, traverse_util.unflatten_dict(flat, sep='/'), tokenizer)
+  logging.info('merged %d leaves of %s into %s -> %s', len(taken), other, base, output)
+
+
+def main(argv=None) -> int:
+  """`python -m magicvideo_jax.checkpoint merge --base DIR --other DIR --output DIR [--params RE]
+  [--config_keys model.vae,model.video_vae]`: see `merge_pretrained`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.checkpoint', description=main.__doc__)
+  parser.add_argument('command', choices=('merge',))
+  parser.add_argument('--base', required=True)
+  parser.add_argument('--other', required=True)
+  parser.add_argument('--output', required=True)
+  parser.add_argument('--params', default='^vae/', help='regex over parameter paths')
+  parser.add_argument('--config_keys', default='model.vae,model.video_vae')
+  args = parser.parse_args(argv)
+  logging.getLogger().setLevel(logging.INFO)
+  merge_pretrained(args.base, args.other, args.output, params=args.params,
+                   config_keys=tuple(k for k in args.config_keys.split(',') if k))
+  print(f'wrote {args.output}')
+  return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training checkpoints: state + data-iterator position + config, one Orbax step folder each.
 
@@ -132,3 +179,7 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_stat
       ),
   )
   return restored['state'], restored['data']
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

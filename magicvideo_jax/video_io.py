@@ -16,8 +16,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
   return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
 
 
-def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
-  """Writes `[F, H, W, 3]` frames to `path` (.mp4, .gif or .webm, by extension). Returns the path."""
+def write_video(path: str, frames: np.ndarray, fps: float = 8.0, quality: float = 8) -> str:
+  """Writes `[F, H, W, 3]` frames to `path` (.mp4, .gif or .webm, by extension). Returns the path.
+
+  `quality` (0-10, mp4/webm only): imageio-ffmpeg's quality; lower compresses harder.
+  """
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
   frames = to_uint8(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -33,7 +36,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> str:
     with warnings.catch_warnings():  # imageio-ffmpeg forks and at once execs ffmpeg: harmless.
       warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
       iio.imwrite(path, frames, fps=fps, codec='libx264' if ext != '.webm' else 'libvpx-vp9',
-                  macro_block_size=1, quality=8)
+                  macro_block_size=1, quality=quality)
   else:
     raise ValueError(f'unsupported video extension {ext!r}: use .mp4 or .gif')
   return path

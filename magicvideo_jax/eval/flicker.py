@@ -117,18 +117,45 @@ def format_comparison(results: Dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def load_clips(num_clips: int, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+               split: str = 'test', num_frames: Optional[int] = None) -> np.ndarray:
+  """`[N, F, H, W, 3]` float32 clips in [-1, 1]: moving_shapes `split` clips (default), or the first
+  `num_clips` of a prepared video dataset (a directory or 'name/config' under data_dir), cut to
+  `num_frames` frames."""
+  if dataset is None:
+    from data import moving_shapes  # pylint: disable=g-import-not-at-top
+    shapes_config = moving_shapes.MovingShapesConfig(name='default')
+    videos = [moving_shapes.make_example(split, i, shapes_config)['video'] for i in range(num_clips)]
+  else:
+    from data import input_pipeline  # pylint: disable=g-import-not-at-top
+    source = input_pipeline.load_source(dataset, data_dir=data_dir, split=split)
+    videos = [np.asarray(source[i]['video']) for i in range(min(num_clips, len(source)))]
+  clips = np.stack([v[:num_frames] for v in videos]).astype(np.float32)
+  return clips / 127.5 - 1.0
+
+
 def main(argv=None) -> int:
   """`python -m magicvideo_jax.eval.flicker --checkpoint DIR`: image decoder vs VideoVAE on held-out
-  moving_shapes test clips (the checkpoint's `model.video_vae` must be enabled)."""
+  clips (the checkpoint's `model.video_vae` must be enabled).
+
+  The image decoder is the checkpoint's own spatial decoder unless `--reference` names the folder
+  of the image VAE it was trained from (needed when the VideoVAE fine-tuned the whole decoder).
+  Clips: moving_shapes test clips, or `--dataset` (e.g. the mp4 clips of data/compressed_clips.py).
+  """
   import argparse  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.flicker',
                                    description=main.__doc__)
-  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--checkpoint', required=True, help='folder with a VideoVAE')
+  parser.add_argument('--reference', default=None,
+                      help='folder holding the image VAE to compare with (default: --checkpoint)')
   parser.add_argument('--num_clips', type=int, default=64)
+  parser.add_argument('--dataset', default=None, help='prepared video dataset (default: shapes)')
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--split', default=None, help="default: 'test' (shapes) / 'train' (dataset)")
+  parser.add_argument('--json', default=None, help='also write the figures to this file')
   args = parser.parse_args(argv)
   config, params, _ = ckpt_lib.load_pretrained(args.checkpoint)
   if not models_lib.uses_video_vae(config.model):
@@ -137,14 +164,26 @@ def main(argv=None) -> int:
   plain['video_vae']['enabled'] = False
   image_vae = models_lib.build_vae(ml_collections.ConfigDict(plain))
   video_vae = models_lib.build_vae(config.model)
-  shapes_config = moving_shapes.MovingShapesConfig(name='default')
-  clips = np.stack([moving_shapes.make_example('test', i, shapes_config)['video']
-                    for i in range(args.num_clips)]).astype(np.float32) / 127.5 - 1.0
+  image_params = params['vae']
+  if args.reference:
+    image_params = ckpt_lib.load_params(args.reference)['vae']
+  split = args.split or ('test' if args.dataset is None else 'train')
+  clips = load_clips(args.num_clips, args.dataset, args.data_dir, split,
+                     int(config.model.video_vae.num_frames))
+  where = args.dataset or 'moving_shapes'
+  report = {}
   for name, key in (('posterior mean', None), ('posterior sample', jax.random.key(0))):
-    results = compare_decoders(image_vae, params['vae'], video_vae, params['vae'], clips,
+    results = compare_decoders(image_vae, image_params, video_vae, params['vae'], clips,
                                batch_size=8, key=key)
-    print(f'{name}, {args.num_clips} test clips:')
+    print(f'{name}, {len(clips)} {where} {split} clips:')
     print(format_comparison(results))
+    report[name] = {k: (v if k == 'target_motion' else
+                        {m: float(x) for m, x in v.items() if m != 'psnr_per_frame'})
+                    for k, v in results.items()}
+  if args.json:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=1)
   return 0
 
 

@@ -1,0 +1,37 @@
+"""`checkpoint.merge_pretrained`: a separately trained VideoVAE goes into a text-to-video folder."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from configs import tiny
+from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import models as models_lib
+from magicvideo_jax import train
+
+
+def _folder(path, config, seed):
+  modules = models_lib.build_models(config.model)
+  params = jax.jit(lambda k: nn.unbox(train.init_params(modules, config, k)))(jax.random.key(seed))
+  ckpt_lib.save_pretrained(str(path), config, params, train.build_tokenizer(config))
+  return traverse_util.flatten_dict(jax.device_get(params), sep='/')
+
+
+def test_merge_takes_the_vae_params_and_config(tmp_path):
+  base_config = tiny.get_config('video')
+  vae_config = tiny.get_config('video')
+  vae_config.model.video_vae.enabled = True
+  base = _folder(tmp_path / 'base', base_config, 0)
+  other = _folder(tmp_path / 'other', vae_config, 1)
+  assert any('temporal' in k for k in other if k.startswith('vae/decoder'))
+  ckpt_lib.main(['merge', '--base', str(tmp_path / 'base'), '--other', str(tmp_path / 'other'),
+                 '--output', str(tmp_path / 'merged')])
+  config, params, tokenizer = ckpt_lib.load_pretrained(str(tmp_path / 'merged'))
+  merged = traverse_util.flatten_dict(params, sep='/')
+  assert config.model.video_vae.enabled and models_lib.uses_video_vae(config.model)
+  assert set(merged) == {k for k in base if not k.startswith('vae/')} | {
+      k for k in other if k.startswith('vae/')}
+  for k, v in merged.items():
+    np.testing.assert_array_equal(v, (other if k.startswith('vae/') else base)[k])
+  assert tokenizer is not None
