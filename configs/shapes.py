@@ -6,7 +6,8 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
              image model and trained with the rest of the U-Net (init_from: image)
   video_layers  the same with MagicVideo's own choice: only the new video layers train
-  video_vae  MagicVideo v2's VideoVAE: temporal layers of the decoder (init_from: video)
+  video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
+             vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
   image_long the ablation: the image model alone trained for the image + video budget
 
   python -m magicvideo_jax.main --config=configs/shapes.py:vae --workdir=runs/shapes/vae
@@ -29,15 +30,19 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                                    max_position_embeddings=8)
   config.model.vae.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                           scaling_factor=1.0)
+  # Three levels (16x16 -> 8x8 -> 4x4 latents): at the 4x4 level one temporal-attention position
+  # covers a quarter of the frame, so the layers can carry an object from frame to frame.
   config.model.unet.update(
-      block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
-      down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
-      up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+      block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=4,
+      down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3,
       cross_attention_dim=64, norm_num_groups=8, num_frames=16, temporal_position='rope')
   config.model.video_vae.update(num_frames=16)
   config.tokenizer = common.shapes_tokenizer()
   config.data.update(dataset='moving_shapes', split='train', num_frames=16, resolution=32,
                      global_batch_size=8, caption_dropout=0.1, num_threads=2, prefetch=2)
+  # v-prediction: an epsilon loss gives almost no weight to the high-noise steps where the object's
+  # position in every frame (hence the motion) is decided.
+  config.diffusion.prediction_type = 'v_prediction'
   config.sampling.update(num_inference_steps=25, guidance_scale=4.0)
   config.train.update(log_every=50, checkpoint_every=500, keep_checkpoints=2, warmup_steps=100,
                       learning_rate=1e-3, ema_decay=0.99, sample_every=0,
@@ -45,24 +50,30 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                                       'a yellow star growing', 'a green triangle moving right'))
 
   if stage == 'vae':
-    config.train.update(objective='vae', trainable=('^vae/',), num_steps=800, kl_weight=1e-6)
+    config.train.update(objective='vae', trainable=('^vae/',), num_steps=600, kl_weight=1e-6)
     config.data.update(num_frames=1, global_batch_size=32, caption_dropout=0.0)
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
-                        num_steps=1500 if stage == 'image' else 2500,
+                        num_steps=1000 if stage == 'image' else 1800,
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
   elif stage in ('video', 'video_layers'):
-    # MagicVideo trains only the new video layers on top of a strong SD model; the miniature's image
-    # model is weak, so the spatial layers keep training too ('video_layers' trains only the new ones).
-    config.train.update(num_steps=1500, init_from='runs/shapes/image/model', trainable=('^unet/',),
-                        learning_rate=5e-4)
+    # MagicVideo trains only the new video layers on top of a strong SD model and a frozen CLIP that
+    # knows motion words; the miniature's image model is weak and its text encoder never saw motion
+    # matter, so both keep training ('video_layers' trains only the new layers).
+    config.train.update(num_steps=800, init_from='runs/shapes/image/model',
+                        trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4)
     config.data.update(global_batch_size=4)
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':
+    # Only the VAE matters here, so this stage needs the vae stage alone (it can run beside image
+    # and video); `python -m magicvideo_jax.checkpoint merge` puts its decoder into the video model.
+    # The whole decoder trains (temporal layers from zero, spatial ones fine-tuned) on clips.
     config.model.video_vae.enabled = True
-    config.train.update(objective='video_vae', trainable=(r'^vae/decoder/.*temporal',),
-                        num_steps=600, init_from='runs/shapes/video/model', learning_rate=5e-4)
+    config.train.update(objective='video_vae', trainable=(r'^vae/decoder/',), num_steps=400,
+                        init_from='runs/shapes/vae/model', init_from_include=('^vae/',),
+                        learning_rate=3e-4)
+    config.data.update(global_batch_size=4)
   return config
