@@ -62,7 +62,7 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
     # MagicVideo trains only the new video layers on top of a strong SD model and a frozen CLIP that
     # knows motion words; the miniature's image model is weak and its text encoder never saw motion
     # matter, so both keep training ('video_layers' trains only the new layers).
-    config.train.update(num_steps=800, init_from='runs/shapes/image/model',
+    config.train.update(num_steps=700, init_from='runs/shapes/image/model',
                         trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4)
     config.data.update(global_batch_size=4)
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
