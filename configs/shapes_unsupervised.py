@@ -66,8 +66,7 @@ def get_config(arg: str = 'stage1') -> ml_collections.ConfigDict:
     config.model.text_encoder.num_hidden_layers = 1
     config.data.global_batch_size = 8
   else:
-    config = shapes.get_config('video')
-    config.data.global_batch_size = 8
+    config = shapes.get_config('video')  # Batch 4, as its video stage.
     config.train.update(log_every=50, checkpoint_every=500, learning_rate=1e-3, warmup_steps=200)
   config.train.update(init_from=None if small else BUNDLED, init_from_include=('^vae/',),
                       trainable=('^unet/',))
@@ -77,7 +76,7 @@ def get_config(arg: str = 'stage1') -> ml_collections.ConfigDict:
   if variant == 'clip':
     config.model.clip = dual_encoder(size or 'shapes')
     config.train.update(objective='clip', trainable=('^clip/',), init_from=None,
-                        num_steps=20 if small else 3000, learning_rate=1e-3, weight_decay=0.1,
+                        num_steps=20 if small else 1500, learning_rate=1e-3, weight_decay=0.1,
                         warmup_steps=5 if small else 200, ema_decay=0.99)
     # One random frame per clip; every caption (CLIP stands in for a model trained on other
     # image-text data, and single frames say nothing about motion anyway).

@@ -110,10 +110,17 @@ def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, A
   init_from = config.train.get('init_from')
   if init_from:
     inherited = ckpt_lib.load_config(init_from).model.get('clip')
-    if inherited:
+    if inherited:  # Its weights come with init_from's: they must be among those taken.
+      include = tuple(config.train.get('init_from_include', ('.*',)))
+      if not any(re.search(p, 'clip/logit_scale') for p in include):
+        raise ValueError(f'The dual encoder comes from config.train.init_from={init_from}, but '
+                         f'config.train.init_from_include={include} does not take clip/: add '
+                         "'^clip/' or set config.model.conditioning.clip_dir.")
       return inherited.to_dict()
-  if config.model.get('clip'):  # A config that already names the architecture.
+  if config.model.get('clip'):  # A config that names the architecture only: random weights.
     clip_lib.check_config(config.model.clip)
+    logging.warning('config.model.clip is set but neither config.model.conditioning.clip_dir nor '
+                    'config.train.init_from provides its weights: the frozen dual encoder is random.')
     return config.model.clip.to_dict()
   raise ValueError("config.model.conditioning.kind='clip_embedding' needs the frozen dual encoder: "
                    'set config.model.conditioning.clip_dir (a transformers CLIPModel folder or the '
@@ -158,6 +165,10 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array,
     params['clip'] = modules['clip'].init(jax.random.fold_in(key, 1),
                                           *clip_lib.dummy_inputs(config.model.clip))['params']
   if uses_clip_embedding(config.model):
+    if not config.model.get('clip'):
+      raise ValueError("config.model.conditioning.kind='clip_embedding' but config.model.clip is not "
+                       'set: call context.prepare_config(config) first (it reads the dual '
+                       "encoder's architecture from config.model.conditioning.clip_dir).")
     embeds = jnp.zeros((1, config.model.clip.projection_dim), jnp.float32)
     params['unet'] = dict(params['unet'], **{conditioning.NAME: embedding_to_context(
         config.model).init(jax.random.fold_in(key, 2), embeds)['params']})
