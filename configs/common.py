@@ -126,6 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
       remat=False,
       # MagicVideo v2's VideoVAE: the SD decoder plus temporal layers (models/video_vae.py).
       video_vae=dict(enabled=False, num_frames=16, temporal_conv=True, temporal_attention=True),
+      # The U-Net's context (magicvideo_jax/context.py): 'text_tokens' (SD), or 'clip_embedding'
+      # (unsupervised pre-training: a frozen CLIP dual encoder's image (stage 1) or text (stage 2)
+      # embedding -> num_tokens context tokens).
+      conditioning=dict(kind='text_tokens', source='text', num_tokens=4, clip_dir='',
+                        image_dropout=0.1),
+      clip=None,  # A CLIP dual encoder's architecture (models/clip.py); set from conditioning.clip_dir.
   ))
   config.tokenizer = ml_collections.ConfigDict(dict(kind='clip', path='', words=()))
   config.diffusion = diffusion_sd15()
@@ -137,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
-      objective='diffusion',  # 'diffusion', 'vae' or 'video_vae'.
+      objective='diffusion',  # 'diffusion', 'vae', 'video_vae' or 'clip'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
       trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),

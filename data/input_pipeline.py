@@ -45,6 +45,12 @@ offset; random crops only matter for data stored larger or non-square (resize_mo
   resolution          R, output height and width
   random_crop         bool, random instead of centre crop
   caption_dropout     probability that a caption becomes "" (0.1 for classifier-free guidance)
+  caption_fraction    fraction of the split's clips that keep their captions (1.0: all); the others
+                      read as uncaptioned (""). Which ones is a seeded choice (`captioned_indices`):
+                      the same for every run with the same caption_seed, split and dataset
+  caption_seed        seed of that choice (independent of `seed`, so runs with other pipeline seeds
+                      see the same captioned clips)
+  captioned_only      read only the captioned clips (the split shrinks to them)
   num_image_frames    n images appended to every clip (joint image-video training; 0: off)
   image_dataset       dataset of images (same forms as `dataset`), needed when n > 0
   image_split         split of image_dataset ('train')
@@ -82,6 +88,7 @@ TokenizeFn = Callable[[List[str]], np.ndarray]
 # First word of every per-purpose random stream, so that streams never coincide.
 _PERMUTATION_STREAM = 0
 _EXAMPLE_STREAM = 1
+_CAPTION_STREAM = 2
 _STATE_VERSION = 1
 
 
@@ -99,6 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
       resolution=256,
       random_crop=False,
       caption_dropout=0.1,
+      caption_fraction=1.0,
+      caption_seed=0,
+      captioned_only=False,
       num_image_frames=0,
       image_dataset=ml_collections.config_dict.placeholder(str),
       image_split='train',
@@ -184,6 +194,41 @@ def _as_source(source_or_builder, split: str):
   if hasattr(source_or_builder, 'as_data_source'):
     return source_or_builder.as_data_source(split=split)
   return source_or_builder
+
+
+def captioned_indices(num_examples: int, fraction: float, seed: int = 0) -> np.ndarray:
+  """The sorted indices of the clips that keep their captions: `round(fraction * num_examples)`
+  of them, the first entries of a permutation seeded by `seed` alone (deterministic)."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'caption_fraction={fraction} must be in [0, 1].')
+  count = int(round(fraction * num_examples))
+  perm = np.random.default_rng([_CAPTION_STREAM, int(seed)]).permutation(num_examples)
+  return np.sort(perm[:count])
+
+
+class CaptionSubset:
+  """A data source whose clips outside `captioned_indices` read as uncaptioned (caption ""), or,
+  with `captioned_only`, the sub-source of the captioned clips alone (in index order)."""
+
+  def __init__(self, source, fraction: float, seed: int = 0, captioned_only: bool = False):
+    self._source = source
+    self.captioned = captioned_indices(len(source), fraction, seed)
+    if captioned_only and not len(self.captioned):
+      raise ValueError(f'caption_fraction={fraction} leaves no captioned clip of {len(source)}.')
+    self._is_captioned = np.zeros(len(source), bool)
+    self._is_captioned[self.captioned] = True
+    self._captioned_only = bool(captioned_only)
+
+  def __len__(self) -> int:
+    return len(self.captioned) if self._captioned_only else len(self._source)
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    if self._captioned_only:
+      return self._source[int(self.captioned[index])]
+    example = self._source[int(index)]
+    if not self._is_captioned[int(index)]:
+      example = dict(example, caption=b'')
+    return example
 
 
 def _text(value) -> str:
@@ -537,6 +582,10 @@ def create_iterator(config: ml_collections.ConfigDict, *, tokenize_fn: Optional[
   prepare = config.get('prepare', False)
   source = load_source(config.dataset, data_dir=config.get('data_dir'),
                        split=config.get('split', 'train'), prepare=prepare)
+  fraction = float(config.get('caption_fraction', 1.0))
+  if fraction < 1.0 or config.get('captioned_only', False):
+    source = CaptionSubset(source, fraction, config.get('caption_seed', 0),
+                           config.get('captioned_only', False))
   has_latents = 'latent_mean' in source[0]
   if has_latents != bool(config.get('precomputed_latents', False)):
     raise ValueError(

@@ -17,9 +17,11 @@ Our Linen trees mirror the PyTorch state dicts, so the mapping is by name:
   torch `down_blocks.0.resnets.1.conv1.weight` <-> flax `down_blocks_0/resnets_1/conv1/kernel`
 with `weight` -> `kernel` (transposed), `scale` (norms) or `embedding`, and `bias` -> `bias`.
 transformers 5 writes CLIPTextModel without SD's `text_model.` prefix; both styles import.
-Video-only parameters (a path component containing 'temporal' or 'adaptor', or starting with 'fps_')
-do not exist in image checkpoints: `grow_video_params` initialises only them (identity at init) in one
-small jitted `apply`, so the converted video model equals the image model frame by frame.
+Video-only parameters (a path component containing 'temporal' or 'adaptor', or starting with 'fps_',
+or the `embedding_to_context` layer of models conditioned on CLIP embeddings, context.py) do not exist
+in image checkpoints and are not exported: `grow_video_params` initialises the U-Net's and VAE's
+(identity at init) in one small jitted `apply`, so the converted video model equals the image model
+frame by frame.
 Pickle checkpoints (.ckpt, .bin, .pt, .pth) are never loaded; a missing, unexpected or mis-shaped tensor
 is a `ConversionError` naming it.
 """
@@ -31,7 +33,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 
-VIDEO_ONLY_PATTERN = re.compile(r'(^|/)([^/]*(temporal|adaptor)[^/]*|fps_[^/]*)(/|$)')
+VIDEO_ONLY_PATTERN = re.compile(
+    r'(^|/)([^/]*(temporal|adaptor)[^/]*|fps_[^/]*|embedding_to_context)(/|$)')
 PICKLE_SUFFIXES = ('.ckpt', '.bin', '.pt', '.pth', '.pkl', '.pickle')
 # Non-parameter buffers that some PyTorch checkpoints carry.
 IGNORED_TORCH_KEYS = re.compile(r'(position_ids|num_batches_tracked)$')
@@ -44,7 +47,8 @@ class ConversionError(ValueError):
 
 
 def is_video_only(path: str) -> bool:
-  """True for parameters that image checkpoints do not have (adaptors, temporal layers, fps embedding)."""
+  """True for parameters that image checkpoints do not have (adaptors, temporal layers, fps embedding,
+  the embedding-to-context layer of CLIP-embedding conditioning)."""
   return VIDEO_ONLY_PATTERN.search(path) is not None
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
@@ -140,7 +141,8 @@ class MagicVideoPipeline:
 
   Attributes:
     config: the checkpoint's config (model, diffusion, sampling, data sections).
-    params: {'text_encoder', 'vae', 'unet'} params, replicated over `mesh`.
+    params: {'text_encoder', 'vae', 'unet'} params (and 'clip', the dual encoder of a model
+      conditioned on CLIP embeddings), replicated over `mesh`.
     compiled: cache of compiled executables, keyed by (stage, shape, static options).
     trace_count: how many times the denoising function was traced (tests check it stays put).
   """
@@ -205,7 +207,9 @@ class MagicVideoPipeline:
   # The jitted pieces.
 
   def _encode_text(self, params, input_ids):
-    return self.modules['text_encoder'].apply({'params': params['text_encoder']}, input_ids)
+    # Text tokens, or (models trained on CLIP embeddings) the prompt's CLIP text embedding as
+    # context tokens, "" giving the zero embedding: see context.py.
+    return context_lib.text_context(self.config.model, self.modules, params, input_ids)
 
   def _denoise_impl(self, params, input_ids, uncond_ids, latents, key, fps, guidance_scale, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,

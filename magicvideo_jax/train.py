@@ -4,11 +4,15 @@ Sections: mesh and models -> input pipeline -> train state (sharded init) -> upd
 -> checkpoint restore -> train loop (metrics, samples, checkpoints, SIGTERM, NaN guard) -> export.
 
 Objectives (`config.train.objective`):
-  'diffusion'  noise-prediction loss of the (video) U-Net on VAE latents, text-conditioned; joint image-video
-               batches weight the appended image frames by `config.train.image_loss_weight`.
+  'diffusion'  noise-prediction loss of the (video) U-Net on VAE latents, conditioned as
+               `config.model.conditioning` says (context.py: text tokens, or CLIP image / text
+               embeddings); joint image-video batches weight the appended image frames by
+               `config.train.image_loss_weight`.
   'vae'        reconstruction (L1 + L2) + KL of the autoencoder on single frames.
   'video_vae'  reconstruction of clips through the frozen encoder and the temporal decoder, plus a
                temporal-difference term.
+  'clip'       contrastive (symmetric InfoNCE) training of a CLIP dual encoder on frames and captions
+               (models/clip.py).
 Which parameters train is `config.train.trainable`: regexes over paths such as
 `unet/down_blocks_0/attentions_0/transformer_blocks_0/temporal_attn/to_q/kernel`.
 """
@@ -33,6 +37,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
@@ -132,7 +137,7 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array,
   Or from precomputed latents: the VAE posterior (`latent_mean`, `latent_std`, sampled here as the
   encoder path samples it) or final `latents` (pixel-space models).
   """
-  unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
+  unet, vae = modules['unet'], modules['vae']
   keys_z, keys_t, keys_n = split_keys(keys, 3)
   if 'latent_mean' in batch:
     mean = batch['latent_mean'].astype(jnp.float32)
@@ -145,7 +150,7 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array,
                              config.model.vae.scaling_factor)
   b, f = latents.shape[:2]
   frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
-  context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
+  context = context_lib.training_context(params, batch, keys, modules=modules, config=config)
   timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
   noise = example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
@@ -187,7 +192,14 @@ def video_vae_loss(*args, **kwargs):
   return video_vae.video_vae_loss(*args, **kwargs)
 
 
-LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss}
+def clip_loss(*args, **kwargs):
+  """Contrastive training of a CLIP dual encoder on (frame, caption) pairs (models/clip.py)."""
+  from magicvideo_jax.models import clip  # pylint: disable=g-import-not-at-top
+  return clip.clip_loss(*args, **kwargs)
+
+
+LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss,
+          'clip': clip_loss}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,14 +278,16 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> Dict[str,
 
 
 def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> Params:
-  """Boxed (logically partitioned) params of all three models."""
+  """Boxed (logically partitioned) params of all the models (context.init_params adds the CLIP
+  dual encoder and the embedding-to-context layer where the config has them)."""
   x = dummy_inputs(config)
   k_text, k_vae, k_unet = jax.random.split(key, 3)
-  return dict(
+  params = dict(
       text_encoder=modules['text_encoder'].init(k_text, x['input_ids'])['params'],
       vae=modules['vae'].init(k_vae, x['image'])['params'],
       unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'])['params'],
   )
+  return context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
 
 
 def load_init_checkpoint(params: Params, folder: str, include=('.*',)) -> Params:
@@ -377,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tc = config.train
   if tc.get('init_from'):
     _inherit_scaling_factor(config, tc.init_from)
+  context_lib.prepare_config(config)
 
   # ---------------------------------------------------------------------------------- mesh, models
   mesh = sharding_lib.create_mesh(config.mesh)
@@ -386,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   modules = models_lib.build_models(config.model)
   schedule = diffusion.Schedule.from_config(config.diffusion)
   tokenizer = build_tokenizer(config)
+  if tc.objective == 'diffusion':
+    logging.info('U-Net context: %s', context_lib.describe(config.model))
 
   # ---------------------------------------------------------------------------------- input pipeline
   batch_size = config.data.global_batch_size
@@ -452,9 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   else:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
-    if tc.get('init_from'):
-      params = load_init_checkpoint(jax.device_get(state.params), tc.init_from,
-                                    tc.get('init_from_include', ('.*',)))
+    if tc.get('init_from') or context_lib.uses_clip_embedding(config.model):
+      params = jax.device_get(state.params)
+      if tc.get('init_from'):
+        params = load_init_checkpoint(params, tc.init_from, tc.get('init_from_include', ('.*',)))
+      params = context_lib.load_frozen_encoder(params, config)  # conditioning.clip_dir, if set.
       params = jax.device_put(params, param_shardings)
       trainable, _ = split_params(params, mask)
       # The EMA starts equal to the params but must not share their (donated) buffers.

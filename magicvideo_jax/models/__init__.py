@@ -1,4 +1,4 @@
-"""The models: CLIP text encoder, SD VAE, MagicVideo video U-Net, VDM baseline.
+"""The models: CLIP text encoder, SD VAE, MagicVideo video U-Net, VDM baseline, CLIP dual encoder.
 
 `build_models(config.model)` turns a config's model section into Linen modules.
 """
@@ -49,9 +49,14 @@ def build_unet(model_config: Any):
 
 
 def build_models(model_config: Any) -> Dict[str, Any]:
-  """{'text_encoder', 'vae', 'unet'} Linen modules of a config's `model` section."""
-  return dict(
+  """{'text_encoder', 'vae', 'unet'} Linen modules of a config's `model` section, plus 'clip' (the
+  CLIP dual encoder, models/clip.py) when `model.clip` describes one."""
+  modules = dict(
       text_encoder=build_text_encoder(model_config),
       vae=build_vae(model_config),
       unet=build_unet(model_config),
   )
+  if model_config.get('clip', None):
+    from magicvideo_jax.models.clip import build_clip  # pylint: disable=g-import-not-at-top
+    modules['clip'] = build_clip(model_config)
+  return modules

@@ -84,12 +84,12 @@ class _CLIPVisionEmbeddings(nn.Module):
                            (patches.shape[0], 1, self.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1)
     num_positions = (self.image_size // self.patch_size)**2 + 1
-    positions = text_encoder._embed(  # pylint: disable=protected-access
+    positions = text_encoder.embed(
         num_positions, self.hidden_size, name='position_embedding', **kw)(jnp.arange(num_positions))
     return x + positions[None]
 
 
-class _CLIPVisionTransformer(nn.Module):
+class CLIPVisionTransformer(nn.Module):
   """The body (transformers' `CLIPVisionModel`, named `vision_model`).
 
   `[B, H, W, C]` -> (last_hidden_state `[B, 1 + P, D]`, pooled output `[B, D]`).
@@ -120,7 +120,7 @@ class _CLIPVisionTransformer(nn.Module):
                               name='embeddings', **kw)(pixel_values)
     x = layers.layer_norm(epsilon=self.layer_norm_eps, name='pre_layrnorm', **kw)(x)
     # The text tower's encoder; no mask: every token sees every other.
-    x = text_encoder._CLIPEncoder(  # pylint: disable=protected-access
+    x = text_encoder.CLIPEncoder(
         self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
         self.layer_norm_eps, self.hidden_act, attention_impl=self.attention_impl, name='encoder',
         **kw)(x, None)
@@ -155,7 +155,7 @@ class CLIPVisionModelWithProjection(nn.Module):
   def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
     fields = [k for k in CONFIG_KEYS if k != 'projection_dim']
     # `vision_model` and `visual_projection` are the roots of the transformers state dict.
-    last_hidden_state, pooled = _CLIPVisionTransformer(
+    last_hidden_state, pooled = CLIPVisionTransformer(
         **{f: getattr(self, f) for f in fields}, dtype=self.dtype, param_dtype=self.param_dtype,
         attention_impl=self.attention_impl, name='vision_model')(pixel_values)
     image_embeds = layers.dense(self.projection_dim, use_bias=False, name='visual_projection',

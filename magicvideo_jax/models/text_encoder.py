@@ -1,12 +1,19 @@
-"""CLIP text transformer (the SD 1.x text encoder), as `transformers.CLIPTextModel`.
+"""CLIP text transformer (the SD 1.x text encoder), as `transformers.CLIPTextModel`, and the text
+tower with its projection, as `transformers.CLIPTextModelWithProjection`.
 
 Token + position embeddings, pre-LayerNorm encoder layers with causal self-attention, a final
-LayerNorm. The output is the last hidden state `[B, L, D]` that the U-Net cross-attends to; the pooled
-(EOS) output is not computed. The parameter tree mirrors the PyTorch state dict
-(`text_model/encoder/layers_3/self_attn/q_proj/kernel`, ...), so checkpoints convert by name.
+LayerNorm. `CLIPTextModel` returns the last hidden state `[B, L, D]` that the U-Net cross-attends to.
+`CLIPTextModelWithProjection` also pools the EOS token's final state and projects it into CLIP's joint
+image-text space (`text_embeds [B, projection_dim]`, the counterpart of `clip_vision`'s
+`image_embeds`). The parameter tree mirrors the PyTorch state dict
+(`text_model/encoder/layers_3/self_attn/q_proj/kernel`, `text_projection/kernel`, ...), so
+checkpoints convert by name (`load_clip_text`). `CLIPEncoder` and `embed` are shared with the
+vision tower (`clip_vision`).
 """
 
-from typing import Any, Optional
+import json
+import os
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -27,9 +34,10 @@ def activation(name: str):
   raise ValueError(f"hidden_act must be 'quick_gelu' or 'gelu', got {name!r}.")
 
 
-def _embed(num_embeddings: int, features: int, *, name: str, dtype: Dtype,
+def embed(num_embeddings: int, features: int, *, name: str, dtype: Dtype,
            param_dtype: Dtype) -> nn.Embed:
-  """A lookup table with logical axes ('vocab', 'embed')."""
+  """A lookup table with logical axes ('vocab', 'embed') (token and position embeddings of both
+  CLIP towers)."""
   return nn.Embed(
       num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
       embedding_init=layers.partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')))
@@ -104,14 +112,17 @@ class _CLIPTextEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = _embed(self.vocab_size, self.hidden_size, name='token_embedding', **kw)(input_ids)
-    positions = _embed(self.max_position_embeddings, self.hidden_size, name='position_embedding',
+    tokens = embed(self.vocab_size, self.hidden_size, name='token_embedding', **kw)(input_ids)
+    positions = embed(self.max_position_embeddings, self.hidden_size, name='position_embedding',
                        **kw)(jnp.arange(input_ids.shape[-1]))
     return tokens + positions[None]
 
 
-class _CLIPEncoder(nn.Module):
-  """A stack of `CLIPEncoderLayer`s named `layers_i`."""
+class CLIPEncoder(nn.Module):
+  """A stack of `CLIPEncoderLayer`s named `layers_i`: `[B, L, D]` -> `[B, L, D]`.
+
+  The encoder of both CLIP towers: causal `mask` `[1, 1, L, L]` for text, None for images.
+  """
   hidden_size: int
   intermediate_size: int
   num_hidden_layers: int
@@ -132,8 +143,11 @@ class _CLIPEncoder(nn.Module):
     return x
 
 
-class _CLIPTextTransformer(nn.Module):
-  """The body of `CLIPTextModel` (transformers' `CLIPTextTransformer`, named `text_model`)."""
+class CLIPTextTransformer(nn.Module):
+  """The body of `CLIPTextModel` (transformers' `CLIPTextTransformer`, named `text_model`).
+
+  `input_ids [B, L]` -> last hidden state `[B, L, hidden_size]` after the final LayerNorm.
+  """
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -156,7 +170,7 @@ class _CLIPTextTransformer(nn.Module):
     x = _CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                             name='embeddings', **kw)(input_ids)
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]  # [1, 1, L, L]
-    x = _CLIPEncoder(self.hidden_size, self.intermediate_size, self.num_hidden_layers,
+    x = CLIPEncoder(self.hidden_size, self.intermediate_size, self.num_hidden_layers,
                      self.num_attention_heads, self.layer_norm_eps, self.hidden_act,
                      attention_impl=self.attention_impl, name='encoder', **kw)(x, causal)
     return layers.layer_norm(epsilon=self.layer_norm_eps, name='final_layer_norm', **kw)(x)
@@ -189,5 +203,137 @@ class CLIPTextModel(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     # Everything lives under `text_model`, the root of the transformers state dict.
-    return _CLIPTextTransformer(**{f: getattr(self, f) for f in _FIELDS}, name='text_model')(
+    return CLIPTextTransformer(**{f: getattr(self, f) for f in _FIELDS}, name='text_model')(
         input_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The text tower with its projection (CLIP's joint image-text space).
+
+# Architecture fields of `CLIPTextModelWithProjection`, named as in `transformers.CLIPTextConfig`.
+CONFIG_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+               'num_attention_heads', 'max_position_embeddings', 'layer_norm_eps', 'hidden_act',
+               'projection_dim', 'eos_token_id')
+# `transformers.CLIPTextConfig` defaults: config.json files may leave them out.
+_TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                              num_hidden_layers=12, num_attention_heads=8,
+                              max_position_embeddings=77, layer_norm_eps=1e-5,
+                              hidden_act='quick_gelu', projection_dim=512, eos_token_id=49407)
+
+
+class CLIPTextOutput(NamedTuple):
+  """What `CLIPTextModelWithProjection` returns (a pytree)."""
+  text_embeds: jax.Array  # [B, projection_dim], not L2-normalised.
+  last_hidden_state: jax.Array  # [B, L, hidden_size], after the final LayerNorm.
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: Optional[int]) -> jax.Array:
+  """Index of each sequence's EOS token, the one CLIP pools: `[B, L]` int -> `[B]` int32.
+
+  As transformers: the first position holding `eos_token_id` (0 if none does), or, with
+  `eos_token_id=None`, the position of the largest id (CLIP's original rule: its vocabulary ends
+  with EOS; transformers applies it to configs whose `eos_token_id` is 2, an old wrong value). A
+  prompt with no tokens ("") has its EOS at position 1, right after BOS.
+  """
+  if eos_token_id is None:
+    return jnp.argmax(input_ids, axis=-1).astype(jnp.int32)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1).astype(jnp.int32)
+
+
+def pool_eos(last_hidden_state: jax.Array, input_ids: jax.Array,
+             eos_token_id: Optional[int]) -> jax.Array:
+  """The final state of each sequence's EOS token: `[B, L, D]`, `[B, L]` -> `[B, D]`."""
+  index = eos_positions(input_ids, eos_token_id)
+  return jnp.take_along_axis(last_hidden_state, index[:, None, None], axis=1)[:, 0]
+
+
+class CLIPTextModelWithProjection(nn.Module):
+  """CLIP text tower with its projection. Fields are `CONFIG_KEYS` (transformers' names).
+
+  `__call__(input_ids [B, L] int) -> CLIPTextOutput(text_embeds [B, projection_dim],
+  last_hidden_state [B, L, hidden_size])`: `text_embeds` is `text_projection` (no bias) of the EOS
+  token's final state (`eos_positions` says which token that is; `eos_token_id=None` is the legacy
+  "largest id" rule). Compare text and image embeddings after `conditioning.normalize_embedding`.
+  """
+  vocab_size: int = 49408
+  hidden_size: int = 512
+  intermediate_size: int = 2048
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 8
+  max_position_embeddings: int = 77
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = 'quick_gelu'
+  projection_dim: int = 512
+  eos_token_id: Optional[int] = 49407
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+    # `text_model` and `text_projection` are the roots of the transformers state dict.
+    last_hidden_state = CLIPTextTransformer(**{f: getattr(self, f) for f in _FIELDS},
+                                            name='text_model')(input_ids)
+    pooled = pool_eos(last_hidden_state, input_ids, self.eos_token_id)
+    text_embeds = layers.dense(self.projection_dim, use_bias=False, name='text_projection',
+                               dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+    return CLIPTextOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
+
+
+def text_config_from_transformers(cfg: Dict[str, Any]) -> Dict[str, Any]:
+  """Our config (`CONFIG_KEYS`) from a transformers config.json: a `CLIPTextModelWithProjection`'s
+  (`model_type` 'clip_text_model') or a `CLIPModel`'s (its `text_config`, with the top-level
+  `projection_dim` that sizes `text_projection`). `eos_token_id` 2 becomes None (the legacy
+  largest-id pooling that transformers applies to such configs)."""
+  text = dict(cfg.get('text_config') or cfg)
+  if 'text_config' in cfg and 'projection_dim' in cfg:
+    text['projection_dim'] = cfg['projection_dim']
+  out = {k: text.get(k, _TRANSFORMERS_DEFAULTS[k]) for k in CONFIG_KEYS}
+  if out['eos_token_id'] == 2:
+    out['eos_token_id'] = None
+  if out['hidden_act'] not in ('quick_gelu', 'gelu'):
+    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    raise convert.ConversionError(f"hidden_act={out['hidden_act']!r} is not supported "
+                                  "(only 'quick_gelu' and 'gelu').")
+  return out
+
+
+def abstract_params(config: Dict[str, Any], param_dtype: Dtype = jnp.float32) -> Any:
+  """Unboxed `ShapeDtypeStruct`s of the params of `CLIPTextModelWithProjection(**config)`."""
+  model = CLIPTextModelWithProjection(**config, param_dtype=param_dtype)
+  ids = jnp.zeros((1, config['max_position_embeddings']), jnp.int32)
+  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)['params'])
+
+
+def load_clip_text(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dict[str, Any], Any]:
+  """(config, params) of a transformers CLIP folder (config.json + *.safetensors).
+
+  The folder holds a `CLIPTextModelWithProjection`, or a whole `CLIPModel` whose `text_model.*` and
+  `text_projection.*` tensors are selected (the vision tower and `logit_scale` are skipped).
+  `CLIPTextModelWithProjection(**config, param_dtype=param_dtype).apply({'params': params}, ids)`
+  then runs it; params are numpy arrays.
+
+  Raises:
+    FileNotFoundError: no folder or no config.json.
+    ConversionError: the folder has no text projection (e.g. a bare `CLIPTextModel`), or a tensor
+      is missing, unexpected or mis-shaped (named in the message).
+  """
+  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config.json in {folder}: expected a transformers CLIPModel or '
+                            'CLIPTextModelWithProjection folder (save_pretrained).')
+  with open(path) as f:
+    config = text_config_from_transformers(json.load(f))
+  state = convert.load_safetensors_folder(folder)
+  state = {k: v for k, v in state.items() if k.startswith(('text_model.', 'text_projection.'))}
+  if not any(k.startswith('text_projection.') for k in state):
+    raise convert.ConversionError(
+        f'{folder} has no `text_projection.weight`: text embeddings need a CLIPModel or '
+        'CLIPTextModelWithProjection checkpoint (a bare CLIPTextModel stops before the '
+        'projection).')
+  try:
+    params = convert.state_dict_to_params(state, abstract_params(config, param_dtype))
+  except convert.ConversionError as e:
+    raise convert.ConversionError(f'{folder}: {e}') from None
+  return config, params

@@ -1,0 +1,85 @@
+r"""Zero-shot attribute accuracy of a CLIP dual encoder on moving_shapes frames.
+
+  python -m magicvideo_jax.eval.clip_zero_shot --checkpoint runs/shapes_unsupervised/clip/model \
+      [--split validation --num_clips 512 --json scores.json]
+
+One frame of each clip (a seeded random one) is embedded by the vision tower and matched against the
+text embeddings of all 140 captions (7 colours x 4 shapes x 5 motions); the best caption's colour,
+shape and motion are compared with the clip's. A single frame shows colour and shape but not motion,
+so motion should stay near chance (0.20): what stage 1 (conditioning on one frame's embedding) can
+teach the video model about motion has to come from elsewhere. The checkpoint is the export of a
+'clip' objective run (configs/shapes_unsupervised.py:clip), or any folder of ours with
+`config.model.clip` and a tokenizer.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict
+
+import numpy as np
+
+
+def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
+             seed: int = 0) -> Dict[str, float]:
+  """{'colour_acc', 'shape_acc', 'motion_acc', 'all_acc', 'num_clips'} of the dual encoder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
+  folder = checkpoint if ckpt_lib.is_pretrained_folder(checkpoint) else os.path.join(
+      checkpoint, 'model')
+  config = ckpt_lib.load_config(folder)
+  clip_config, params = clip_lib.load_dual_encoder(folder)
+  tokenizer = ckpt_lib.load_tokenizer(folder, config)
+  model = clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config)))
+  combos = moving_shapes.all_combinations()
+  ids = tokenizer([moving_shapes.caption(*c) for c in combos])
+  apply = jax.jit(model.apply)
+  text = conditioning.normalize_embedding(apply({'params': params}, ids).text_embeds)
+  data_config = moving_shapes.MovingShapesConfig(name='default')
+  rng = np.random.default_rng(seed)
+  frames, truth = [], []
+  for index in range(num_clips):
+    example = moving_shapes.make_example(split, index, data_config)
+    frames.append(example['video'][rng.integers(len(example['video']))])
+    truth.append((example['colour'], example['shape'], example['motion']))
+  pixels = clip_vision.preprocess(np.stack(frames), clip_config['vision']['image_size'])
+  image = conditioning.normalize_embedding(apply({'params': params}, None, pixels).image_embeds)
+  best = np.asarray(jax.numpy.argmax(image @ text.T, axis=-1))
+  predicted = np.array([(moving_shapes.COLOUR_NAMES.index(combos[b][0]),
+                         moving_shapes.SHAPES.index(combos[b][1]),
+                         moving_shapes.MOTIONS.index(combos[b][2])) for b in best])
+  hits = predicted == np.array(truth)
+  return dict(colour_acc=float(hits[:, 0].mean()), shape_acc=float(hits[:, 1].mean()),
+              motion_acc=float(hits[:, 2].mean()), all_acc=float(hits.all(axis=1).mean()),
+              num_clips=num_clips)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.clip_zero_shot',
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--split', default='validation', choices=('train', 'validation', 'test'))
+  parser.add_argument('--num_clips', type=int, default=512)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default=None, help='also write the scores to this file')
+  args = parser.parse_args(argv)
+  scores = evaluate(args.checkpoint, args.split, args.num_clips, args.seed)
+  chance = dict(colour_acc=1 / 7, shape_acc=1 / 4, motion_acc=1 / 5, all_acc=1 / 140)
+  print(f'{args.checkpoint}: zero-shot on one frame of {args.num_clips} {args.split} clips')
+  for key, value in chance.items():
+    print(f'  {key:<11} {scores[key]:6.3f}  (chance {value:.3f})')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(scores, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
