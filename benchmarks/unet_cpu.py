@@ -173,12 +173,20 @@ def bench_video(rows: List[List[str]]) -> None:
                  f'eager; {n_torch / 1e6:.1f} M params'])
 
 
+class _PrintedRows(list):
+  """Rows that are also printed as they come: a long run killed half-way still reports."""
+
+  def append(self, row):
+    print(' | '.join(row), flush=True)
+    super().append(row)
+
+
 def main(argv) -> None:
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   threads = cpu_threads()
   torch.set_num_threads(threads)
-  rows: List[List[str]] = []
+  rows: List[List[str]] = _PrintedRows()
   if not _SKIP_IMAGE.value:
     bench_image(rows)
   if not _SKIP_VIDEO.value:
