@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
-      objective='diffusion',  # 'diffusion', 'vae' or 'video_vae'.
+      objective='diffusion',  # A key of train.LOSSES: 'diffusion', 'vae', 'video_vae', 'interpolation', 'upscaler'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
       trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),

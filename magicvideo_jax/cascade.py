@@ -26,6 +26,7 @@ Stage seeds are `seed`, `seed + 1`, `seed + 2`.
 """
 
 import os
+import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -165,19 +166,25 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
     else:
       out['keyframes'] = pipe.decode(keyframe_latents, use_video_vae=use_video_vae)
       keyframes = interpolator.encode(2.0 * out['keyframes'] - 1.0)
+    t0 = time.time()
     out['latents'] = interpolator(
         keyframes, list(prompts), list(negatives), num_inference_steps=interpolation_steps,
         guidance_scale=interpolation_guidance_scale, seed=seed + 1, fps=fps * interpolator.factor)
     out['frames'] = interpolator.decode(out['latents'])
     out['fps'] = fps * interpolator.factor
+    pipe._log(f'interpolated {keyframes.shape[1]} -> {out["frames"].shape[1]} frames in '
+              f'{time.time() - t0:.1f} s')
   else:
     out['frames'] = pipe.decode(keyframe_latents, use_video_vae=use_video_vae)
   upscaler = pipe.upscaler if upscale else None
   if upscaler is not None:
+    t0 = time.time()
     low_res = 2.0 * out['frames'] - 1.0
     kwargs = dict(num_inference_steps=upscale_steps, guidance_scale=upscale_guidance_scale,
                   noise_level=noise_level, seed=seed + 2, fps=out['fps'])
     out['upscaled_latents'] = upscaler(low_res, list(prompts), list(negatives),
                                        output_type='latent', **kwargs)
     out['upscaled'] = upscaler.decode(out['upscaled_latents'])
+    pipe._log(f'super-resolved {low_res.shape[2]}x{low_res.shape[3]} -> '
+              f'{out["upscaled"].shape[2]}x{out["upscaled"].shape[3]} in {time.time() - t0:.1f} s')
   return out

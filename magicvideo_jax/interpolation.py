@@ -132,8 +132,10 @@ def grow_weight(path: str, loaded: np.ndarray, shape: Sequence[int]) -> Optional
 
   - `unet/conv_in/kernel` `[kh, kw, c_in, C]` -> `[kh, kw, c_in', C]` (c_in' > c_in): the base weights
     on the first c_in input channels, zeros on the new ones, so the new inputs are ignored at init.
-  - frame adaptors `.../*_adaptor/{scale,bias}` `[F0, C]` -> `[F1, C]`: linear resampling along the
-    frames with both ends aligned (row j reads position j (F0 - 1) / (F1 - 1) of the base table).
+  - frame adaptors `.../*_adaptor/{scale,bias}` `[F0, C]` -> `[F1, C]` (F1 > F0): linear resampling
+    along the frames with both ends aligned (row j reads position j (F0 - 1) / (F1 - 1) of the base
+    table): the base's clip span maps onto the longer clip's, so with F0 = K (the shapes base:
+    16 adaptor rows, 16 keyframes) output frame k m gets base row k exactly.
   """
   loaded = np.asarray(loaded)
   shape = tuple(int(s) for s in shape)
@@ -146,8 +148,10 @@ def grow_weight(path: str, loaded: np.ndarray, shape: Sequence[int]) -> Optional
   if (len(parts) >= 2 and parts[-2].endswith('_adaptor') and parts[-1] in ('scale', 'bias')
       and loaded.ndim == 2 and len(shape) == 2 and loaded.shape[1] == shape[1]):
     old, new = loaded.shape[0], shape[0]
-    if old == 1 or new == 1:
-      return np.repeat(loaded[:1], new, axis=0)
+    if new < old:
+      return None
+    if old == 1:
+      return np.repeat(loaded, new, axis=0)
     position = np.arange(new) * (old - 1) / (new - 1)
     low = np.minimum(np.floor(position).astype(int), old - 2)
     weight = (position - low)[:, None]
@@ -161,15 +165,11 @@ def grow_weight(path: str, loaded: np.ndarray, shape: Sequence[int]) -> Optional
 
 def clip_latents(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
                  config: ml_collections.ConfigDict) -> jax.Array:
-  """Scaled latents `[B, F, h, w, c]` of the batch's clips (no gradient): VAE posterior samples of
-  `video`, or drawn from precomputed `latent_mean` / `latent_std`."""
+  """Scaled latents `[B, F, h, w, c]` of the batch's clips `video` (VAE posterior samples, no
+  gradient)."""
   from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
-  scale = config.model.vae.scaling_factor
-  if 'latent_mean' in batch:
-    mean = batch['latent_mean'].astype(jnp.float32)
-    z = mean + batch['latent_std'].astype(jnp.float32) * train.example_normal(keys, mean.shape[1:])
-    return jax.lax.stop_gradient(z * scale)
-  return train.encode_latents(modules['vae'], params['vae'], batch['video'], keys, scale)
+  return train.encode_latents(modules['vae'], params['vae'], batch['video'], keys,
+                              config.model.vae.scaling_factor)
 
 
 def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
@@ -177,8 +177,7 @@ def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, 
   """Diffusion loss of the interpolation U-Net on clips of F = (K - 1) m + 1 frames.
 
   The condition comes from the clip's keyframes (every m-th frame's latents); the U-Net denoises all
-  F frames. loss = weighted mean over frames of the per-frame loss, keyframes weighted by
-  `config.interpolation.keyframe_loss_weight`. Same signature as `train.diffusion_loss`.
+  F frames (`denoising_loss`). Same signature as `train.diffusion_loss`.
 
   Returns:
     (loss, {'keyframe_loss', 'inbetween_loss'}).
@@ -187,15 +186,27 @@ def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, 
   ic = config.interpolation
   keys_z, keys_t, keys_n = train.split_keys(keys, 3)
   latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
-  is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
   condition = condition_from_clip(latents, ic.factor, ic.condition)
   context = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
+  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  return denoising_loss(params['unet'], latents, condition, context, keys_t, keys_n, fps=fps,
+                        unet=modules['unet'], schedule=schedule, config=config)
+
+
+def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, context: jax.Array,
+                   keys_t: jax.Array, keys_n: jax.Array, *, fps: Optional[jax.Array], unet, schedule,
+                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The loss of `interpolation_loss` given the clip latents `[B, F, h, w, c]` (the targets) and the
+  condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`), predict from noisy
+  latents | condition, loss = weighted mean over frames of the per-frame loss, keyframes weighted by
+  `config.interpolation.keyframe_loss_weight`."""
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  ic = config.interpolation
+  is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
   timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
   noise = train.example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
-  unet = modules['unet']
-  prediction = unet.apply({'params': params['unet']},
+  prediction = unet.apply({'params': unet_params},
                           jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
                           context, fps=fps)
   target = diffusion.training_target(schedule, latents, noise, timesteps,

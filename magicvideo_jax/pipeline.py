@@ -383,14 +383,12 @@ class MagicVideoPipeline:
     self._log(f'denoised {b} x {num_frames} frames, {num_inference_steps} {sampler} steps in '
               f'{time.time() - self._t_start:.1f} s')
     if interpolator is not None or upscaler is not None:
-      t0 = time.time()
       stages = cascade.run_stages(
           self, np.asarray(z0)[:b], prompts, negatives, seed=seed, fps=fps_value,
           interpolate=interpolate, upscale=upscale, interpolation_steps=interpolation_steps,
           interpolation_guidance_scale=interpolation_guidance_scale, upscale_steps=upscale_steps,
           upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
           use_video_vae=use_video_vae)
-      self._log(f'cascade stages in {time.time() - t0:.1f} s')
       if output_type == 'latent':
         return stages.get('upscaled_latents', stages['latents'])
       frames = stages.get('upscaled', stages['frames'])

@@ -52,6 +52,7 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
   steps = steps or int(cfg.sampling.num_inference_steps)
   guidance_scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
   fps = float(cfg.data.get('fps', 8.0))
+  batch_size = min(batch_size, len(prompts))
   parts: Dict[str, List[np.ndarray]] = {}
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
