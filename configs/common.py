@@ -143,7 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
-      objective='diffusion',  # 'diffusion', 'vae', 'video_vae' or 'clip'.
+      objective='diffusion',  # A key of train.LOSSES: 'diffusion', 'vae', 'video_vae', 'clip',
+                              # 'interpolation', 'upscaler'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
       trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),

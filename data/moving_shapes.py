@@ -19,8 +19,9 @@ Everything is pure numpy and deterministic given the seed: clip `i` of a split i
   source = tfds.data_source('moving_shapes/default', data_dir=...)['train']   # random access
 
 Configs: 'default' (16x32x32; 20000/512/512 clips; builds in ~35 s on 2 CPU cores, 38 MB),
-'res64' (16x64x64; 5000/512/512; ~27 s), 'tiny' (8x32x32; 256/64/64), or any
-`MovingShapesConfig(name=..., ...)` passed as `config=`.
+'res64' (16x64x64; 5000/512/512; ~27 s), 'tiny' (8x32x32; 256/64/64), 'frames46' (46x32x32 at
+24 fps, the same motions over 3x the frames; 5000/512/512), or any `MovingShapesConfig(name=..., ...)`
+passed as `config=`.
 
 Features (the shared contract of every video dataset in `data/`: 'video', 'caption', 'fps'):
   video      uint8 [T, H, W, 3]
@@ -323,6 +324,10 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
                          description='16 frames of 64x64.'),
       MovingShapesConfig(name='tiny', num_frames=8, train_size=256, validation_size=64,
                          test_size=64, description='For tests: 8 frames of 32x32.'),
+      # The keyframe-interpolation target: the same motions as 'default' over 46 = 15 * 3 + 1 frames,
+      # so every third frame is a 16-frame 'default'-like clip (hence 3 x its 8 fps).
+      MovingShapesConfig(name='frames46', num_frames=46, fps=24.0, train_size=5_000,
+                         description='46 frames of 32x32 at 24 fps (interpolation x3 of 16).'),
   ]
   DEFAULT_CONFIG_NAME = 'default'
   # tfds would locate this file through `importlib_resources`, which is not a dependency here.

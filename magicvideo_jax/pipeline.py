@@ -11,6 +11,11 @@ not recompile (`pipe.trace_count` counts traces of the denoising function).
 
 The prompt batch is sharded over the mesh's ('data', 'fsdp') axes (padded to a multiple of the device
 count); parameters are replicated.
+
+The cascade (`magicvideo_jax/cascade.py`): given an interpolation and / or a super-resolution stage
+(`from_pretrained(base, interpolation=DIR, upscaler=DIR)` or a cascade folder with base/,
+interpolation/, upscaler/), the call runs base -> interpolation -> SR, each with its own steps and
+guidance (`interpolation_steps`, `upscale_steps`, ...).
 """
 
 import logging
@@ -26,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from magicvideo_jax import cascade
 from magicvideo_jax import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
@@ -145,12 +151,16 @@ class MagicVideoPipeline:
       conditioned on CLIP embeddings), replicated over `mesh`.
     compiled: cache of compiled executables, keyed by (stage, shape, static options).
     trace_count: how many times the denoising function was traced (tests check it stays put).
+    interpolator, upscaler: the cascade's later stages (`interpolation.KeyframeInterpolator`,
+      `upscaler.VideoUpscaler`), or None.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Dict[str, Any], tokenizer: Any, *,
                modules: Optional[Dict[str, Any]] = None, mesh: Optional[jax.sharding.Mesh] = None,
-               schedule: Optional[diffusion.Schedule] = None, verbose: bool = False):
+               schedule: Optional[diffusion.Schedule] = None, verbose: bool = False,
+               interpolator: Any = None, upscaler: Any = None):
     self.config = config
+    self.interpolator, self.upscaler = interpolator, upscaler
     self.tokenizer = tokenizer
     self.modules = modules or models_lib.build_models(config.model)
     self.schedule = schedule or diffusion.Schedule.from_config(config.diffusion)
@@ -175,8 +185,13 @@ class MagicVideoPipeline:
   @classmethod
   def from_pretrained(cls, path: str, *, num_frames: Optional[int] = None,
                       mesh: Optional[jax.sharding.Mesh] = None, verbose: bool = False,
+                      interpolation: Optional[str] = None, upscaler: Optional[str] = None,
                       **overrides) -> 'MagicVideoPipeline':
     """From a checkpoint folder (convert / training export), a training workdir, or a diffusers folder.
+
+    With `interpolation` / `upscaler` (checkpoint folders or workdirs), or when `path` is a cascade
+    folder (base/, interpolation/, upscaler/), the pipeline runs those stages after the base
+    (`magicvideo_jax/cascade.py`).
 
     A diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) is converted on the
     fly; its video layers get their identity init for `num_frames` frames (default 16), and its
@@ -188,6 +203,7 @@ class MagicVideoPipeline:
       convert.ConversionError: a diffusers folder that does not fit (named tensor or config key).
     """
     t0 = time.time()
+    path, interpolation, upscaler = cascade.resolve_folders(path, interpolation, upscaler)
     kind, folder = checkpoint_kind(path)
     if verbose:
       print(f'loading {folder} ({kind}) ...', file=sys.stderr, flush=True)
@@ -199,8 +215,13 @@ class MagicVideoPipeline:
           folder, num_frames=num_frames or DEFAULT_DIFFUSERS_FRAMES)
     for key, value in overrides.items():
       config.model[key] = value
-    pipe = cls(config, params, tokenizer, mesh=mesh, verbose=verbose)
-    pipe._log(f'loaded {path} ({kind}) in {time.time() - t0:.1f} s')
+    interpolator, upscaler = cascade.load_stages(interpolation, upscaler)
+    pipe = cls(config, params, tokenizer, mesh=mesh, verbose=verbose, interpolator=interpolator,
+               upscaler=upscaler)
+    stages = [name for name, folder in (('interpolation', interpolation), ('upscaler', upscaler))
+              if folder]
+    pipe._log(f'loaded {path} ({kind}){" + " + ", ".join(stages) if stages else ""} in '
+              f'{time.time() - t0:.1f} s')
     return pipe
 
   # ------------------------------------------------------------------------------------------------
@@ -270,8 +291,13 @@ class MagicVideoPipeline:
                num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
                fps: Optional[float] = None, seed: int = 0, latents: Optional[np.ndarray] = None,
                sampler: str = 'ddim', output_type: str = 'uint8',
-               sigma_spacing: Optional[str] = None, use_video_vae: bool = True) -> np.ndarray:
-    """Generates one video per prompt.
+               sigma_spacing: Optional[str] = None, use_video_vae: bool = True,
+               interpolate: bool = True, upscale: bool = True,
+               interpolation_steps: Optional[int] = None,
+               interpolation_guidance_scale: Optional[float] = None,
+               upscale_steps: Optional[int] = None, upscale_guidance_scale: Optional[float] = None,
+               noise_level: Optional[int] = None) -> np.ndarray:
+    """Generates one video per prompt (through the cascade's stages when the pipeline has them).
 
     Args:
       prompt: a prompt or a non-empty list of prompts (B videos). "" is the unconditional prompt.
@@ -288,13 +314,19 @@ class MagicVideoPipeline:
       latents: initial unit noise `[B, num_frames, height/f, width/f, latent_channels]`.
       sampler: 'ddim' or 'dpmsolver++' (DPM-Solver++(2M)).
       output_type: 'uint8' `[B, F, H, W, 3]`, 'float' (same, in [0, 1]) or 'latent' (the denoised
-        latents `[B, F, h, w, c]`, scaled).
+        latents `[B, F, h, w, c]`, scaled; of the last stage run).
       sigma_spacing: DPM-Solver++ only: None (the schedule's timesteps), 'karras' or 'lu_lambdas';
         defaults to config.sampling.sigma_spacing.
       use_video_vae: with a VideoVAE checkpoint, False decodes frame by frame with the image decoder.
+      interpolate, upscale: False skips the interpolation / super-resolution stage (when loaded).
+      interpolation_steps, interpolation_guidance_scale: the interpolation stage's sampler steps and
+        text guidance (default: its config.sampling).
+      upscale_steps, upscale_guidance_scale, noise_level: the super-resolution stage's steps,
+        guidance and low-res noise augmentation level (default: its config).
 
     Returns:
-      numpy `[B, F, H, W, 3]` (see `output_type`).
+      numpy `[B, F, H, W, 3]` (see `output_type`); after interpolation by m, F = (num_frames - 1) m + 1;
+      after super-resolution by s, s H x s W.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -308,6 +340,12 @@ class MagicVideoPipeline:
                      sigma_spacing=sigma_spacing)
     negatives = self._negatives(negative_prompt, len(prompts))
     b = len(prompts)
+    interpolator = self.interpolator if interpolate else None
+    upscaler = self.upscaler if upscale else None
+    if interpolator is not None or upscaler is not None:
+      cascade.check_configs(self.config, interpolator and interpolator.config,
+                            upscaler and upscaler.config, num_frames=num_frames, height=height,
+                            width=width, noise_level=noise_level)
     latent_shape = (b, num_frames, height // self.vae_factor, width // self.vae_factor,
                     self.latent_channels)
     noise_key, loop_key = jax.random.split(jax.random.key(seed))
@@ -348,17 +386,38 @@ class MagicVideoPipeline:
     z0 = jax.block_until_ready(denoise(*dynamic))
     self._log(f'denoised {b} x {num_frames} frames, {num_inference_steps} {sampler} steps in '
               f'{time.time() - self._t_start:.1f} s')
-    if output_type == 'latent':
+    if interpolator is not None or upscaler is not None:
+      stages = cascade.run_stages(
+          self, np.asarray(z0)[:b], prompts, negatives, seed=seed, fps=fps_value,
+          interpolate=interpolate, upscale=upscale, interpolation_steps=interpolation_steps,
+          interpolation_guidance_scale=interpolation_guidance_scale, upscale_steps=upscale_steps,
+          upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
+          use_video_vae=use_video_vae)
+      if output_type == 'latent':
+        return stages.get('upscaled_latents', stages['latents'])
+      frames = stages.get('upscaled', stages['frames'])
+    elif output_type == 'latent':
       return np.asarray(z0)[:b]
-    use_video_vae = bool(use_video_vae and self.video_vae)
-    decode = self._compile(('decode', tuple(z0.shape), use_video_vae),
-                           lambda: self._decode.lower(self.params, z0, use_video_vae))
-    t0 = time.time()
-    frames = np.asarray(jax.block_until_ready(decode(self.params, z0)))[:b]
-    self._log(f'decoded {b * num_frames} frames in {time.time() - t0:.1f} s')
+    else:
+      frames = self.decode(z0, use_video_vae)[:b]
     if output_type == 'float':
       return frames
     return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+  def decode(self, latents: Any, use_video_vae: bool = True) -> np.ndarray:
+    """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` float in [0, 1] (batch sharded
+    over the mesh; compiled once per shape)."""
+    latents = jnp.asarray(latents, jnp.float32)
+    b = latents.shape[0]
+    z = jax.device_put(self._pad(latents, (-b) % self.mesh.size),
+                       sharding_lib.batch_sharding(self.mesh, latents.ndim))
+    use_video_vae = bool(use_video_vae and self.video_vae)
+    decode = self._compile(('decode', tuple(z.shape), use_video_vae),
+                           lambda: self._decode.lower(self.params, z, use_video_vae))
+    t0 = time.time()
+    frames = np.asarray(jax.block_until_ready(decode(self.params, z)))[:b]
+    self._log(f'decoded {b * latents.shape[1]} frames in {time.time() - t0:.1f} s')
+    return frames
 
   # ------------------------------------------------------------------------------------------------
   # Helpers.

@@ -3,7 +3,10 @@ r"""Text-to-video from the command line.
   python -m magicvideo_jax.sample --checkpoint DIR --prompt "a red circle moving left" --output out.mp4
 
 DIR is a checkpoint folder (`python -m magicvideo_jax.convert` or a training export), a training
-workdir, or a diffusers SD folder (converted on the fly, video layers at identity init). Options left
+workdir, a diffusers SD folder (converted on the fly, video layers at identity init), or a cascade folder
+(base/, interpolation/, upscaler/; see magicvideo_jax/cascade.py). --interpolation DIR and --upscaler DIR
+add the cascade's stages (keyframe interpolation, then super-resolution), each with its own steps and
+guidance; the file's frame rate is then the interpolated one. Options left
 out default to the checkpoint's `config.sampling` (steps, guidance scale, sampler, eta) and
 `config.data` (frames, resolution, fps). Several --prompt flags make one grid video (one tile per
 prompt, in order, left to right, top to bottom), or numbered files OUTPUT_0.mp4, OUTPUT_1.mp4, ...
@@ -59,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help='several prompts: write OUTPUT_0.ext, OUTPUT_1.ext, ... instead of a grid')
   parser.add_argument('--upscale', type=int, default=1,
                       help='enlarge the frames N times (nearest neighbour) for viewing')
+  cascade = parser.add_argument_group('cascade stages (magicvideo_jax/cascade.py)')
+  cascade.add_argument('--interpolation', default=None,
+                       help='keyframe interpolation model folder: K keyframes -> (K - 1) m + 1 frames')
+  cascade.add_argument('--interpolation_steps', type=int,
+                       help='its sampler steps (default: its config.sampling)')
+  cascade.add_argument('--interpolation_guidance_scale', type=float,
+                       help='its text guidance (default: its config.sampling)')
+  cascade.add_argument('--upscaler', default=None,
+                       help='super-resolution model folder (a converted SD x4 upscaler or a trained one)')
+  cascade.add_argument('--upscale_steps', type=int, help='its sampler steps (default: its config)')
+  cascade.add_argument('--upscale_guidance_scale', type=float,
+                       help='its text guidance (default: its config.sampling)')
+  cascade.add_argument('--noise_level', type=int,
+                       help='noise augmentation level of its low-res input (default: its config)')
   return parser
 
 
@@ -107,35 +124,57 @@ def check_flags(args: argparse.Namespace) -> None:
     raise UserError(f'--fps={args.fps} must be > 0')
   if args.num_frames_model is not None and args.num_frames_model < 1:
     raise UserError(f'--num_frames_model={args.num_frames_model} must be >= 1')
+  for flag in ('interpolation', 'upscaler'):
+    folder = getattr(args, flag)
+    if folder is not None and not os.path.isdir(folder):
+      raise UserError(f'--{flag}: folder not found: {folder}')
+  for flag in ('interpolation_steps', 'upscale_steps'):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+      raise UserError(f'--{flag}={getattr(args, flag)} must be >= 1')
 
 
 def run(args: argparse.Namespace) -> List[str]:
   """Generates and writes the video(s); returns the written paths."""
   check_flags(args)
+  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
-  try:  # Validate against the config before loading any weights.
-    config = pipeline_lib.load_config(args.checkpoint, args.num_frames_model)
+  try:  # Validate against the configs before loading any weights.
+    base, interpolation, upscaler = cascade.resolve_folders(args.checkpoint, args.interpolation,
+                                                            args.upscaler)
+    config = pipeline_lib.load_config(base, args.num_frames_model)
     kwargs = resolve(args, config)
     pipeline_lib.validate_request(
         config, **{k: kwargs[k] for k in ('num_frames', 'height', 'width', 'num_inference_steps',
                                           'sampler', 'eta', 'guidance_scale', 'sigma_spacing')})
+    interpolation_config, upscaler_config = cascade.stage_configs(interpolation, upscaler)
+    cascade.check_configs(config, interpolation_config, upscaler_config,
+                          num_frames=kwargs['num_frames'], height=kwargs['height'],
+                          width=kwargs['width'], noise_level=args.noise_level)
     pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
-        args.checkpoint, num_frames=args.num_frames_model, verbose=True)
+        base, num_frames=args.num_frames_model, verbose=True, interpolation=interpolation,
+        upscaler=upscaler)
   except (ValueError, FileNotFoundError, convert.ConversionError) as e:
     raise UserError(str(e)) from None
+  kwargs.update(interpolation_steps=args.interpolation_steps,
+                interpolation_guidance_scale=args.interpolation_guidance_scale,
+                upscale_steps=args.upscale_steps, upscale_guidance_scale=args.upscale_guidance_scale,
+                noise_level=args.noise_level)
+  file_fps = kwargs['fps'] * (pipe.interpolator.factor if pipe.interpolator else 1)
+  stages = ''.join(f' -> {name}' for name, stage in (('interpolation', pipe.interpolator),
+                                                      ('super-resolution', pipe.upscaler)) if stage)
   print(f'sampling {len(args.prompt)} prompt(s): {kwargs["num_frames"]} frames of '
         f'{kwargs["height"]}x{kwargs["width"]}, {kwargs["num_inference_steps"]} {kwargs["sampler"]} '
-        f'steps, guidance {kwargs["guidance_scale"]}, seed {kwargs["seed"]}', file=sys.stderr)
+        f'steps, guidance {kwargs["guidance_scale"]}, seed {kwargs["seed"]}{stages}', file=sys.stderr)
   videos = pipe(args.prompt, **kwargs)  # [B, F, H, W, 3] uint8
   videos = video_io.upscale_nearest(videos, args.upscale)
   paths = output_paths(args.output, len(args.prompt), args.separate)
   if len(paths) == 1 and len(videos) > 1:
     grid = video_io.tile_videos(videos, columns=math.ceil(math.sqrt(len(videos))))
-    video_io.write_video(paths[0], grid, fps=kwargs['fps'])
+    video_io.write_video(paths[0], grid, fps=file_fps)
   else:
-    video_io.write_videos(paths, videos, fps=kwargs['fps'])
+    video_io.write_videos(paths, videos, fps=file_fps)
   return paths
 
 

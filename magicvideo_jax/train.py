@@ -13,6 +13,8 @@ Objectives (`config.train.objective`):
                temporal-difference term.
   'clip'       contrastive (symmetric InfoNCE) training of a CLIP dual encoder on frames and captions
                (models/clip.py).
+  'interpolation'  keyframe interpolation U-Net on clips of (K - 1) m + 1 frames (interpolation.py).
+  'upscaler'   video super-resolution U-Net on high-resolution clips (upscaler.py).
 Which parameters train is `config.train.trainable`: regexes over paths such as
 `unet/down_blocks_0/attentions_0/transformer_blocks_0/temporal_attn/to_q/kernel`.
 """
@@ -39,8 +41,10 @@ from jax.sharding import Mesh
 from magicvideo_jax import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
+from magicvideo_jax import interpolation
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax import upscaler
 
 Params = Dict[str, Any]
 
@@ -199,7 +203,8 @@ def clip_loss(*args, **kwargs):
 
 
 LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss,
-          'clip': clip_loss}
+          'clip': clip_loss, 'interpolation': interpolation.interpolation_loss,
+          'upscaler': upscaler.upscaler_loss}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,10 +287,13 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
   dual encoder and the embedding-to-context layer where the config has them)."""
   x = dummy_inputs(config)
   k_text, k_vae, k_unet = jax.random.split(key, 3)
+  # An upscaler U-Net embeds the noise level of its low-res input as a class.
+  labels = jnp.zeros((1,), jnp.int32) if config.model.unet.get('num_class_embeds') else None
   params = dict(
       text_encoder=modules['text_encoder'].init(k_text, x['input_ids'])['params'],
       vae=modules['vae'].init(k_vae, x['image'])['params'],
-      unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'])['params'],
+      unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'],
+                                class_labels=labels)['params'],
   )
   return context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
 
@@ -293,22 +301,29 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
 def load_init_checkpoint(params: Params, folder: str, include=('.*',)) -> Params:
   """Weight reuse: leaves of a pretrained folder replace ours where their path matches `include`.
 
-  Leaves absent from the checkpoint keep their init (logged); a shape mismatch is an error.
+  Leaves absent from the checkpoint keep their init (logged); a shape mismatch is an error unless
+  `interpolation.grow_weight` grows the leaf (U-Net input channels, frame-adaptor rows).
   """
   loaded = traverse_util.flatten_dict(ckpt_lib.load_params(folder), sep='/')
   patterns = [re.compile(p) for p in include]
   flat = traverse_util.flatten_dict(params, sep='/')
-  kept = []
+  kept, grown = [], []
   for path, value in flat.items():
     if not any(p.search(path) for p in patterns):
       continue
     if path not in loaded:
       kept.append(path)
       continue
-    if tuple(loaded[path].shape) != tuple(value.shape):
-      raise ValueError(f'config.train.init_from={folder}: {path} has shape {loaded[path].shape}, '
-                       f'the model expects {value.shape}')
-    flat[path] = jnp.asarray(loaded[path], value.dtype)
+    leaf = loaded[path]
+    if tuple(leaf.shape) != tuple(value.shape):
+      leaf = interpolation.grow_weight(path, leaf, value.shape)
+      if leaf is None:
+        raise ValueError(f'config.train.init_from={folder}: {path} has shape {loaded[path].shape}, '
+                         f'the model expects {value.shape}')
+      grown.append(f'{path} {tuple(loaded[path].shape)} -> {tuple(value.shape)}')
+    flat[path] = jnp.asarray(leaf, value.dtype)
+  if grown:
+    logging.info('init_from %s: %d leaves grown, e.g. %s', folder, len(grown), grown[:3])
   if kept:
     groups = sorted({re.sub(r'_\d+', '_N', p) for p in kept})
     logging.info('init_from %s: %d leaves keep their init, e.g. %s', folder, len(kept), groups[:6])
@@ -563,7 +578,7 @@ def _inherit_scaling_factor(config: ml_collections.ConfigDict, folder: str) -> N
 
 def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The sections a pretrained folder keeps."""
-  keep = ('model', 'diffusion', 'sampling', 'tokenizer')
+  keep = ('model', 'diffusion', 'sampling', 'tokenizer', 'interpolation', 'upscaler')
   out = ml_collections.ConfigDict({k: config[k].to_dict() for k in keep if k in config})
   out.data = dict(num_frames=config.data.num_frames, resolution=config.data.resolution,
                   fps=config.data.get('fps', 8.0))

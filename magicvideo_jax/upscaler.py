@@ -22,6 +22,10 @@ The denoising loop (text encoding included) is one `jax.jit` and the decode anot
 per shape and static option (sampler, steps, eta, guidance on/off); prompts' states, latents, noise, the
 noise level and the guidance scale are traced (`trace_count` counts traces of the loop). Arrays live on
 the default device; no mesh sharding yet.
+
+Training (`config.train.objective = 'upscaler'`, `upscaler_loss`): the SR U-Net learns to denoise the
+latents of high-resolution clips given their area-downsampled, noise-augmented frames; the
+`config.upscaler` section (`default_config()`) holds the augmentation schedule.
 """
 
 import os
@@ -49,6 +53,62 @@ def noise_augment(schedule: diffusion.Schedule, low_res: jax.Array, noise: jax.A
 
 def is_upscaler_config(config: ml_collections.ConfigDict) -> bool:
   return config.get('upscaler', None) is not None
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A `config.upscaler` section as the SD x4 upscaler's: its low-res DDPM schedule (linear betas
+  1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling."""
+  schedule = dict(num_train_timesteps=1000, beta_schedule='linear', beta_start=0.0001,
+                  beta_end=0.02, prediction_type='epsilon', timestep_spacing='leading',
+                  steps_offset=0, set_alpha_to_one=True)
+  return ml_collections.ConfigDict(dict(noise_schedule=schedule, max_noise_level=350,
+                                        noise_level=20))
+
+
+def downsample(video: jax.Array, factor: int) -> jax.Array:
+  """Area average `[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]`."""
+  return einops.reduce(video, 'b f (h p) (w q) c -> b f h w c', 'mean', p=factor, q=factor)
+
+
+def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
+                  config: ml_collections.ConfigDict):
+  """Diffusion loss of a (video) SR U-Net on high-resolution clips `video` `[B, F, H, W, 3]` in [-1, 1].
+
+  The target is the clip's latents (frozen VAE, `[B, F, H/f, W/f, c]` for its factor f); the low-res
+  input is the clip area-averaged by f (as large as the latents), noise-augmented under
+  `config.upscaler.noise_schedule` at a level drawn uniformly in [0, max_noise_level] per clip, which
+  the U-Net also gets as its class label (the SD x4 upscaler's conditioning). Same signature as
+  `train.diffusion_loss`.
+
+  Returns:
+    (loss, {'noise_level'}: the batch's mean augmentation level).
+  """
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
+  if int(config.model.unet.in_channels) != LATENT_CHANNELS + 3 or not config.model.unet.get(
+      'num_class_embeds'):
+    raise ValueError('the upscaler objective needs config.model.unet.in_channels='
+                     f'{LATENT_CHANNELS + 3} and num_class_embeds (the noise level)')
+  keys_z, keys_t, keys_n, keys_level, keys_aug = train.split_keys(keys, 5)
+  video = batch['video'].astype(jnp.float32)
+  latents = train.encode_latents(vae, params['vae'], video, keys_z, config.model.vae.scaling_factor)
+  low_res = downsample(video, video.shape[2] // latents.shape[2])
+  up = config.upscaler
+  levels = jax.vmap(lambda k: jax.random.randint(k, (), 0, int(up.max_noise_level) + 1))(keys_level)
+  condition = diffusion.add_noise(diffusion.Schedule.from_config(up.noise_schedule), low_res,
+                                  train.example_normal(keys_aug, low_res.shape[1:]), levels)
+  context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
+  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  noise = train.example_normal(keys_n, latents.shape[1:])
+  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
+  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  prediction = unet.apply({'params': params['unet']},
+                          jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
+                          context, fps=fps, class_labels=levels)
+  target = diffusion.training_target(schedule, latents, noise, timesteps,
+                                     config.diffusion.prediction_type)
+  loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+  return loss, dict(noise_level=jnp.mean(levels.astype(jnp.float32)))
 
 
 class VideoUpscaler:
@@ -157,6 +217,11 @@ class VideoUpscaler:
   # ------------------------------------------------------------------------------------------------
   # The call.
 
+  def decode(self, latents: Any) -> np.ndarray:
+    """Latents `[B, F, h, w, 4]` (as `output_type='latent'` returns them) -> frames in [0, 1]."""
+    images = np.asarray(self._decode(self.params, jnp.asarray(latents, jnp.float32)))
+    return np.clip(images / 2 + 0.5, 0.0, 1.0)
+
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """Text states `[B, L, D]` of the upscaler's own text encoder (not the base model's)."""
     if self.tokenizer is None:
@@ -233,8 +298,7 @@ class VideoUpscaler:
                        jnp.full((batch,), fps_value, jnp.float32), loop_key, **static)
     if output_type == 'latent':
       return np.asarray(z0)
-    images = np.asarray(self._decode(self.params, z0))
-    images = np.clip(images / 2 + 0.5, 0.0, 1.0)
+    images = self.decode(z0)
     if output_type == 'float':
       return images
     return np.round(images * 255.0).astype(np.uint8)

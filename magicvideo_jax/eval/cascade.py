@@ -1,0 +1,161 @@
+r"""The cascade on moving_shapes prompts: judge scores of each stage's video and keyframe fidelity.
+
+  python -m magicvideo_jax.eval.cascade --checkpoint runs/shapes_cascade/cascade --split test \
+      --num_prompts 64 [--interpolation DIR --upscaler DIR --json scores.json]
+
+--checkpoint is a cascade folder (base/, interpolation/, upscaler/) or a base model folder with
+--interpolation / --upscaler. For the same prompts and seeds it reports the judge's colour / shape /
+motion accuracy and consistency (`magicvideo_jax.eval.judge`) of
+  keyframes      the base model's K frames,
+  interpolated   the interpolation stage's (K - 1) m + 1 frames,
+  cascaded       the super-resolution stage's output (the final video),
+and how well the interpolated clip keeps the keyframes it was given, at the keyframe positions 0, m, 2m...:
+  keyframe_latent_mse  mean squared error of the interpolated latents against the keyframe latents
+                       (in the interpolation model's latent space),
+  keyframe_psnr        PSNR (dB, pixels in [0, 1]) of the decoded interpolated frames against the
+                       decoded keyframes,
+and, for the super-resolution stage, lowres_psnr: PSNR of its output area-downsampled to the input size
+against its input (does SR keep the content?).
+"""
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  """PSNR in dB of two arrays of pixels in [0, 1]."""
+  mse = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+  return float('inf') if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def area_downsample(video: np.ndarray, factor: int) -> np.ndarray:
+  """`[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]` by averaging factor x factor blocks."""
+  b, f, h, w, c = video.shape
+  return video.reshape(b, f, h // factor, factor, w // factor, factor, c).mean(axis=(3, 5))
+
+
+def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: Optional[int] = None,
+             steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
+             **stage_kwargs) -> Dict[str, np.ndarray]:
+  """Runs base -> stages for every prompt (`batch_size` per call). Returns stacked numpy arrays:
+  'keyframe_latents', 'keyframes' (decoded by the base, float [0, 1]), and what the stages gave
+  ('latents', 'frames', 'upscaled')."""
+  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
+  cfg = pipe.config
+  num_frames = num_frames or int(cfg.data.num_frames)
+  res = int(cfg.data.resolution)
+  steps = steps or int(cfg.sampling.num_inference_steps)
+  guidance_scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+  fps = float(cfg.data.get('fps', 8.0))
+  batch_size = min(batch_size, len(prompts))
+  parts: Dict[str, List[np.ndarray]] = {}
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+    z0 = pipe(padded, num_frames=num_frames, height=res, width=res, num_inference_steps=steps,
+              guidance_scale=guidance_scale, seed=seed + start, fps=fps, output_type='latent',
+              interpolate=False, upscale=False)
+    out = cascade.run_stages(pipe, z0, padded, [''] * len(padded), seed=seed + start, fps=fps,
+                             **stage_kwargs)
+    out['keyframe_latents'] = z0
+    if 'keyframes' not in out:
+      out['keyframes'] = pipe.decode(z0)
+    for key, value in out.items():
+      if isinstance(value, np.ndarray):
+        parts.setdefault(key, []).append(value[:len(chunk)])
+  return {key: np.concatenate(values, axis=0) for key, values in parts.items()}
+
+
+def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
+  """Scores (see the module docstring) of the cascade in `pipe` on `prompts`."""
+  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
+  out = generate(pipe, prompts, **kwargs)
+  scores: Dict[str, Any] = {}
+
+  def judged(name, video):
+    s = judge.score(video, prompts)
+    s.pop('judgements', None)
+    scores[name] = s
+
+  judged('keyframes', out['keyframes'])
+  if pipe.interpolator is not None:
+    m = pipe.interpolator.factor
+    judged('interpolated', out['frames'])
+    at_keyframes = out['latents'][:, ::m]
+    given = out['keyframe_latents']
+    if not cascade.same_vae(pipe.config, pipe.params, pipe.interpolator.config,
+                            pipe.interpolator.params):
+      given = pipe.interpolator.encode(2.0 * out['keyframes'] - 1.0)
+    scores['keyframe_latent_mse'] = float(np.mean(np.square(at_keyframes - given)))
+    scores['keyframe_psnr'] = psnr(out['frames'][:, ::m], out['keyframes'])
+  if pipe.upscaler is not None:
+    judged('cascaded', out['upscaled'])
+    factor = out['upscaled'].shape[2] // out['frames'].shape[2]
+    scores['lowres_psnr'] = psnr(area_downsample(out['upscaled'], factor), out['frames'])
+  scores['shapes'] = {k: list(v.shape) for k, v in out.items()}
+  return scores
+
+
+def format_scores(scores: Dict[str, Any], title: str) -> str:
+  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
+  lines = [title]
+  for name in ('keyframes', 'interpolated', 'cascaded'):
+    if name in scores:
+      shape = scores['shapes'].get({'keyframes': 'keyframes', 'interpolated': 'frames',
+                                    'cascaded': 'upscaled'}[name])
+      lines.append(judge.format_scores(scores[name], f'{name} {shape[1:4] if shape else ""}'))
+  for key in ('keyframe_latent_mse', 'keyframe_psnr', 'lowres_psnr'):
+    if key in scores:
+      lines.append(f'{key:<20} {scores[key]:.4g}')
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.cascade', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help='cascade folder or base model folder')
+  parser.add_argument('--interpolation', default=None)
+  parser.add_argument('--upscaler', default=None)
+  parser.add_argument('--split', default='test', choices=('train', 'validation', 'test'))
+  parser.add_argument('--num_prompts', type=int, default=64)
+  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--steps', type=int, default=None, help='base sampler steps')
+  parser.add_argument('--guidance_scale', type=float, default=None, help='base guidance')
+  parser.add_argument('--interpolation_steps', type=int, default=None)
+  parser.add_argument('--interpolation_guidance_scale', type=float, default=None)
+  parser.add_argument('--upscale_steps', type=int, default=None)
+  parser.add_argument('--upscale_guidance_scale', type=float, default=None)
+  parser.add_argument('--noise_level', type=int, default=None)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default=None, help='also write the scores to this file')
+  args = parser.parse_args(argv)
+  from magicvideo_jax.eval import shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  pipe = MagicVideoPipeline.from_pretrained(args.checkpoint, interpolation=args.interpolation,
+                                            upscaler=args.upscaler)
+  if pipe.interpolator is None and pipe.upscaler is None:
+    parser.error('no cascade stage: pass a cascade folder or --interpolation / --upscaler')
+  prompts = shapes.split_prompts(args.split, args.num_prompts)
+  scores = evaluate(pipe, prompts, batch_size=args.batch_size, steps=args.steps,
+                    guidance_scale=args.guidance_scale, seed=args.seed,
+                    interpolation_steps=args.interpolation_steps,
+                    interpolation_guidance_scale=args.interpolation_guidance_scale,
+                    upscale_steps=args.upscale_steps,
+                    upscale_guidance_scale=args.upscale_guidance_scale, noise_level=args.noise_level)
+  print(format_scores(scores, f'{args.checkpoint} on {args.num_prompts} {args.split} prompts'))
+  print(f'({time.time() - t0:.0f} s)', file=sys.stderr)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(scores, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,451 @@
+"""Keyframe interpolation: the cascade's second stage (LaVie's design, DESIGN.md section 8).
+
+K keyframes `[B, K, h, w, c]` (latents of the base model) become F = (K - 1) m + 1 frames for a factor
+m: output frame j = k m is keyframe k, the m - 1 frames between two keyframes are new. The model is the
+same video U-Net (`models/unet.py`) with `in_channels = 2 c + 1`: at every frame it sees
+
+    [noisy latents (c) | condition latents (c) | mask (1)]
+
+where the mask is 1 at the keyframe positions and 0 elsewhere, and the condition latents are
+(`config.interpolation.condition`):
+  'nearest'  (default) every frame carries the latents of its nearest keyframe (the earlier one on a
+             tie): LaVie's "keyframes duplicated to the target frame rate". Each in-between frame then
+             has a spatially aligned copy of a neighbouring keyframe in its own input channels, where the
+             per-frame convolutions (most of the network) can use it; with zeros (below) the content of
+             an in-between frame can only arrive through temporal attention. The mask says which
+             copies are exact.
+  'zeros'    keyframe latents at their positions, zeros elsewhere.
+It is text-conditioned and regenerates all F frames (keyframes included; the error at keyframe
+positions is what `magicvideo_jax.eval.cascade` reports). The temporal attention should be
+bidirectional (`temporal_mask='none'`): with MagicVideo's causal mask an in-between frame cannot see
+the keyframe after it.
+
+Weight reuse (`config.train.init_from` = a base model folder; `grow_weight` below, called by
+`train.load_init_checkpoint` on a shape mismatch): `unet/conv_in/kernel` grows along its input channels
+(the base weights on the first c inputs, zeros on the new c + 1), so at init the interpolation U-Net
+computes exactly what the base U-Net computes on the noisy latents; frame-adaptor tables `[F0, C]` are
+resampled along frames to `[F, C]` (exact at the keyframes when F = (F0 - 1) m + 1).
+
+Training (`config.train.objective = 'interpolation'`, `interpolation_loss`): from a clip of F frames,
+keyframes = every m-th frame's latents (frozen VAE), condition built from them, diffusion loss on all
+frames (keyframe frames weighted by `config.interpolation.keyframe_loss_weight`). Sampling
+(`sample`): the diffusion loop with the condition concatenated at every step; classifier-free guidance
+over the text only (both halves see the same condition). `KeyframeInterpolator` wraps a trained folder.
+"""
+
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import einops
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+
+CONDITION_MODES = ('nearest', 'zeros')
+OUTPUT_TYPES = ('latent', 'float', 'uint8')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.interpolation` section: factor m, condition layout, loss weight of the keyframes."""
+  return ml_collections.ConfigDict(dict(factor=3, condition='nearest', keyframe_loss_weight=1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame bookkeeping and the condition.
+
+
+def num_target_frames(num_keyframes: int, factor: int) -> int:
+  """(K - 1) m + 1: frames after interpolating K keyframes by m."""
+  return (int(num_keyframes) - 1) * int(factor) + 1
+
+
+def num_keyframes_in(num_frames: int, factor: int) -> int:
+  """K such that (K - 1) m + 1 = num_frames; ValueError when there is none."""
+  if factor < 1 or num_frames < 1 or (num_frames - 1) % factor:
+    raise ValueError(f'{num_frames} frames do not hold keyframes every {factor} frames: need '
+                     f'(K - 1) * {factor} + 1 frames (e.g. {num_target_frames(16, factor)} for 16)')
+  return (num_frames - 1) // factor + 1
+
+
+def keyframe_mask(num_frames: int, factor: int) -> np.ndarray:
+  """bool `[F]`: True at the keyframe positions 0, m, 2m, ..."""
+  num_keyframes_in(num_frames, factor)
+  return np.arange(num_frames) % factor == 0
+
+
+def keyframe_sources(num_frames: int, factor: int) -> np.ndarray:
+  """int `[F]`: the keyframe whose latents frame j carries under 'nearest' (the earlier on a tie)."""
+  num_keyframes_in(num_frames, factor)
+  return (np.arange(num_frames) + (factor - 1) // 2) // factor
+
+
+def make_condition(keyframe_latents: jax.Array, factor: int, mode: str = 'nearest') -> jax.Array:
+  """Keyframe latents `[B, K, h, w, c]` -> the condition `[B, (K - 1) m + 1, h, w, c + 1]`.
+
+  Channels: the condition latents (see the module docstring for `mode`) then the mask (1.0 at
+  keyframe positions).
+  """
+  if mode not in CONDITION_MODES:
+    raise ValueError(f'config.interpolation.condition={mode!r}; valid: {CONDITION_MODES}')
+  batch, num_keyframes, height, width, _ = keyframe_latents.shape
+  frames = num_target_frames(num_keyframes, factor)
+  mask = jnp.asarray(keyframe_mask(frames, factor), keyframe_latents.dtype)
+  latents = keyframe_latents[:, keyframe_sources(frames, factor)]
+  if mode == 'zeros':
+    latents = latents * mask[None, :, None, None, None]
+  mask_channel = jnp.broadcast_to(mask[None, :, None, None, None], (batch, frames, height, width, 1))
+  return jnp.concatenate([latents, mask_channel], axis=-1)
+
+
+def condition_from_clip(latents: jax.Array, factor: int, mode: str = 'nearest') -> jax.Array:
+  """The condition of a full clip `[B, F, h, w, c]`: built from its every m-th frame only."""
+  num_keyframes_in(latents.shape[1], factor)
+  return make_condition(latents[:, ::factor], factor, mode)
+
+
+def check_unet(config: ml_collections.ConfigDict, num_frames: Optional[int] = None) -> None:
+  """A ValueError naming the config key when the U-Net cannot take latents + condition."""
+  unet = config.model.unet
+  latent_channels = int(config.model.vae.latent_channels)
+  if int(unet.in_channels) != 2 * latent_channels + 1 or int(unet.out_channels) != latent_channels:
+    raise ValueError(f'an interpolation U-Net needs config.model.unet.in_channels = 2 * '
+                     f'{latent_channels} + 1 = {2 * latent_channels + 1} (noisy latents, keyframe '
+                     f'latents, mask) and out_channels = {latent_channels}; got {unet.in_channels}, '
+                     f'{unet.out_channels}')
+  if num_frames is not None and unet.get('frame_adaptor', False) and num_frames > int(unet.num_frames):
+    raise ValueError(f'{num_frames} output frames; this interpolation U-Net supports at most '
+                     f'{unet.num_frames} (config.model.unet.num_frames)')
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight reuse from a base model.
+
+
+def grow_weight(path: str, loaded: np.ndarray, shape: Sequence[int]) -> Optional[np.ndarray]:
+  """A base checkpoint's leaf grown to `shape`, or None when no rule applies (the caller raises).
+
+  - `unet/conv_in/kernel` `[kh, kw, c_in, C]` -> `[kh, kw, c_in', C]` (c_in' > c_in): the base weights
+    on the first c_in input channels, zeros on the new ones, so the new inputs are ignored at init.
+  - frame adaptors `.../*_adaptor/{scale,bias}` `[F0, C]` -> `[F1, C]` (F1 > F0): linear resampling
+    along the frames with both ends aligned (row j reads position j (F0 - 1) / (F1 - 1) of the base
+    table): the base's clip span maps onto the longer clip's, so with F0 = K (the shapes base:
+    16 adaptor rows, 16 keyframes) output frame k m gets base row k exactly.
+  """
+  loaded = np.asarray(loaded)
+  shape = tuple(int(s) for s in shape)
+  if path == 'unet/conv_in/kernel' and loaded.ndim == 4 and len(shape) == 4:
+    if loaded.shape[:2] + loaded.shape[3:] == shape[:2] + shape[3:] and shape[2] > loaded.shape[2]:
+      grown = np.zeros(shape, loaded.dtype)
+      grown[:, :, :loaded.shape[2]] = loaded
+      return grown
+  parts = path.split('/')
+  if (len(parts) >= 2 and parts[-2].endswith('_adaptor') and parts[-1] in ('scale', 'bias')
+      and loaded.ndim == 2 and len(shape) == 2 and loaded.shape[1] == shape[1]):
+    old, new = loaded.shape[0], shape[0]
+    if new < old:
+      return None
+    if old == 1:
+      return np.repeat(loaded, new, axis=0)
+    position = np.arange(new) * (old - 1) / (new - 1)
+    low = np.minimum(np.floor(position).astype(int), old - 2)
+    weight = (position - low)[:, None]
+    return ((1 - weight) * loaded[low] + weight * loaded[low + 1]).astype(loaded.dtype)
+  return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training objective.
+
+
+def clip_latents(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
+                 config: ml_collections.ConfigDict) -> jax.Array:
+  """Scaled latents `[B, F, h, w, c]` of the batch's clips `video` (VAE posterior samples, no
+  gradient)."""
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  return train.encode_latents(modules['vae'], params['vae'], batch['video'], keys,
+                              config.model.vae.scaling_factor)
+
+
+def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
+                       config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Diffusion loss of the interpolation U-Net on clips of F = (K - 1) m + 1 frames.
+
+  The condition comes from the clip's keyframes (every m-th frame's latents); the U-Net denoises all
+  F frames (`denoising_loss`). Same signature as `train.diffusion_loss`.
+
+  Returns:
+    (loss, {'keyframe_loss', 'inbetween_loss'}).
+  """
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  ic = config.interpolation
+  keys_z, keys_t, keys_n = train.split_keys(keys, 3)
+  latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
+  condition = condition_from_clip(latents, ic.factor, ic.condition)
+  context = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
+  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  return denoising_loss(params['unet'], latents, condition, context, keys_t, keys_n, fps=fps,
+                        unet=modules['unet'], schedule=schedule, config=config)
+
+
+def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, context: jax.Array,
+                   keys_t: jax.Array, keys_n: jax.Array, *, fps: Optional[jax.Array], unet, schedule,
+                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The loss of `interpolation_loss` given the clip latents `[B, F, h, w, c]` (the targets) and the
+  condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`), predict from noisy
+  latents | condition, loss = weighted mean over frames of the per-frame loss, keyframes weighted by
+  `config.interpolation.keyframe_loss_weight`."""
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  ic = config.interpolation
+  is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
+  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  noise = train.example_normal(keys_n, latents.shape[1:])
+  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
+  prediction = unet.apply({'params': unet_params},
+                          jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
+                          context, fps=fps)
+  target = diffusion.training_target(schedule, latents, noise, timesteps,
+                                     config.diffusion.prediction_type)
+  per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
+  keyframe_loss = jnp.mean(per_frame[:, is_keyframe])
+  inbetween_loss = jnp.mean(per_frame[:, ~is_keyframe]) if (~is_keyframe).any() else keyframe_loss
+  weights = jnp.where(jnp.asarray(is_keyframe), float(ic.get('keyframe_loss_weight', 1.0)), 1.0)
+  loss = jnp.sum(per_frame * weights) / (per_frame.shape[0] * jnp.sum(weights))
+  return loss, dict(keyframe_loss=keyframe_loss, inbetween_loss=inbetween_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def sample(unet, unet_params, keyframe_latents: jax.Array, latents: jax.Array, context: jax.Array,
+           negative_context: Optional[jax.Array], schedule: diffusion.Schedule, *, factor: int,
+           num_inference_steps: int, guidance_scale: Union[float, jax.Array] = 1.0,
+           condition: str = 'nearest', fps: Optional[jax.Array] = None, sampler: str = 'ddim',
+           eta: float = 0.0, key: Optional[jax.Array] = None, clip_sample: bool = False,
+           sigma_spacing: Optional[str] = None, final_sigmas_type: str = 'zero') -> jax.Array:
+  """The interpolation sampling loop (call it inside `jax.jit`).
+
+  Args:
+    unet, unet_params: the interpolation U-Net and its params.
+    keyframe_latents: `[B, K, h, w, c]`, scaled (as the U-Net sees them).
+    latents: unit noise `[B, (K - 1) m + 1, h, w, c]`.
+    context: text states `[B, L, D]`.
+    negative_context: `[B, L, D]` for classifier-free guidance over the text (the condition is the
+      same in both halves), or None for the conditional model alone.
+    schedule, num_inference_steps, sampler, eta, key, clip_sample, sigma_spacing, final_sigmas_type:
+      as `diffusion.sample_loop`.
+    factor, condition: m and the condition layout (`config.interpolation`).
+    guidance_scale: w in uncond + w (cond - uncond).
+    fps: `[B]` frame rate of the output clip, for a U-Net with an fps embedding (else None).
+
+  Returns:
+    Denoised latents `[B, (K - 1) m + 1, h, w, c]`, float32.
+  """
+  cond = make_condition(keyframe_latents.astype(jnp.float32), factor, condition)
+  if cond.shape[1] != latents.shape[1]:
+    raise ValueError(f'latents have {latents.shape[1]} frames; {keyframe_latents.shape[1]} keyframes '
+                     f'interpolated by {factor} give {cond.shape[1]}')
+  do_cfg = negative_context is not None
+  if do_cfg:  # Unconditional (negative) first, as the base pipeline.
+    context = jnp.concatenate([negative_context, context], axis=0)
+    cond = jnp.concatenate([cond, cond], axis=0)
+    fps = None if fps is None else jnp.concatenate([fps, fps], axis=0)
+
+  def model_fn(x, t):
+    x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
+    x_in = jnp.concatenate([x_in, cond], axis=-1).astype(unet.dtype)
+    timesteps = jnp.broadcast_to(t, (x_in.shape[0],))
+    out = unet.apply({'params': unet_params}, x_in, timesteps, context, fps=fps).astype(jnp.float32)
+    if do_cfg:
+      negative, positive = jnp.split(out, 2, axis=0)
+      out = negative + guidance_scale * (positive - negative)
+    return out
+
+  if sampler == 'dpmsolver++':
+    options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+  else:
+    options = dict(eta=eta, key=key, clip_sample=clip_sample)
+  return diffusion.sample_loop(model_fn, latents, schedule, num_inference_steps, sampler=sampler,
+                               **options)
+
+
+def is_interpolation_config(config: ml_collections.ConfigDict) -> bool:
+  return config.get('interpolation', None) is not None
+
+
+class KeyframeInterpolator:
+  """A trained interpolation folder: keyframe latents -> latents of (K - 1) m + 1 frames.
+
+      interpolator = KeyframeInterpolator.from_pretrained('runs/shapes_cascade/interpolation/model')
+      latents = interpolator(keyframe_latents, ['a red circle moving left'])   # [B, F, h, w, c]
+      frames = interpolator.decode(latents)                                   # [B, F, H, W, 3] in [0, 1]
+
+  The loop (text encoding included) is one `jax.jit`, compiled once per shape and static option;
+  prompts, keyframes, noise, fps and the guidance scale are traced. Arrays live on the default device.
+
+  Attributes:
+    config, params ({'text_encoder', 'vae', 'unet'}), tokenizer, modules, schedule.
+    factor: m; condition: the condition layout; trace_count: traces of the loop.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Dict[str, Any], tokenizer: Any,
+               *, modules: Optional[Dict[str, Any]] = None):
+    if not is_interpolation_config(config):
+      raise ValueError('this checkpoint has no `interpolation` config section: train one with '
+                       '`config.train.objective="interpolation"` (configs/shapes_cascade.py)')
+    check_unet(config)
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.modules = modules or models_lib.build_models(_image_vae(config.model))
+    self.schedule = diffusion.Schedule.from_config(config.diffusion)
+    self.factor = int(config.interpolation.factor)
+    self.condition = str(config.interpolation.get('condition', 'nearest'))
+    self.scaling_factor = float(config.model.vae.scaling_factor)
+    self.use_fps = bool(config.model.unet.get('fps_embedding', False))
+    self.trace_count = 0
+    self._sample = jax.jit(self._sample_impl, static_argnames=(
+        'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'clip_sample', 'sigma_spacing',
+        'final_sigmas_type'))
+    self._decode = jax.jit(self._decode_impl)
+    self._encode = jax.jit(self._encode_impl)
+
+  @classmethod
+  def from_pretrained(cls, path: str) -> 'KeyframeInterpolator':
+    """From an exported folder (or a training workdir holding `model/`)."""
+    folder = path if ckpt_lib.is_pretrained_folder(path) else os.path.join(path, 'model')
+    if not ckpt_lib.is_pretrained_folder(folder):
+      raise FileNotFoundError(f'{path} is not an interpolation checkpoint folder (config.json + params/)')
+    config, params, tokenizer = ckpt_lib.load_pretrained(folder)
+    return cls(config, params, tokenizer)
+
+  # The jitted pieces.
+
+  def _sample_impl(self, params, input_ids, uncond_ids, keyframe_latents, latents, fps,
+                   guidance_scale, key, *, num_inference_steps: int, sampler: str, eta: float,
+                   do_cfg: bool, clip_sample: bool, sigma_spacing: Optional[str],
+                   final_sigmas_type: str):
+    self.trace_count += 1  # Python side effect: once per trace.
+    encode = lambda ids: self.modules['text_encoder'].apply({'params': params['text_encoder']}, ids)
+    return sample(self.modules['unet'], params['unet'], keyframe_latents, latents, encode(input_ids),
+                  encode(uncond_ids) if do_cfg else None, self.schedule, factor=self.factor,
+                  condition=self.condition, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, fps=fps if self.use_fps else None, sampler=sampler,
+                  eta=eta, key=key, clip_sample=clip_sample, sigma_spacing=sigma_spacing,
+                  final_sigmas_type=final_sigmas_type)
+
+  def _decode_impl(self, params, latents):
+    """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` in [0, 1], one frame index at a
+    time (`lax.map`, bounded memory for long clips)."""
+    vae = self.modules['vae']
+    by_frame = einops.rearrange(latents / self.scaling_factor, 'b f h w c -> f b h w c')
+    frames = jax.lax.map(lambda z: vae.apply({'params': params['vae']}, z, method='decode'),
+                         by_frame)
+    frames = einops.rearrange(frames, 'f b h w c -> b f h w c').astype(jnp.float32)
+    return jnp.clip(frames / 2 + 0.5, 0.0, 1.0)
+
+  def _encode_impl(self, params, frames):
+    """Frames `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior means `[B, F, h, w, c]`."""
+    vae = self.modules['vae']
+    b = frames.shape[0]
+    mean, _ = vae.apply({'params': params['vae']},
+                        einops.rearrange(frames, 'b f h w c -> (b f) h w c'), method='encode')
+    return einops.rearrange(mean, '(b f) h w c -> b f h w c', b=b) * self.scaling_factor
+
+  # The calls.
+
+  def decode(self, latents: Any) -> np.ndarray:
+    return np.asarray(self._decode(self.params, jnp.asarray(latents, jnp.float32)))
+
+  def encode(self, frames: Any) -> np.ndarray:
+    """Frames `[B, F, H, W, 3]` in [-1, 1] -> keyframe latents as this model sees them."""
+    return np.asarray(self._encode(self.params, jnp.asarray(frames, jnp.float32)))
+
+  def __call__(self, keyframe_latents: Any, prompt: Union[str, Sequence[str]],
+               negative_prompt: Union[None, str, Sequence[str]] = None, *,
+               num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+               seed: int = 0, latents: Optional[Any] = None, fps: Optional[float] = None,
+               sampler: Optional[str] = None, sigma_spacing: Optional[str] = None, eta: float = 0.0,
+               output_type: str = 'latent') -> np.ndarray:
+    """Interpolates keyframe latents `[B, K, h, w, c]` (scaled) by the model's factor m.
+
+    Args:
+      keyframe_latents: `[B, K, h, w, c]`, in this model's latent space (scaled).
+      prompt: one prompt for every clip or one per clip; negative_prompt likewise (default "").
+      num_inference_steps, guidance_scale, sampler, sigma_spacing: default config.sampling;
+        guidance_scale <= 1: the conditional model only.
+      seed: seeds the initial noise (unless `latents`) and DDIM's noise for eta > 0.
+      latents: initial unit noise `[B, (K - 1) m + 1, h, w, c]`.
+      fps: frame rate of the output clip (fps conditioning); default config.data.fps.
+      output_type: 'latent' `[B, F, h, w, c]`, 'float' (decoded, `[B, F, H, W, 3]` in [0, 1]) or
+        'uint8'.
+    """
+    sampling = self.config.get('sampling', None) or {}
+    sampler = sampler or sampling.get('sampler', 'ddim')
+    if sigma_spacing is None and sampler == 'dpmsolver++':
+      sigma_spacing = sampling.get('sigma_spacing', None)
+    steps = int(num_inference_steps or sampling.get('num_inference_steps', 25))
+    guidance_scale = float(sampling.get('guidance_scale', 1.0) if guidance_scale is None
+                           else guidance_scale)
+    if output_type not in OUTPUT_TYPES:
+      raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
+    keyframe_latents = jnp.asarray(keyframe_latents, jnp.float32)
+    channels = int(self.config.model.vae.latent_channels)
+    if keyframe_latents.ndim != 5 or keyframe_latents.shape[-1] != channels:
+      raise ValueError(f'keyframe latents must be [B, K, h, w, {channels}], got {keyframe_latents.shape}')
+    batch, num_keyframes = keyframe_latents.shape[:2]
+    frames = num_target_frames(num_keyframes, self.factor)
+    check_unet(self.config, frames)
+    prompts = _per_clip(prompt, batch, 'prompt')
+    negatives = _per_clip('' if negative_prompt is None else negative_prompt, batch,
+                          'negative_prompt')
+    shape = (batch, frames) + tuple(keyframe_latents.shape[2:])
+    noise_key, loop_key = jax.random.split(jax.random.key(seed))
+    if latents is None:
+      latents = jax.random.normal(noise_key, shape, jnp.float32)
+    else:
+      latents = jnp.asarray(latents, jnp.float32)
+      if latents.shape != shape:
+        raise ValueError(f'latents have shape {latents.shape}; expected {shape}')
+    data = self.config.get('data', None) or {}
+    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
+    clip_sample = bool(sampling.get('clip_sample', False)) and sampler == 'ddim'
+    static = dict(num_inference_steps=steps, sampler=sampler, eta=float(eta),
+                  do_cfg=bool(guidance_scale > 1.0), clip_sample=clip_sample,
+                  sigma_spacing=sigma_spacing,
+                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'))
+    out = self._sample(self.params, jnp.asarray(self.tokenizer(prompts)),
+                       jnp.asarray(self.tokenizer(negatives)), keyframe_latents, latents,
+                       jnp.full((batch,), fps_value, jnp.float32), jnp.float32(guidance_scale),
+                       loop_key, **static)
+    if output_type == 'latent':
+      return np.asarray(out)
+    decoded = self.decode(out)
+    if output_type == 'float':
+      return decoded
+    return np.round(decoded * 255.0).astype(np.uint8)
+
+
+def _per_clip(value: Union[str, Sequence[str]], batch: int, name: str):
+  values = [value] if isinstance(value, str) else list(value)
+  if len(values) == 1:
+    values = values * batch
+  if len(values) != batch or not all(isinstance(v, str) for v in values):
+    raise ValueError(f'`{name}` must be a string or {batch} strings, got {value!r}')
+  return values
+
+
+def _image_vae(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model section with the VideoVAE off: interpolated clips decode frame by frame."""
+  if not models_lib.uses_video_vae(model_config):
+    return model_config
+  logging.info('interpolation stage: decoding frame by frame (its VideoVAE is not used)')
+  plain = ml_collections.ConfigDict(model_config.to_dict())
+  plain.video_vae.enabled = False
+  return plain
