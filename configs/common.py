@@ -82,6 +82,9 @@ def diffusion_sd15() -> ml_collections.ConfigDict:
       timestep_spacing='leading',
       steps_offset=1,
       set_alpha_to_one=False,
+      # Zero terminal SNR (Lin et al. 2023): the last training step is pure noise. Needs
+      # v_prediction; sample with timestep_spacing='trailing' so that sampling starts there.
+      rescale_betas_zero_snr=False,
   ))
 
 
@@ -157,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
       grad_accum_steps=1,
       ema_decay=0.999,
+      # Training timesteps: 'uniform', or 'logit_normal' (t / T = sigmoid(N(mean, std))); a
+      # positive mean trains the high-noise steps, where a video's layout and motion form, more.
+      timestep_sampling='uniform',
+      timestep_logit_mean=0.0,
+      timestep_logit_std=1.0,
       image_loss_weight=1.0,  # Joint image-video training: weight of the appended images' loss.
       kl_weight=1e-6,  # 'vae' objective.
       temporal_loss_weight=1.0,  # 'video_vae' objective: weight of the temporal-difference term.

@@ -277,7 +277,7 @@ _UPSCALER_DEFAULTS = dict(noise_level=20, max_noise_level=350, num_inference_ste
 _SCHEDULER_DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
     trained_betas=None, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0,
-    set_alpha_to_one=True, clip_sample=False)
+    set_alpha_to_one=True, clip_sample=False, rescale_betas_zero_snr=False)
 _SCHEDULER_CLASS_DEFAULTS = {
     'DDIMScheduler': dict(clip_sample=True),
     'PNDMScheduler': dict(set_alpha_to_one=False),
@@ -345,12 +345,12 @@ def scheduler_config_from_diffusers(cfg: Mapping[str, Any]) -> Tuple[Dict[str, A
   name = cfg.get('_class_name', 'DDIMScheduler')
   full = dict(_SCHEDULER_DEFAULTS, **_SCHEDULER_CLASS_DEFAULTS.get(name, {}))
   full.update({k: v for k, v in cfg.items() if k in full and v is not None})
-  for key in ('rescale_betas_zero_snr', 'thresholding'):
-    if cfg.get(key):
-      raise ConversionError(f'scheduler_config.json: {key}=True is not supported')
+  if cfg.get('thresholding'):
+    raise ConversionError('scheduler_config.json: thresholding=True is not supported')
   diffusion_cfg = {k: full[k] for k in ('num_train_timesteps', 'beta_schedule', 'beta_start',
                                         'beta_end', 'prediction_type', 'timestep_spacing',
-                                        'steps_offset', 'set_alpha_to_one')}
+                                        'steps_offset', 'set_alpha_to_one',
+                                        'rescale_betas_zero_snr')}
   if full['trained_betas'] is not None:
     diffusion_cfg['trained_betas'] = tuple(float(b) for b in full['trained_betas'])
   sampling = dict(sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0,

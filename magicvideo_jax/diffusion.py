@@ -11,7 +11,7 @@ alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar) and the half log-SNR lambda_t = l
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ BETA_SCHEDULES = ('scaled_linear', 'linear', 'squaredcos_cap_v2')
 PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
 SAMPLERS = ('ddim', 'dpmsolver++')
+TIMESTEP_SAMPLINGS = ('uniform', 'logit_normal')  # Training timesteps.
 FINAL_SIGMAS_TYPES = ('zero', 'sigma_min')
 SIGMA_SPACINGS = ('karras', 'lu_lambdas')  # DPM-Solver only.
 INIT_NOISE_SIGMA = 1.0  # Both samplers start from unit-variance noise.
@@ -29,7 +30,10 @@ INIT_NOISE_SIGMA = 1.0  # Both samplers start from unit-variance noise.
 _DIFFUSERS_DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
     trained_betas=None, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0,
-    set_alpha_to_one=True)
+    set_alpha_to_one=True, rescale_betas_zero_snr=False)
+# DPM-Solver's floor on abar at zero terminal SNR (diffusers: the smallest fp16 subnormal), so that
+# its first sigma is finite.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 
 
 def _check(name: str, value: Any, valid: Tuple[str, ...]) -> None:
@@ -61,6 +65,23 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float,
                    for i in range(steps)], np.float32)
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Betas whose last abar is exactly 0 (Lin et al. 2023, Algorithm 1; diffusers'
+  `rescale_betas_zero_snr`): sqrt(abar) is shifted to end at 0 and rescaled to keep its first value.
+
+  Without it the last training step still holds sqrt(abar_T) of the clean latents (0.068 for SD's
+  schedule): a model learns to read the layout of each frame from that residue, and pure-noise samples
+  then get an independent layout per frame.
+  """
+  abar_sqrt = np.sqrt(np.cumprod((1 - np.asarray(betas, np.float32)).astype(np.float64)).astype(
+      np.float32))
+  first, last = abar_sqrt[0], abar_sqrt[-1]
+  abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+  abar = abar_sqrt**2
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return (1 - alphas).astype(np.float32)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -81,10 +102,16 @@ class Schedule:
 
   @classmethod
   def from_betas(cls, betas, *, set_alpha_to_one: bool = False, prediction_type: str = 'epsilon',
-                 timestep_spacing: str = 'leading', steps_offset: int = 0) -> 'Schedule':
+                 timestep_spacing: str = 'leading', steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False) -> 'Schedule':
     _check('prediction_type', prediction_type, PREDICTION_TYPES)
     _check('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
     betas = np.asarray(betas, np.float32)
+    if rescale_betas_zero_snr:
+      if prediction_type == 'epsilon':
+        raise ValueError('rescale_betas_zero_snr=True needs prediction_type="v_prediction" (or '
+                         '"sample"): at zero SNR an epsilon prediction says nothing about x0.')
+      betas = rescale_zero_terminal_snr(betas)
     # torch's CPU cumprod accumulates float32 in float64: do the same to match it bit for bit.
     alphas_cumprod = np.cumprod((1 - betas).astype(np.float64)).astype(np.float32)
     final = np.float32(1.0) if set_alpha_to_one else alphas_cumprod[0]
@@ -108,13 +135,12 @@ class Schedule:
     return cls.from_betas(
         betas, set_alpha_to_one=config['set_alpha_to_one'],
         prediction_type=config['prediction_type'], timestep_spacing=config['timestep_spacing'],
-        steps_offset=config['steps_offset'])
+        steps_offset=config['steps_offset'],
+        rescale_betas_zero_snr=bool(config.get('rescale_betas_zero_snr', False)))
 
   @classmethod
   def from_diffusers_config(cls, config: Mapping[str, Any]) -> 'Schedule':
     """From a diffusers scheduler_config.json dict; unknown keys are ignored."""
-    if config.get('rescale_betas_zero_snr'):
-      raise ValueError('rescale_betas_zero_snr=True is not supported.')
     return cls.from_config({k: config.get(k, v) for k, v in _DIFFUSERS_DEFAULTS.items()})
 
 
@@ -149,6 +175,22 @@ def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, timeste
     return x0
   abar = _at(schedule.alphas_cumprod, timesteps, x0.ndim)
   return jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+
+
+def sample_timesteps(keys: jax.Array, num_train_timesteps: int, sampling: str = 'uniform',
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+  """int32 `[B]` training timesteps, row i drawn from keys[i].
+
+  'uniform': uniform over [0, T). 'logit_normal' (Esser et al. 2024): t / T = sigmoid(N(logit_mean,
+  logit_std)); logit_mean > 0 spends more steps at high noise, where a video model decides where the
+  object is in every frame (the layout and the motion).
+  """
+  _check('timestep sampling', sampling, TIMESTEP_SAMPLINGS)
+  if sampling == 'uniform':
+    return jax.vmap(lambda k: jax.random.randint(k, (), 0, num_train_timesteps))(keys)
+  logits = logit_mean + logit_std * jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
+  t = jnp.floor(jax.nn.sigmoid(logits) * num_train_timesteps)
+  return jnp.clip(t, 0, num_train_timesteps - 1).astype(jnp.int32)
 
 
 def snr(schedule: Schedule, timesteps: jax.Array) -> jax.Array:
@@ -253,6 +295,7 @@ def dpm_solver_timesteps(schedule: Schedule, num_inference_steps: int, *,
   """
   _check('final_sigmas_type', final_sigmas_type, FINAL_SIGMAS_TYPES)
   abar = schedule.alphas_cumprod
+  abar = jnp.where(abar > 0, abar, ZERO_SNR_ALPHA_CUMPROD)  # Zero terminal SNR: as diffusers.
   all_sigmas = jnp.sqrt((1 - abar) / abar)  # Increasing in t.
   last = jnp.zeros((1,)) if final_sigmas_type == 'zero' else all_sigmas[:1]
   if sigma_spacing is None:
@@ -319,6 +362,40 @@ def dpm_solver_step(schedule: Schedule, model_output: jax.Array, sample: jax.Arr
   r0 = (lambda_s0 - lambda_s1) / h
   second = first - 0.5 * coef * ((1.0 / r0) * (x0 - prev_x0))
   return jnp.where(second_order, second, first), x0
+
+
+def guided_model_fn(apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    guidance_scale: Union[None, float, jax.Array] = None,
+                    condition: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The `model_fn(x, t)` of `sample_loop` for a denoiser `apply_fn(x_in, timesteps [B])`.
+
+  With a `guidance_scale` (classifier-free guidance), x is duplicated and `apply_fn` must hold the
+  negative (unconditional) batch first, then the conditional one; the output is
+  negative + w (positive - negative). `condition` (already duplicated for guidance) is concatenated to
+  the latents along channels (interpolation keyframes, an upscaler's low-res frames).
+  """
+  do_cfg = guidance_scale is not None
+
+  def model_fn(x, t):
+    x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
+    if condition is not None:
+      x_in = jnp.concatenate([x_in, condition.astype(x_in.dtype)], axis=-1)
+    out = apply_fn(x_in, jnp.broadcast_to(t, (x_in.shape[0],))).astype(jnp.float32)
+    if do_cfg:
+      negative, positive = jnp.split(out, 2, axis=0)
+      out = negative + guidance_scale * (positive - negative)
+    return out
+
+  return model_fn
+
+
+def sampler_options(sampler: str, *, eta: float = 0.0, key: Optional[jax.Array] = None,
+                    clip_sample: bool = False, sigma_spacing: Optional[str] = None,
+                    final_sigmas_type: str = 'zero') -> Dict[str, Any]:
+  """The keyword arguments of `sample_loop` that belong to `sampler` (DDIM or DPM-Solver++)."""
+  if sampler == 'dpmsolver++':
+    return dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+  return dict(eta=eta, key=key, clip_sample=clip_sample)
 
 
 def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array,

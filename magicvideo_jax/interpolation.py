@@ -203,7 +203,7 @@ def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, contex
   from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
   ic = config.interpolation
   is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
-  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  timesteps = train.train_timesteps(keys_t, schedule, config)
   noise = train.example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   prediction = unet.apply({'params': unet_params},
@@ -257,20 +257,13 @@ def sample(unet, unet_params, keyframe_latents: jax.Array, latents: jax.Array, c
     cond = jnp.concatenate([cond, cond], axis=0)
     fps = None if fps is None else jnp.concatenate([fps, fps], axis=0)
 
-  def model_fn(x, t):
-    x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
-    x_in = jnp.concatenate([x_in, cond], axis=-1).astype(unet.dtype)
-    timesteps = jnp.broadcast_to(t, (x_in.shape[0],))
-    out = unet.apply({'params': unet_params}, x_in, timesteps, context, fps=fps).astype(jnp.float32)
-    if do_cfg:
-      negative, positive = jnp.split(out, 2, axis=0)
-      out = negative + guidance_scale * (positive - negative)
-    return out
+  def apply(x_in, timesteps):
+    return unet.apply({'params': unet_params}, x_in.astype(unet.dtype), timesteps, context, fps=fps)
 
-  if sampler == 'dpmsolver++':
-    options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
-  else:
-    options = dict(eta=eta, key=key, clip_sample=clip_sample)
+  model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None, condition=cond)
+  options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
+                                      sigma_spacing=sigma_spacing,
+                                      final_sigmas_type=final_sigmas_type)
   return diffusion.sample_loop(model_fn, latents, schedule, num_inference_steps, sampler=sampler,
                                **options)
 

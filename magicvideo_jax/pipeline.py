@@ -245,21 +245,17 @@ class MagicVideoPipeline:
       fps = jnp.concatenate([fps, fps], axis=0)
     fps = fps if use_fps else None
 
-    def model_fn(x, t):
+    def apply(x_in, timesteps):
       if show_progress:
-        jax.debug.callback(self._on_step, t)
-      x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
-      timesteps = jnp.broadcast_to(t, (x_in.shape[0],))
-      out = unet.apply({'params': params['unet']}, x_in.astype(unet.dtype), timesteps, context,
-                       fps=fps).astype(jnp.float32)
-      if do_cfg:
-        uncond, cond = jnp.split(out, 2, axis=0)
-        out = uncond + guidance_scale * (cond - uncond)
-      return out
+        jax.debug.callback(self._on_step, timesteps[0])
+      return unet.apply({'params': params['unet']}, x_in.astype(unet.dtype), timesteps, context,
+                        fps=fps)
 
-    options = dict(eta=eta, key=key, clip_sample=clip_sample is not None)
-    if sampler == 'dpmsolver++':
-      options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+    model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None)
+    options = diffusion.sampler_options(sampler, eta=eta, key=key,
+                                        clip_sample=clip_sample is not None,
+                                        sigma_spacing=sigma_spacing,
+                                        final_sigmas_type=final_sigmas_type)
     x = diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
                               sampler=sampler, **options)
     return x

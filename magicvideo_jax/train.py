@@ -124,6 +124,15 @@ def split_keys(keys: jax.Array, num: int) -> Tuple[jax.Array, ...]:
   return tuple(split[:, i] for i in range(num))
 
 
+def train_timesteps(keys: jax.Array, schedule, config: ml_collections.ConfigDict) -> jax.Array:
+  """Training timesteps `[B]`, one per example key, by `config.train.timestep_sampling`."""
+  tc = config.get('train', None) or {}
+  return diffusion.sample_timesteps(keys, schedule.num_train_timesteps,
+                                    tc.get('timestep_sampling', 'uniform'),
+                                    tc.get('timestep_logit_mean', 0.0),
+                                    tc.get('timestep_logit_std', 1.0))
+
+
 def encode_latents(vae, vae_params, video: jax.Array, keys: jax.Array, scaling_factor: float) -> jax.Array:
   """Video `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior samples `[B, F, h, w, c]` (no gradient)."""
   b = video.shape[0]
@@ -155,7 +164,7 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array,
   b, f = latents.shape[:2]
   frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
   context = context_lib.training_context(params, batch, keys, modules=modules, config=config)
-  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  timesteps = train_timesteps(keys_t, schedule, config)
   noise = example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None

@@ -98,7 +98,7 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
   condition = diffusion.add_noise(diffusion.Schedule.from_config(up.noise_schedule), low_res,
                                   train.example_normal(keys_aug, low_res.shape[1:]), levels)
   context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
-  timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+  timesteps = train.train_timesteps(keys_t, schedule, config)
   noise = train.example_normal(keys_n, latents.shape[1:])
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
@@ -188,21 +188,15 @@ class VideoUpscaler:
       fps = jnp.concatenate([fps, fps], axis=0)
     labels = jnp.broadcast_to(jnp.asarray(noise_level, jnp.int32), (condition.shape[0],))
 
-    def model_fn(x, t):
-      x_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
-      x_in = jnp.concatenate([x_in, condition], axis=-1).astype(unet.dtype)
-      timesteps = jnp.broadcast_to(t, (x_in.shape[0],))
-      out = unet.apply({'params': params['unet']}, x_in, timesteps, context,
-                       fps=fps if self.use_fps else None, class_labels=labels).astype(jnp.float32)
-      if do_cfg:
-        negative, positive = jnp.split(out, 2, axis=0)
-        out = negative + guidance_scale * (positive - negative)
-      return out
+    def apply(x_in, timesteps):
+      return unet.apply({'params': params['unet']}, x_in.astype(unet.dtype), timesteps, context,
+                        fps=fps if self.use_fps else None, class_labels=labels)
 
-    if sampler == 'dpmsolver++':
-      options = dict(sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
-    else:
-      options = dict(eta=eta, key=key, clip_sample=clip_sample)
+    model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None,
+                                         condition=condition)
+    options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
+                                        sigma_spacing=sigma_spacing,
+                                        final_sigmas_type=final_sigmas_type)
     return diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
                                  sampler=sampler, **options)
 

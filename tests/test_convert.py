@@ -199,5 +199,9 @@ def test_scheduler_configs():
   assert (diffusion['prediction_type'], diffusion['timestep_spacing'],
           diffusion['beta_schedule']) == ('v_prediction', 'linspace', 'linear')
   assert convert.scheduler_config_from_diffusers({'_class_name': 'DDIMScheduler'})[1]['clip_sample']
-  with pytest.raises(convert.ConversionError, match='rescale_betas_zero_snr'):
-    convert.scheduler_config_from_diffusers(dict(rescale_betas_zero_snr=True))
+  assert not convert.scheduler_config_from_diffusers({})[0]['rescale_betas_zero_snr']
+  zero_snr = convert.scheduler_config_from_diffusers(dict(
+      rescale_betas_zero_snr=True, prediction_type='v_prediction', timestep_spacing='trailing'))[0]
+  assert zero_snr['rescale_betas_zero_snr'] and zero_snr['timestep_spacing'] == 'trailing'
+  with pytest.raises(convert.ConversionError, match='thresholding'):
+    convert.scheduler_config_from_diffusers(dict(thresholding=True))

@@ -78,6 +78,28 @@ def test_betas_and_alphas_cumprod_match_diffusers(beta_schedule, beta_start, bet
   assert float(ours.final_alpha_cumprod) == float(ref.final_alpha_cumprod)
 
 
+def test_zero_terminal_snr_matches_diffusers():
+  cfg = dict(SD, prediction_type='v_prediction', rescale_betas_zero_snr=True)
+  ref = diffusers.DDIMScheduler(**cfg)
+  ours = diffusion.Schedule.from_config(cfg)
+  plain = diffusion.Schedule.from_config(dict(cfg, rescale_betas_zero_snr=False))
+  abar, ref_abar = np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy()
+  # What noising uses is sqrt(abar); relative errors of abar itself mean little in the ~1e-7 tail.
+  err = np.abs(np.sqrt(abar) - np.sqrt(ref_abar)).max()
+  large = ref_abar > 1e-3
+  rel = np.max(np.abs(abar[large] / ref_abar[large] - 1))
+  print(f'zero terminal SNR: sqrt(alphas_cumprod) max abs err {err:.2e}, alphas_cumprod max rel err '
+        f'{rel:.2e} where > 1e-3; last {abar[-1]} (diffusers {ref_abar[-1]}); first {abar[0]:.6f} '
+        f'(unrescaled {float(plain.alphas_cumprod[0]):.6f})')
+  assert err < 1e-6 and rel < 1e-5 and abar[-1] == 0.0 == ref_abar[-1]
+  np.testing.assert_allclose(abar[0], plain.alphas_cumprod[0], rtol=1e-6)
+  assert np.all(np.diff(abar) < 0)
+  with pytest.raises(ValueError, match='v_prediction'):
+    diffusion.Schedule.from_config(dict(cfg, prediction_type='epsilon'))
+  from_json = diffusion.Schedule.from_diffusers_config(dict(ref.config))
+  np.testing.assert_array_equal(from_json.alphas_cumprod, ours.alphas_cumprod)
+
+
 def test_schedule_from_configs():
   ours = diffusion.Schedule.from_config(common.diffusion_sd15())
   assert (ours.prediction_type, ours.timestep_spacing, ours.steps_offset) == ('epsilon', 'leading', 1)
@@ -127,6 +149,23 @@ def test_inference_timesteps_match_diffusers(spacing):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_sample_timesteps():
+  keys = jax.random.split(jax.random.key(0), 20000)
+  uniform = np.asarray(diffusion.sample_timesteps(keys, 1000))
+  # The default draws exactly what training always drew (one randint per example key).
+  np.testing.assert_array_equal(
+      uniform, jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(keys))
+  shifted = np.asarray(diffusion.sample_timesteps(keys, 1000, 'logit_normal', 0.8, 1.0))
+  assert shifted.dtype == np.int32 and shifted.min() >= 0 and shifted.max() <= 999
+  expected_median = 1000 / (1 + np.exp(-0.8))
+  print(f'logit-normal(0.8, 1): median t {np.median(shifted):.0f} (expected {expected_median:.0f}); '
+        f'share of t >= 800: {np.mean(shifted >= 800):.3f} vs uniform {np.mean(uniform >= 800):.3f}')
+  assert abs(np.median(shifted) - expected_median) < 10
+  assert np.mean(shifted >= 800) > 1.3 * np.mean(uniform >= 800)
+  with pytest.raises(ValueError, match='timestep sampling'):
+    diffusion.sample_timesteps(keys, 1000, 'beta')
+
+
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
 def test_add_noise_and_targets_match_diffusers(prediction_type):
   ours, ref, _ = _schedules(prediction_type)
@@ -153,6 +192,7 @@ def test_add_noise_and_targets_match_diffusers(prediction_type):
 # Samplers: full trajectories against diffusers.
 # ---------------------------------------------------------------------------------------------
 
+ZERO_SNR = dict(rescale_betas_zero_snr=True, timestep_spacing='trailing', steps_offset=0)
 DDIM_CASES = [
     # prediction_type, n, eta, schedule overrides
     ('epsilon', 10, 0.0, {}),
@@ -164,6 +204,8 @@ DDIM_CASES = [
                                    set_alpha_to_one=True, steps_offset=0)),
     ('epsilon', 25, 0.0, dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02,
                               timestep_spacing='linspace', steps_offset=0)),
+    ('v_prediction', 25, 0.0, ZERO_SNR),
+    ('v_prediction', 10, 0.5, ZERO_SNR),
 ]
 
 
@@ -203,6 +245,8 @@ DPM_CASES = [
     ('v_prediction', 25, 'sigma_min', 'karras', {}),
     ('epsilon', 15, 'zero', 'lu_lambdas', {}),
     ('v_prediction', 25, 'zero', 'lu_lambdas', {}),
+    ('v_prediction', 20, 'zero', None, ZERO_SNR),
+    ('v_prediction', 15, 'zero', 'lu_lambdas', ZERO_SNR),
 ]
 
 
