@@ -232,6 +232,34 @@ def load_safetensors_folder(folder: str) -> Dict[str, np.ndarray]:
   return state
 
 
+def load_clip_tower(folder: str, *, weights_prefix: str, projection: str, model_class: str,
+                    read_config, abstract_params) -> Tuple[Dict[str, Any], Any]:
+  """(config, params) of one CLIP tower with its projection from a transformers folder.
+
+  The folder holds `{model_class}WithProjection` or a whole `CLIPModel`, whose tensors under
+  `weights_prefix` (e.g. 'text_model.') and `projection` (e.g. 'text_projection') are selected.
+  `read_config(config.json dict)` gives our config, `abstract_params(config)` the target tree.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config.json in {folder}: expected a transformers CLIPModel or '
+                            f'{model_class}WithProjection folder (save_pretrained).')
+  with open(path) as f:
+    config = read_config(json.load(f))
+  state = {k: v for k, v in load_safetensors_folder(folder).items()
+           if k.startswith((weights_prefix, projection + '.'))}
+  if not any(k.startswith(projection + '.') for k in state):
+    raise ConversionError(
+        f'{folder} has no `{projection}.weight`: embeddings need a CLIPModel or '
+        f'{model_class}WithProjection checkpoint (a bare {model_class} stops before the projection).')
+  try:
+    params = state_dict_to_params(state, abstract_params(config))
+  except ConversionError as e:
+    raise ConversionError(f'{folder}: {e}') from None
+  return config, params
+
+
 def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -11,8 +11,6 @@ The parameter tree mirrors the PyTorch state dict, so weights convert by name (`
 `vision_model/encoder/layers_3/self_attn/q_proj/kernel`, `visual_projection/kernel`, ...
 """
 
-import json
-import os
 from typing import Any, Dict, NamedTuple, Tuple
 
 import einops
@@ -233,24 +231,10 @@ def load_clip_vision(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dic
     ConversionError: the folder has no vision projection (e.g. a bare `CLIPVisionModel`), or a
       tensor is missing, unexpected or mis-shaped (named in the message).
   """
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'no config.json in {folder}: expected a transformers CLIPModel or '
-                            'CLIPVisionModelWithProjection folder (save_pretrained).')
-  with open(path) as f:
-    config = vision_config_from_transformers(json.load(f))
-  state = convert.load_safetensors_folder(folder)
-  state = {k: v for k, v in state.items() if k.startswith(('vision_model.', 'visual_projection.'))}
-  if not any(k.startswith('visual_projection.') for k in state):
-    raise convert.ConversionError(
-        f'{folder} has no `visual_projection.weight`: image embeddings need a CLIPModel or '
-        'CLIPVisionModelWithProjection checkpoint (a bare CLIPVisionModel stops before the '
-        'projection).')
-  try:
-    params = convert.state_dict_to_params(state, abstract_params(config, param_dtype))
-  except convert.ConversionError as e:
-    raise convert.ConversionError(f'{folder}: {e}') from None
-  return config, params
+  return convert.load_clip_tower(
+      folder, weights_prefix='vision_model.', projection='visual_projection',
+      model_class='CLIPVisionModel', read_config=vision_config_from_transformers,
+      abstract_params=lambda config: abstract_params(config, param_dtype))
 
 
 def count_params(params: Any) -> int:

@@ -11,8 +11,6 @@ checkpoints convert by name (`load_clip_text`). `CLIPEncoder` and `embed` are sh
 vision tower (`clip_vision`).
 """
 
-import json
-import os
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import einops
@@ -319,21 +317,7 @@ def load_clip_text(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dict[
       is missing, unexpected or mis-shaped (named in the message).
   """
   from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'no config.json in {folder}: expected a transformers CLIPModel or '
-                            'CLIPTextModelWithProjection folder (save_pretrained).')
-  with open(path) as f:
-    config = text_config_from_transformers(json.load(f))
-  state = convert.load_safetensors_folder(folder)
-  state = {k: v for k, v in state.items() if k.startswith(('text_model.', 'text_projection.'))}
-  if not any(k.startswith('text_projection.') for k in state):
-    raise convert.ConversionError(
-        f'{folder} has no `text_projection.weight`: text embeddings need a CLIPModel or '
-        'CLIPTextModelWithProjection checkpoint (a bare CLIPTextModel stops before the '
-        'projection).')
-  try:
-    params = convert.state_dict_to_params(state, abstract_params(config, param_dtype))
-  except convert.ConversionError as e:
-    raise convert.ConversionError(f'{folder}: {e}') from None
-  return config, params
+  return convert.load_clip_tower(
+      folder, weights_prefix='text_model.', projection='text_projection',
+      model_class='CLIPTextModel', read_config=text_config_from_transformers,
+      abstract_params=lambda config: abstract_params(config, param_dtype))
