@@ -85,6 +85,9 @@ def diffusion_sd15() -> ml_collections.ConfigDict:
       # Zero terminal SNR (Lin et al. 2023): the last training step is pure noise. Needs
       # v_prediction; sample with timestep_spacing='trailing' so that sampling starts there.
       rescale_betas_zero_snr=False,
+      # The noise prior of a video model: frames of a clip share sqrt(rho) of their noise (PYoCo's
+      # mixed prior; each frame stays N(0, I)), in training and in sampling. 0: i.i.d. frames.
+      frame_noise_correlation=0.0,
   ))
 
 

@@ -163,6 +163,33 @@ def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array,
           + jnp.sqrt(1 - abar) * noise.astype(jnp.float32))
 
 
+def mix_frame_noise(noise: jax.Array, shared: jax.Array, correlation: float,
+                    frame_mask: Optional[jax.Array] = None) -> jax.Array:
+  """The mixed noise prior of PYoCo (Ge et al. 2023): sqrt(rho) shared + sqrt(1 - rho) noise.
+
+  `noise` `[B, F, ...]` is i.i.d. per frame, `shared` `[B, 1, ...]` one draw per clip: every frame stays
+  N(0, I) (what the image model was trained on) while any two frames of a clip correlate by rho =
+  `correlation`. Frames with `frame_mask` `[B, F]` False (appended still images) keep their own noise.
+  """
+  if not 0.0 <= correlation < 1.0:
+    raise ValueError(f'frame_noise_correlation={correlation} must be in [0, 1).')
+  mixed = math.sqrt(correlation) * shared + math.sqrt(1.0 - correlation) * noise
+  if frame_mask is None:
+    return mixed
+  keep = frame_mask.astype(bool).reshape(frame_mask.shape + (1,) * (noise.ndim - 2))
+  return jnp.where(keep, mixed, noise)
+
+
+def initial_noise(key: jax.Array, shape, frame_correlation: float = 0.0) -> jax.Array:
+  """Unit noise `[B, F, ...]` to start sampling from, under the model's frame correlation."""
+  noise = jax.random.normal(key, tuple(shape), jnp.float32)
+  if not frame_correlation:
+    return noise
+  shared = jax.random.normal(jax.random.fold_in(key, 1), (shape[0], 1) + tuple(shape[2:]),
+                             jnp.float32)
+  return mix_frame_noise(noise, shared, frame_correlation)
+
+
 def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, timesteps: jax.Array,
                     prediction_type: Optional[str] = None) -> jax.Array:
   """What the denoiser regresses: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0 itself."""

@@ -204,7 +204,7 @@ def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, contex
   ic = config.interpolation
   is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
   timesteps = train.train_timesteps(keys_t, schedule, config)
-  noise = train.example_normal(keys_n, latents.shape[1:])
+  noise = train.frame_noise(keys_n, latents.shape[1:], config)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   prediction = unet.apply({'params': unet_params},
                           jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
@@ -401,7 +401,8 @@ class KeyframeInterpolator:
     shape = (batch, frames) + tuple(keyframe_latents.shape[2:])
     noise_key, loop_key = jax.random.split(jax.random.key(seed))
     if latents is None:
-      latents = jax.random.normal(noise_key, shape, jnp.float32)
+      latents = diffusion.initial_noise(noise_key, shape, float(
+          self.config.diffusion.get('frame_noise_correlation', 0.0)))
     else:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != shape:

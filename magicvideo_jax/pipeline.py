@@ -346,7 +346,8 @@ class MagicVideoPipeline:
                     self.latent_channels)
     noise_key, loop_key = jax.random.split(jax.random.key(seed))
     if latents is None:
-      latents = jax.random.normal(noise_key, latent_shape, jnp.float32)
+      latents = diffusion.initial_noise(noise_key, latent_shape, float(
+          self.config.diffusion.get('frame_noise_correlation', 0.0)))
     else:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != latent_shape:

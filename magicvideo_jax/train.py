@@ -133,6 +133,19 @@ def train_timesteps(keys: jax.Array, schedule, config: ml_collections.ConfigDict
                                     tc.get('timestep_logit_std', 1.0))
 
 
+def frame_noise(keys: jax.Array, shape, config: ml_collections.ConfigDict,
+                frame_mask: Optional[jax.Array] = None) -> jax.Array:
+  """Diffusion noise `[B, *shape]` (shape = `[F, h, w, c]`), row i from keys[i]; its frames correlate
+  by `config.diffusion.frame_noise_correlation` (0: i.i.d., the draws of `example_normal`)."""
+  noise = example_normal(keys, shape)
+  correlation = float(config.diffusion.get('frame_noise_correlation', 0.0))
+  if not correlation:
+    return noise
+  shared_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  shared = example_normal(shared_keys, (1,) + tuple(shape[1:]))
+  return diffusion.mix_frame_noise(noise, shared, correlation, frame_mask)
+
+
 def encode_latents(vae, vae_params, video: jax.Array, keys: jax.Array, scaling_factor: float) -> jax.Array:
   """Video `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior samples `[B, F, h, w, c]` (no gradient)."""
   b = video.shape[0]
@@ -165,7 +178,7 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array,
   frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
   context = context_lib.training_context(params, batch, keys, modules=modules, config=config)
   timesteps = train_timesteps(keys_t, schedule, config)
-  noise = example_normal(keys_n, latents.shape[1:])
+  noise = frame_noise(keys_n, latents.shape[1:], config, frame_mask)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
   prediction = unet.apply({'params': params['unet']}, noisy, timesteps, context, fps=fps,

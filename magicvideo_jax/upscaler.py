@@ -99,7 +99,7 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
                                   train.example_normal(keys_aug, low_res.shape[1:]), levels)
   context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
   timesteps = train.train_timesteps(keys_t, schedule, config)
-  noise = train.example_normal(keys_n, latents.shape[1:])
+  noise = train.frame_noise(keys_n, latents.shape[1:], config)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
   fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
   prediction = unet.apply({'params': params['unet']},
@@ -276,7 +276,8 @@ class VideoUpscaler:
 
     latent_key, noise_key, loop_key = jax.random.split(jax.random.key(seed), 3)
     latent_shape = (batch, frames, height, width, LATENT_CHANNELS)
-    latents = self._array_or_draw(latents, latent_key, latent_shape, 'latents')
+    correlation = float(self.config.diffusion.get('frame_noise_correlation', 0.0))
+    latents = self._array_or_draw(latents, latent_key, latent_shape, 'latents', correlation)
     noise = self._array_or_draw(noise, noise_key, low_res.shape, 'noise')
     data = self.config.get('data', None) or {}
     fps_value = float(fps if fps is not None else data.get('fps', 8.0))
@@ -337,9 +338,10 @@ class VideoUpscaler:
     return context
 
   @staticmethod
-  def _array_or_draw(value, key: jax.Array, shape, name: str) -> jax.Array:
+  def _array_or_draw(value, key: jax.Array, shape, name: str,
+                     frame_correlation: float = 0.0) -> jax.Array:
     if value is None:
-      return jax.random.normal(key, shape, jnp.float32)
+      return diffusion.initial_noise(key, shape, frame_correlation)
     value = jnp.asarray(value, jnp.float32)
     if value.shape != tuple(shape):
       raise ValueError(f'{name} have shape {value.shape}; expected {tuple(shape)}')

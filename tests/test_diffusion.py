@@ -166,6 +166,33 @@ def test_sample_timesteps():
     diffusion.sample_timesteps(keys, 1000, 'beta')
 
 
+def test_frame_noise_correlation():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  shape = (4, 6, 6, 2)  # [F, h, w, c]
+  keys = jax.random.split(jax.random.key(0), 3000)
+  config = ml_collections.ConfigDict(dict(diffusion=dict(frame_noise_correlation=0.0)))
+  # Off: exactly the i.i.d. draws training always made.
+  np.testing.assert_array_equal(train.frame_noise(keys, shape, config),
+                                train.example_normal(keys, shape))
+  config.diffusion.frame_noise_correlation = 0.6
+  frame_mask = np.ones((3000, 4), bool)
+  frame_mask[:, 3] = False  # The last frame is an appended still image.
+  noise = np.asarray(train.frame_noise(keys, shape, config, jnp.asarray(frame_mask)))
+  flat = noise.reshape(3000, 4, -1)
+  corr = lambda i, j: np.mean([np.corrcoef(flat[:, i, k], flat[:, j, k])[0, 1] for k in range(72)])
+  print(f'frame noise: var {noise.var():.3f}; corr(frame 0, 1) {corr(0, 1):.3f} (rho 0.6), '
+        f'corr(frame 0, image) {corr(0, 3):.3f}')
+  assert abs(noise.var() - 1) < 0.02
+  assert abs(corr(0, 1) - 0.6) < 0.03 and abs(corr(1, 2) - 0.6) < 0.03 and abs(corr(0, 3)) < 0.03
+  start = np.asarray(diffusion.initial_noise(jax.random.key(1), (3000, 4) + shape[1:], 0.6))
+  assert abs(np.corrcoef(start[:, 0].ravel(), start[:, 2].ravel())[0, 1] - 0.6) < 0.03
+  np.testing.assert_array_equal(diffusion.initial_noise(jax.random.key(1), (2, 4, 3, 3, 2)),
+                                jax.random.normal(jax.random.key(1), (2, 4, 3, 3, 2)))
+  with pytest.raises(ValueError, match='frame_noise_correlation'):
+    diffusion.mix_frame_noise(jnp.zeros((1, 2, 1)), jnp.zeros((1, 1, 1)), 1.0)
+
+
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
 def test_add_noise_and_targets_match_diffusers(prediction_type):
   ours, ref, _ = _schedules(prediction_type)
