@@ -5,6 +5,8 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
   video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
              image model and trained with the rest of the U-Net (init_from: image)
+  video2     the video stage once more from its own result (init_from: video), the learning rate
+             warmed up again: where motion, still weak after the first 3000 steps, is learned
   video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
              vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
@@ -17,7 +19,7 @@ import ml_collections
 
 from configs import common
 
-STAGES = ('vae', 'image', 'video', 'video_layers', 'video_vae', 'image_long')
+STAGES = ('vae', 'image', 'video', 'video2', 'video_layers', 'video_vae', 'image_long')
 
 
 def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
@@ -30,19 +32,23 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                                    max_position_embeddings=8)
   config.model.vae.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                           scaling_factor=1.0)
-  # Three levels (16x16 -> 8x8 -> 4x4 latents): at the 4x4 level one temporal-attention position
-  # covers a quarter of the frame, so the layers can carry an object from frame to frame.
+  # Three levels (16x16 -> 8x8 -> 4x4 latents), attention (spatial, cross and temporal) at 8x8 and
+  # 4x4 only: at 4x4 one temporal-attention position covers a quarter of the frame, so the layers can
+  # carry an object from frame to frame; attention at 16x16 would double the step time on a CPU.
   config.model.unet.update(
       block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=4,
-      down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3,
+      down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
+      up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'),
       cross_attention_dim=64, norm_num_groups=8, num_frames=16, temporal_position='rope')
   config.model.video_vae.update(num_frames=16)
   config.tokenizer = common.shapes_tokenizer()
   config.data.update(dataset='moving_shapes', split='train', num_frames=16, resolution=32,
                      global_batch_size=8, caption_dropout=0.1, num_threads=2, prefetch=2)
-  # v-prediction: an epsilon loss gives almost no weight to the high-noise steps where the object's
-  # position in every frame (hence the motion) is decided.
-  config.diffusion.prediction_type = 'v_prediction'
+  # Zero terminal SNR with v-prediction, sampled from t = T - 1 ('trailing'). With SD's schedule the
+  # last training step still holds 6.8% of the clean latents, from which the model reads where the
+  # object is in each frame; pure-noise samples then place it independently in every frame.
+  config.diffusion.update(prediction_type='v_prediction', rescale_betas_zero_snr=True,
+                          timestep_spacing='trailing', steps_offset=0)
   config.sampling.update(num_inference_steps=25, guidance_scale=4.0)
   config.train.update(log_every=50, checkpoint_every=500, keep_checkpoints=2, warmup_steps=100,
                       learning_rate=1e-3, ema_decay=0.99, sample_every=0,
@@ -55,16 +61,22 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
-                        num_steps=1000 if stage == 'image' else 1800,
+                        num_steps=1000 if stage == 'image' else 5500,  # image_long: image + video + video2 steps.
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
-  elif stage in ('video', 'video_layers'):
+  elif stage in ('video', 'video2', 'video_layers'):
     # MagicVideo trains only the new video layers on top of a strong SD model and a frozen CLIP that
     # knows motion words; the miniature's image model is weak and its text encoder never saw motion
     # matter, so both keep training ('video_layers' trains only the new layers).
-    config.train.update(num_steps=700, init_from='runs/shapes/image/model',
-                        trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4)
+    # Timesteps drawn logit-normal (median t = 769, a wide spread): the high-noise steps, where the
+    # object's place in every frame (hence the motion) is decided, get most of the training.
+    config.train.update(num_steps=3000, init_from='runs/shapes/image/model',
+                        trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4,
+                        timestep_sampling='logit_normal', timestep_logit_mean=1.2,
+                        timestep_logit_std=1.5)
     config.data.update(global_batch_size=4)
+    if stage == 'video2':  # A warm restart: 1500 more steps from the video stage's weights.
+      config.train.update(num_steps=1500, init_from='runs/shapes/video/model')
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':

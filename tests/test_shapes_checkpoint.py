@@ -8,7 +8,9 @@ from magicvideo_jax import demo
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes
 
-COLOUR_FLOOR = 0.75  # The full evaluation (64 prompts) measures about 0.9+; see BENCHMARKS.md.
+# Floors well under what the full evaluation (64 prompts a split) measures; see BENCHMARKS.md.
+COLOUR_FLOOR = 0.75
+MOTION_FLOOR = 0.3  # Chance is 0.2.
 
 
 @pytest.fixture(scope='module')
@@ -21,10 +23,11 @@ def pipe():
 
 
 def test_bundled_checkpoint_follows_validation_prompts(pipe):
-  prompts = shapes.split_prompts('validation', 8)
-  videos = shapes.generate(pipe, prompts, batch_size=8)
-  assert videos.shape == (8, 16, 32, 32, 3)
+  prompts = shapes.split_prompts('validation', 16)
+  videos = shapes.generate(pipe, prompts, batch_size=16)
+  assert videos.shape == (16, 16, 32, 32, 3)
   scores = judge.score(videos, prompts)
   scores.pop('judgements')
-  print(judge.format_scores(scores, 'bundled checkpoint, 8 validation prompts'))
+  print(judge.format_scores(scores, 'bundled checkpoint, 16 validation prompts'))
   assert scores['colour_acc'] >= COLOUR_FLOOR
+  assert scores['motion_acc'] >= MOTION_FLOOR
