@@ -5,8 +5,8 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
   video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
              image model and trained with the rest of the U-Net (init_from: image)
-  video2     the video stage once more from its own result (init_from: video), the learning rate
-             warmed up again: where motion, still weak after the first 3000 steps, is learned
+  video2     the video stage once more from its own result (init_from: video), the learning
+             rate warmed up again: motion, still weak after the first 3000 steps, rises here
   video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
              vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
@@ -32,9 +32,9 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                                    max_position_embeddings=8)
   config.model.vae.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                           scaling_factor=1.0)
-  # Three levels (16x16 -> 8x8 -> 4x4 latents), attention (spatial, cross and temporal) at 8x8 and
-  # 4x4 only: at 4x4 one temporal-attention position covers a quarter of the frame, so the layers can
-  # carry an object from frame to frame; attention at 16x16 would double the step time on a CPU.
+  # Three levels (16x16 -> 8x8 -> 4x4 latents), attention (spatial, cross and temporal) at 8x8
+  # and 4x4 only: at 4x4 one temporal-attention position covers a quarter of the frame, so the
+  # layers can carry an object from frame to frame; attention at 16x16 would double the step time.
   config.model.unet.update(
       block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=4,
       down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
@@ -61,7 +61,8 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
-                        num_steps=1000 if stage == 'image' else 5500,  # image_long: image + video + video2 steps.
+                        # image_long: the steps of image + video + video2.
+                        num_steps=1000 if stage == 'image' else 5500,
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
   elif stage in ('video', 'video2', 'video_layers'):
