@@ -34,6 +34,8 @@ def mean_trajectory(pipe, prompt: str, samples: int, seed: int = 0) -> np.ndarra
   fps = jnp.full((samples,), float(config.data.get('fps', 8.0)))
   out = pipe.modules['unet'].apply({'params': pipe.params['unet']}, noise, t, context, fps=fps)
   x0 = diffusion.predict_x0_eps(pipe.schedule, noise, out, t)[0]
+  # A soft, brightness-weighted centroid: x0 predictions at t = T - 1 are blurry means, which the
+  # judge's hard segmentation (eval/judge.py) would often reject as no object.
   weight = np.asarray(pipe.decode(x0, False), np.float32).mean(-1)  # [B, F, H, W] brightness
   weight = np.maximum(weight - np.median(weight, axis=(2, 3), keepdims=True), 0)
   ys, xs = np.mgrid[0:res, 0:res] / res
