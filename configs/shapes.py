@@ -5,8 +5,9 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
   video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
              image model and trained with the rest of the U-Net (init_from: image)
-  video2     the video stage once more from its own result (init_from: video), the learning
-             rate warmed up again: motion, still weak after the first 3000 steps, rises here
+  video2, video3, video4  warm restarts: each 1500 more steps from the previous video stage's
+             result (init_from: video, video2, video3), the learning rate warmed up again: motion,
+             still weak after the first 3000 steps, rises with each
   video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
              vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
@@ -19,7 +20,8 @@ import ml_collections
 
 from configs import common
 
-STAGES = ('vae', 'image', 'video', 'video2', 'video_layers', 'video_vae', 'image_long')
+RESTARTS = ('video2', 'video3', 'video4')
+STAGES = ('vae', 'image', 'video') + RESTARTS + ('video_layers', 'video_vae', 'image_long')
 
 
 def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
@@ -61,11 +63,11 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
-                        # image_long: the steps of image + video + video2.
-                        num_steps=1000 if stage == 'image' else 5500,
+                        # image_long: the steps of image + video + the restarts.
+                        num_steps=1000 if stage == 'image' else 8500,
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
-  elif stage in ('video', 'video2', 'video_layers'):
+  elif stage in ('video', 'video_layers') + RESTARTS:
     # MagicVideo trains only the new video layers on top of a strong SD model and a frozen CLIP that
     # knows motion words; the miniature's image model is weak and its text encoder never saw motion
     # matter, so both keep training ('video_layers' trains only the new layers).
@@ -76,8 +78,9 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
                         timestep_sampling='logit_normal', timestep_logit_mean=1.2,
                         timestep_logit_std=1.5)
     config.data.update(global_batch_size=4)
-    if stage == 'video2':  # A warm restart: 1500 more steps from the video stage's weights.
-      config.train.update(num_steps=1500, init_from='runs/shapes/video/model')
+    if stage in RESTARTS:  # A warm restart: 1500 more steps from the previous stage's weights.
+      previous = (('video',) + RESTARTS)[RESTARTS.index(stage)]
+      config.train.update(num_steps=1500, init_from=f'runs/shapes/{previous}/model')
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':

@@ -5,8 +5,9 @@
 #   bash launch/train_shapes.sh [RUNS_DIR]        (default RUNS_DIR=runs/shapes)
 #
 # Stages (configs/shapes.py): vae -> image (text-to-image U-Net + text encoder) -> video (adaptors,
-# directed temporal attention and fps embedding added to the image model) -> video2 (the video stage
-# again from its result, learning rate warmed up again); video_vae (MagicVideo v2's
+# directed temporal attention and fps embedding added to the image model) -> video2 -> video3 -> video4
+# (warm restarts: the video stage again from the previous result, learning rate warmed up again; RESTARTS=N
+# keeps the first N, default 3); video_vae (MagicVideo v2's
 # temporal decoder, from the vae stage; WITH_VIDEO_VAE=0 skips it) trains beside image and video
 # (two processes use the 2 cores better than one) and is merged into the video model. Each stage
 # resumes from its workdir if interrupted; a finished stage is skipped. SKIP_EVAL=1 skips the scoring.
@@ -40,11 +41,16 @@ stage image --config.train.init_from="$RUNS/vae/model"
 # (ignored on GPU and TPU, where the accelerators are the devices).
 DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
 stage video --config.train.init_from="$RUNS/image/model" "$DEVICES"
-stage video2 --config.train.init_from="$RUNS/video/model" "$DEVICES"
-FINAL="$RUNS/video2/model"
+previous=video
+for name in video2 video3 video4; do
+  (( ${name#video} - 1 <= ${RESTARTS:-3} )) || break
+  stage "$name" --config.train.init_from="$RUNS/$previous/model" "$DEVICES"
+  previous="$name"
+done
+FINAL="$RUNS/$previous/model"
 if [[ -n "$video_vae_pid" ]]; then
   wait "$video_vae_pid"
-  "$PYTHON" -m magicvideo_jax.checkpoint merge --base "$RUNS/video2/model" \
+  "$PYTHON" -m magicvideo_jax.checkpoint merge --base "$FINAL" \
     --other "$RUNS/video_vae/model" --output "$RUNS/final"
   FINAL="$RUNS/final"
 fi
@@ -54,7 +60,7 @@ echo "== recipe finished in $elapsed s"
 rm -rf "$ASSET" && mkdir -p "$(dirname "$ASSET")" && cp -r "$FINAL" "$ASSET"
 cat > "$ASSET/PROVENANCE.md" <<NOTE
 # Bundled shapes checkpoint
-Produced by \`bash launch/train_shapes.sh $RUNS\` (configs/shapes.py stages vae -> image -> video -> video2,
+Produced by \`bash launch/train_shapes.sh $RUNS\` (configs/shapes.py stages vae -> image -> video -> warm restarts to $previous,
 video_vae beside them, merged; from $FINAL) on $(date -u +%Y-%m-%d), $(nproc) CPU cores, in $elapsed s.
 Scores and stage times: BENCHMARKS.md, "Shapes".
 NOTE
