@@ -1,0 +1,79 @@
+r"""How interchangeable a CLIP dual encoder's image and text embeddings are, on moving_shapes.
+
+Stage 1 of the unsupervised recipe conditions the video model on the image embedding of one frame,
+stage 2 on the text embedding of the caption: the second can only reuse what the first learned as far
+as the two land in the same place. Prints mean cosine similarities (embeddings L2-normalised):
+
+  image vs its own caption's text      the modality gap (1 would be interchangeable)
+  image vs image, same caption         the spread within one caption's frames
+  text vs text, captions differing only in motion / only in colour
+
+  python -m benchmarks.clip_gap --checkpoint runs/shapes_unsupervised/clip/model
+"""
+
+import argparse
+import itertools
+from typing import Dict, Sequence
+
+import numpy as np
+
+
+def similarities(checkpoint: str, split: str = 'validation', num_clips: int = 512,
+                 seed: int = 0) -> Dict[str, float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
+  clip_config, params = clip_lib.load_dual_encoder(checkpoint)
+  tokenizer = ckpt_lib.load_tokenizer(checkpoint, ckpt_lib.load_config(checkpoint))
+  apply = jax.jit(clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config))).apply)
+
+  def embed_text(captions):
+    return np.asarray(conditioning.normalize_embedding(
+        apply({'params': params}, tokenizer(list(captions))).text_embeds))
+
+  rng = np.random.default_rng(seed)
+  data_config = moving_shapes.MovingShapesConfig(name='default')
+  frames, captions = [], []
+  for index in range(num_clips):
+    example = moving_shapes.make_example(split, index, data_config)
+    frames.append(example['video'][rng.integers(len(example['video']))])
+    captions.append(moving_shapes.caption(moving_shapes.COLOUR_NAMES[example['colour']],
+                                          moving_shapes.SHAPES[example['shape']],
+                                          moving_shapes.MOTIONS[example['motion']]))
+  pixels = clip_vision.preprocess(np.stack(frames), clip_config['vision']['image_size'])
+  image = np.asarray(conditioning.normalize_embedding(
+      apply({'params': params}, None, pixels).image_embeds))
+  text = embed_text(captions)
+  same_caption = np.equal.outer(captions, captions) & ~np.eye(num_clips, dtype=bool)
+
+  combos = moving_shapes.all_combinations()  # (colour, shape, motion) names.
+  all_text = embed_text(moving_shapes.caption(*c) for c in combos)
+
+  def mean_over_pairs(differs_in: int) -> float:
+    sims = [all_text[i] @ all_text[j] for i, j in itertools.combinations(range(len(combos)), 2)
+            if [a != b for a, b in zip(combos[i], combos[j])] == [k == differs_in for k in range(3)]]
+    return float(np.mean(sims))
+
+  return {'image vs its own caption text': float(np.mean(np.sum(image * text, axis=-1))),
+          'image vs image, same caption': float(np.mean((image @ image.T)[same_caption])),
+          'text vs text, only motion differs': mean_over_pairs(2),
+          'text vs text, only colour differs': mean_over_pairs(0)}
+
+
+def main(argv: Sequence[str] = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m benchmarks.clip_gap', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help="a 'clip' run's exported model folder")
+  parser.add_argument('--split', default='validation', choices=('train', 'validation', 'test'))
+  parser.add_argument('--num_clips', type=int, default=512)
+  args = parser.parse_args(argv)
+  for name, value in similarities(args.checkpoint, args.split, args.num_clips).items():
+    print(f'  cos({name}): {value:.3f}')
+
+
+if __name__ == '__main__':
+  main()
