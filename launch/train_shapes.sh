@@ -5,9 +5,9 @@
 #   bash launch/train_shapes.sh [RUNS_DIR]        (default RUNS_DIR=runs/shapes)
 #
 # Stages (configs/shapes.py): vae -> image (text-to-image U-Net + text encoder) -> video (adaptors,
-# directed temporal attention and fps embedding added to the image model) -> video2 -> video3 -> video4
-# (warm restarts: the video stage again from the previous result, learning rate warmed up again; RESTARTS=N
-# keeps the first N, default 3); video_vae (MagicVideo v2's
+# directed temporal attention and fps embedding added to the image model) -> video2 -> ... -> video5
+# (warm restarts: the video stage again from the previous result, learning rate warmed up again;
+# RESTARTS=N keeps the first N, default 4); video_vae (MagicVideo v2's
 # temporal decoder, from the vae stage; WITH_VIDEO_VAE=0 skips it) trains beside image and video
 # (two processes use the 2 cores better than one) and is merged into the video model. Each stage
 # resumes from its workdir if interrupted; a finished stage is skipped. SKIP_EVAL=1 skips the scoring.
@@ -42,8 +42,8 @@ stage image --config.train.init_from="$RUNS/vae/model"
 DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
 stage video --config.train.init_from="$RUNS/image/model" "$DEVICES"
 previous=video
-for name in video2 video3 video4; do
-  (( ${name#video} - 1 <= ${RESTARTS:-3} )) || break
+for name in video2 video3 video4 video5; do
+  (( ${name#video} - 1 <= ${RESTARTS:-4} )) || break
   stage "$name" --config.train.init_from="$RUNS/$previous/model" "$DEVICES"
   previous="$name"
 done
