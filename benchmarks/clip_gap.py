@@ -20,38 +20,17 @@ import numpy as np
 
 def similarities(checkpoint: str, split: str = 'validation', num_clips: int = 512,
                  seed: int = 0) -> Dict[str, float]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from data import moving_shapes  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
-  clip_config, params = clip_lib.load_dual_encoder(checkpoint)
-  tokenizer = ckpt_lib.load_tokenizer(checkpoint, ckpt_lib.load_config(checkpoint))
-  apply = jax.jit(clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config))).apply)
-
-  def embed_text(captions):
-    return np.asarray(conditioning.normalize_embedding(
-        apply({'params': params}, tokenizer(list(captions))).text_embeds))
-
-  rng = np.random.default_rng(seed)
-  data_config = moving_shapes.MovingShapesConfig(name='default')
-  frames, captions = [], []
-  for index in range(num_clips):
-    example = moving_shapes.make_example(split, index, data_config)
-    frames.append(example['video'][rng.integers(len(example['video']))])
-    captions.append(moving_shapes.caption(moving_shapes.COLOUR_NAMES[example['colour']],
-                                          moving_shapes.SHAPES[example['shape']],
-                                          moving_shapes.MOTIONS[example['motion']]))
-  pixels = clip_vision.preprocess(np.stack(frames), clip_config['vision']['image_size'])
-  image = np.asarray(conditioning.normalize_embedding(
-      apply({'params': params}, None, pixels).image_embeds))
-  text = embed_text(captions)
+  from magicvideo_jax.eval import clip_zero_shot  # pylint: disable=g-import-not-at-top
+  embed_text, embed_frames = clip_zero_shot.load_encoder(checkpoint)
+  frames, truth = clip_zero_shot.sample_frames(split, num_clips, seed)
+  captions = [moving_shapes.caption(moving_shapes.COLOUR_NAMES[c], moving_shapes.SHAPES[s],
+                                    moving_shapes.MOTIONS[m]) for c, s, m in truth]
+  image, text = embed_frames(frames), embed_text(captions)
   same_caption = np.equal.outer(captions, captions) & ~np.eye(num_clips, dtype=bool)
 
   combos = moving_shapes.all_combinations()  # (colour, shape, motion) names.
-  all_text = embed_text(moving_shapes.caption(*c) for c in combos)
+  all_text = embed_text([moving_shapes.caption(*c) for c in combos])
 
   def mean_over_pairs(differs_in: int) -> float:
     sims = [all_text[i] @ all_text[j] for i, j in itertools.combinations(range(len(combos)), 2)

@@ -42,7 +42,7 @@ stage image --config.train.init_from="$RUNS/vae/model"
 DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
 stage video --config.train.init_from="$RUNS/image/model" "$DEVICES"
 previous=video
-for name in video2 video3 video4 video5; do
+for name in $("$PYTHON" -c "from configs import shapes; print(*shapes.RESTARTS)"); do
   (( ${name#video} - 1 <= ${RESTARTS:-4} )) || break
   stage "$name" --config.train.init_from="$RUNS/$previous/model" "$DEVICES"
   previous="$name"

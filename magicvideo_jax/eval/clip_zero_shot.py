@@ -16,17 +16,19 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 
 
-def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
-             seed: int = 0) -> Dict[str, float]:
-  """{'colour_acc', 'shape_acc', 'motion_acc', 'all_acc', 'num_clips'} of the dual encoder."""
+def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
+  """`(embed_text(captions), embed_frames(uint8 frames [N, H, W, 3]))` of a dual encoder.
+
+  Both return L2-normalised embeddings `[N, D]` as numpy arrays. `checkpoint` is a pretrained folder
+  or a workdir holding one in `model/`.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
@@ -36,11 +38,24 @@ def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
   config = ckpt_lib.load_config(folder)
   clip_config, params = clip_lib.load_dual_encoder(folder)
   tokenizer = ckpt_lib.load_tokenizer(folder, config)
-  model = clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config)))
-  combos = moving_shapes.all_combinations()
-  ids = tokenizer([moving_shapes.caption(*c) for c in combos])
-  apply = jax.jit(model.apply)
-  text = conditioning.normalize_embedding(apply({'params': params}, ids).text_embeds)
+  apply = jax.jit(clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config))).apply)
+
+  def embed_text(captions: Sequence[str]) -> np.ndarray:
+    return np.asarray(conditioning.normalize_embedding(
+        apply({'params': params}, tokenizer(list(captions))).text_embeds))
+
+  def embed_frames(frames: np.ndarray) -> np.ndarray:
+    pixels = clip_vision.preprocess(frames, clip_config['vision']['image_size'])
+    return np.asarray(conditioning.normalize_embedding(
+        apply({'params': params}, None, pixels).image_embeds))
+
+  return embed_text, embed_frames
+
+
+def sample_frames(split: str, num_clips: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """One seeded random frame of each of a split's first `num_clips` clips `[N, H, W, 3]`, and the
+  clips' (colour, shape, motion) indices `[N, 3]`."""
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
   data_config = moving_shapes.MovingShapesConfig(name='default')
   rng = np.random.default_rng(seed)
   frames, truth = [], []
@@ -48,13 +63,22 @@ def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
     example = moving_shapes.make_example(split, index, data_config)
     frames.append(example['video'][rng.integers(len(example['video']))])
     truth.append((example['colour'], example['shape'], example['motion']))
-  pixels = clip_vision.preprocess(np.stack(frames), clip_config['vision']['image_size'])
-  image = conditioning.normalize_embedding(apply({'params': params}, None, pixels).image_embeds)
-  best = np.asarray(jax.numpy.argmax(image @ text.T, axis=-1))
+  return np.stack(frames), np.array(truth)
+
+
+def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
+             seed: int = 0) -> Dict[str, float]:
+  """{'colour_acc', 'shape_acc', 'motion_acc', 'all_acc', 'num_clips'} of the dual encoder."""
+  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  embed_text, embed_frames = load_encoder(checkpoint)
+  combos = moving_shapes.all_combinations()
+  text = embed_text([moving_shapes.caption(*c) for c in combos])
+  frames, truth = sample_frames(split, num_clips, seed)
+  best = np.argmax(embed_frames(frames) @ text.T, axis=-1)
   predicted = np.array([(moving_shapes.COLOUR_NAMES.index(combos[b][0]),
                          moving_shapes.SHAPES.index(combos[b][1]),
                          moving_shapes.MOTIONS.index(combos[b][2])) for b in best])
-  hits = predicted == np.array(truth)
+  hits = predicted == truth
   return dict(colour_acc=float(hits[:, 0].mean()), shape_acc=float(hits[:, 1].mean()),
               motion_acc=float(hits[:, 2].mean()), all_acc=float(hits.all(axis=1).mean()),
               num_clips=num_clips)
