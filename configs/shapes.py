@@ -5,7 +5,7 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   image      text-to-image U-Net + text encoder on single frames, VAE frozen (init_from: vae)
   video      the video stage: frame adaptors + directed temporal attention + fps embedding added to the
              image model and trained with the rest of the U-Net (init_from: image)
-  video2 ... video5  warm restarts: each 1500 more steps from the previous video stage's
+  video2 ... video6  warm restarts: each 1500 more steps from the previous video stage's
              result (init_from: video, video2, ...), the learning rate warmed up again: motion,
              still weak after the first 3000 steps, rises with each
   video_layers  the same with MagicVideo's own choice: only the new video layers train
@@ -20,7 +20,7 @@ import ml_collections
 
 from configs import common
 
-RESTARTS = ('video2', 'video3', 'video4', 'video5')
+RESTARTS = ('video2', 'video3', 'video4', 'video5', 'video6')
 STAGES = ('vae', 'image', 'video') + RESTARTS + ('video_layers', 'video_vae', 'image_long')
 
 
@@ -64,7 +64,7 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
                         # image_long: the steps of image + video + the restarts.
-                        num_steps=1000 if stage == 'image' else 10000,
+                        num_steps=1000 if stage == 'image' else 1000 + 3000 + 1500 * len(RESTARTS),
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
   elif stage in ('video', 'video_layers') + RESTARTS:

@@ -5,9 +5,9 @@
 #   bash launch/train_shapes.sh [RUNS_DIR]        (default RUNS_DIR=runs/shapes)
 #
 # Stages (configs/shapes.py): vae -> image (text-to-image U-Net + text encoder) -> video (adaptors,
-# directed temporal attention and fps embedding added to the image model) -> video2 -> ... -> video5
+# directed temporal attention and fps embedding added to the image model) -> video2 -> ... -> video6
 # (warm restarts: the video stage again from the previous result, learning rate warmed up again;
-# RESTARTS=N keeps the first N, default 4); video_vae (MagicVideo v2's
+# RESTARTS=N keeps the first N, default 5); video_vae (MagicVideo v2's
 # temporal decoder, from the vae stage; WITH_VIDEO_VAE=0 skips it) trains beside image and video
 # (two processes use the 2 cores better than one) and is merged into the video model. Each stage
 # resumes from its workdir if interrupted; a finished stage is skipped. SKIP_EVAL=1 skips the scoring.
@@ -43,7 +43,7 @@ DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
 stage video --config.train.init_from="$RUNS/image/model" "$DEVICES"
 previous=video
 for name in $("$PYTHON" -c "from configs import shapes; print(*shapes.RESTARTS)"); do
-  (( ${name#video} - 1 <= ${RESTARTS:-4} )) || break
+  (( ${name#video} - 1 <= ${RESTARTS:-5} )) || break
   stage "$name" --config.train.init_from="$RUNS/$previous/model" "$DEVICES"
   previous="$name"
 done

@@ -11,6 +11,7 @@ from magicvideo_jax.eval import shapes
 # Floors well under what the full evaluation (64 prompts a split) measures; see BENCHMARKS.md.
 COLOUR_FLOOR = 0.85
 MOTION_FLOOR = 0.7  # Chance is 0.2.
+SHAPE_FLOOR = 0.6  # Chance is 0.25.
 NUM_PROMPTS = 16  # One batch.
 
 
@@ -32,6 +33,7 @@ def test_bundled_checkpoint_follows_validation_prompts(pipe):
   print(judge.format_scores(scores, f'bundled checkpoint, {NUM_PROMPTS} validation prompts'))
   assert scores['colour_acc'] >= COLOUR_FLOOR
   assert scores['motion_acc'] >= MOTION_FLOOR
+  assert scores['shape_acc'] >= SHAPE_FLOOR
 
 
 def test_recipe_chains_its_stages_and_matches_the_bundle():
