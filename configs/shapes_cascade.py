@@ -13,7 +13,7 @@ new models always fit the base they start from:
   upscaler       32x32 -> 64x64: an SD-x4-upscaler-style U-Net (7 inputs = latents + low-res RGB,
                  noise-level class embedding, no attention at the first level) with LaVie's temporal
                  attention (sequential, bidirectional, RoPE; no frame adaptors, so any clip length),
-                 trained from scratch on 8-frame clips of moving_shapes/res64. The VAE is the base's,
+                 trained from scratch on 16-frame clips of moving_shapes/res64. The VAE is the base's,
                  reused and frozen: it was trained on 32x32 frames but is convolutional, and reconstructs
                  64x64 shapes clips as well (PSNR 32.4 dB vs 32.3 dB at 32x32, 64 test frames); the text
                  encoder is the base's too.
@@ -104,8 +104,10 @@ def get_config(arg: str = 'interpolation') -> ml_collections.ConfigDict:
         only_cross_attention=False, num_frames=(KEYFRAMES - 1) * FACTOR + 1, frame_adaptor=False,
         temporal_attention='sequential', temporal_mask='none', temporal_position='rope',
         fps_embedding=False))
-    config.data.update(dataset='moving_shapes/res64', num_frames=8,
-                       resolution=2 * int(loaded.data.resolution), global_batch_size=4)
+    # Whole 16-frame clips (not 8): the stage runs on 46 frames, and its temporal attention
+    # (RoPE) should have seen positions as far apart as it can in training.
+    config.data.update(dataset='moving_shapes/res64', num_frames=16,
+                       resolution=2 * int(loaded.data.resolution), global_batch_size=2)
     config.train.update(objective='upscaler', num_steps=1500, learning_rate=1e-3,
                         init_from_include=('^text_encoder/', '^vae/'))
     config.sampling.guidance_scale = 1.0  # Text barely matters to 2x SR: no guidance, half the cost.
