@@ -21,6 +21,7 @@ import ml_collections
 from configs import common
 
 RESTARTS = ('video2', 'video3', 'video4', 'video5', 'video6')
+IMAGE_STEPS, VIDEO_STEPS, RESTART_STEPS = 1000, 3000, 1500
 STAGES = ('vae', 'image', 'video') + RESTARTS + ('video_layers', 'video_vae', 'image_long')
 
 
@@ -64,7 +65,8 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
                         # image_long: the steps of image + video + the restarts.
-                        num_steps=1000 if stage == 'image' else 1000 + 3000 + 1500 * len(RESTARTS),
+                        num_steps=IMAGE_STEPS if stage == 'image' else
+                        IMAGE_STEPS + VIDEO_STEPS + RESTART_STEPS * len(RESTARTS),
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
   elif stage in ('video', 'video_layers') + RESTARTS:
@@ -73,14 +75,14 @@ def get_config(stage: str = 'video') -> ml_collections.ConfigDict:
     # matter, so both keep training ('video_layers' trains only the new layers).
     # Timesteps drawn logit-normal (median t = 769, a wide spread): the high-noise steps, where the
     # object's place in every frame (hence the motion) is decided, get most of the training.
-    config.train.update(num_steps=3000, init_from='runs/shapes/image/model',
+    config.train.update(num_steps=VIDEO_STEPS, init_from='runs/shapes/image/model',
                         trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4,
                         timestep_sampling='logit_normal', timestep_logit_mean=1.2,
                         timestep_logit_std=1.5)
     config.data.update(global_batch_size=4)
     if stage in RESTARTS:  # A warm restart: 1500 more steps from the previous stage's weights.
       previous = (('video',) + RESTARTS)[RESTARTS.index(stage)]
-      config.train.update(num_steps=1500, init_from=f'runs/shapes/{previous}/model')
+      config.train.update(num_steps=RESTART_STEPS, init_from=f'runs/shapes/{previous}/model')
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':
