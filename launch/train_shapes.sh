@@ -11,10 +11,23 @@
 # temporal decoder, from the vae stage; WITH_VIDEO_VAE=0 skips it) trains beside image and video
 # (two processes use the 2 cores better than one) and is merged into the video model. Each stage
 # resumes from its workdir if interrupted; a finished stage is skipped. SKIP_EVAL=1 skips the scoring.
+#
+# QUICK=1: the same recipe on the 30-minute budget (configs/shapes.py `STAGE,quick`: shorter vae,
+# image and video stages, no restarts, no video_vae, every stage on CPU_DEVICES devices); the result
+# goes to $RUNS/bundle (ASSET), not over the shipped checkpoint.
+#   QUICK=1 bash launch/train_shapes.sh runs/shapes_quick
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-runs/shapes}"
 PYTHON="${PYTHON:-.venv/bin/python}"
+# One process over CPU_DEVICES data-parallel CPU devices: faster than one device on 2 cores
+# (ignored on GPU and TPU, where the accelerators are the devices).
+DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
+VARIANT="" EARLY_DEVICES=()
+if [[ "${QUICK:-0}" == 1 ]]; then
+  VARIANT=",quick" RESTARTS=0 WITH_VIDEO_VAE=0 EARLY_DEVICES=("$DEVICES")
+  ASSET="${ASSET:-$RUNS/bundle}"
+fi
 ASSET="${ASSET:-magicvideo_jax/assets/shapes}"
 start=$(date +%s)
 
@@ -24,22 +37,19 @@ stage() {  # stage NAME [extra main.py flags]
     echo "== $name: done already ($RUNS/$name/model)"; return
   fi
   echo "== $name: training ($(($(date +%s) - start)) s elapsed)"
-  "$PYTHON" -m magicvideo_jax.main --config="configs/shapes.py:$name" --workdir="$RUNS/$name" "$@" \
+  "$PYTHON" -m magicvideo_jax.main --config="configs/shapes.py:$name$VARIANT" --workdir="$RUNS/$name" "$@" \
     2>&1 | grep --line-buffered -E "train.py|steps_per_sec|loss=|Error|error" | sed -u "s/^/[$name] /" || true
   [[ -f "$RUNS/$name/model/config.json" ]] || { echo "stage $name failed" >&2; return 1; }
   echo "== $name: finished ($(($(date +%s) - start)) s elapsed)"
 }
 
-stage vae
+stage vae "${EARLY_DEVICES[@]}"
 video_vae_pid=""
 if [[ "${WITH_VIDEO_VAE:-1}" == 1 ]]; then
   stage video_vae --config.train.init_from="$RUNS/vae/model" &
   video_vae_pid=$!
 fi
-stage image --config.train.init_from="$RUNS/vae/model"
-# One process over CPU_DEVICES data-parallel CPU devices: faster than one device on 2 cores
-# (ignored on GPU and TPU, where the accelerators are the devices).
-DEVICES="--num_cpu_devices=${CPU_DEVICES:-$(nproc)}"
+stage image --config.train.init_from="$RUNS/vae/model" "${EARLY_DEVICES[@]}"
 stage video --config.train.init_from="$RUNS/image/model" "$DEVICES"
 previous=video
 for name in $("$PYTHON" -c "from configs import shapes; print(*shapes.RESTARTS)"); do
@@ -60,8 +70,8 @@ echo "== recipe finished in $elapsed s"
 rm -rf "$ASSET" && mkdir -p "$(dirname "$ASSET")" && cp -r "$FINAL" "$ASSET"
 cat > "$ASSET/PROVENANCE.md" <<NOTE
 # Bundled shapes checkpoint
-Produced by \`bash launch/train_shapes.sh $RUNS\` (configs/shapes.py stages vae -> image -> video -> warm restarts to $previous,
-video_vae beside them, merged; from $FINAL) on $(date -u +%Y-%m-%d), $(nproc) CPU cores, in $elapsed s.
+Produced by \`${QUICK:+QUICK=$QUICK }bash launch/train_shapes.sh $RUNS\` (configs/shapes.py${VARIANT:+ variant $VARIANT}: stages
+vae -> image -> video$([[ $previous == video ]] || echo ", warm restarts up to $previous")${video_vae_pid:+, video_vae beside them and merged}; from $FINAL) on $(date -u +%Y-%m-%d), $(nproc) CPU cores, in $elapsed s.
 Scores and stage times: BENCHMARKS.md, "Shapes".
 NOTE
 if [[ "${SKIP_EVAL:-0}" != 1 ]]; then

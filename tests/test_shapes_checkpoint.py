@@ -48,3 +48,18 @@ def test_recipe_chains_its_stages_and_matches_the_bundle():
   for section in ('unet', 'text_encoder'):
     assert bundled.model[section].to_dict() == config.model[section].to_dict(), section
   assert bundled.diffusion.to_dict() == config.diffusion.to_dict()
+
+
+def test_quick_recipe_is_the_same_model_on_a_smaller_budget():
+  """`STAGE,quick` changes step counts only; its image_long ablation has the quick image + video budget."""
+  from configs import shapes as shapes_config
+  for stage, steps in shapes_config.QUICK_STEPS.items():
+    full, quick = shapes_config.get_config(stage), shapes_config.get_config(f'{stage},quick')
+    assert quick.train.num_steps == steps < full.train.num_steps
+    quick.train.num_steps = full.train.num_steps
+    assert quick.to_dict() == full.to_dict(), stage
+  ablation = shapes_config.get_config('image_long,quick')
+  assert ablation.train.num_steps == (shapes_config.QUICK_STEPS['image'] +
+                                      shapes_config.QUICK_STEPS['video'])
+  with pytest.raises(ValueError, match='quick recipe has the stages'):
+    shapes_config.get_config('video2,quick')
