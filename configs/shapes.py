@@ -11,7 +11,7 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
   video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
              vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
-  image_long the ablation: the image model alone trained for the image + video budget
+  image_long the ablation: the image model alone trained for the steps of image + video + restarts
 
   python -m magicvideo_jax.main --config=configs/shapes.py:vae --workdir=runs/shapes/vae
 
@@ -114,7 +114,6 @@ def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
                         learning_rate=3e-4)
     config.data.update(global_batch_size=4)
   if quick:
-    steps = QUICK_STEPS
-    config.train.num_steps = (steps['image'] + steps['video'] if stage == 'image_long' else
-                              steps[stage])
+    config.train.num_steps = (QUICK_STEPS['image'] + QUICK_STEPS['video'] if stage == 'image_long'
+                              else QUICK_STEPS[stage])
   return config
