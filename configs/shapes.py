@@ -26,9 +26,11 @@ import ml_collections
 from configs import common
 
 RESTARTS = ('video2', 'video3', 'video4', 'video5', 'video6')
-VAE_STEPS, IMAGE_STEPS, VIDEO_STEPS, RESTART_STEPS = 600, 1000, 3000, 1500
-# The 30-minute budget (`STAGE,quick`): vae + image + video (no restarts, no video_vae).
-QUICK_STEPS = dict(vae=300, image=500, video=2000)
+# Steps of each stage; 'restart' is each of RESTARTS. image_long trains image + video + restarts.
+STEPS = dict(vae=600, image=1000, video=3000, restart=1500)
+# The 30-minute budget (`STAGE,quick`): vae + image + video, no restarts (and no video_vae).
+QUICK_STEPS = dict(vae=300, image=500, video=2000, restart=0)
+QUICK_STAGES = ('vae', 'image', 'video', 'image_long')
 STAGES = ('vae', 'image', 'video') + RESTARTS + ('video_layers', 'video_vae', 'image_long')
 
 
@@ -40,14 +42,15 @@ def parse_arg(arg: str):
     raise ValueError(f'configs/shapes.py:{stage}: unknown stage; choose one of {STAGES}')
   if any(option != 'quick' for option in options):
     raise ValueError(f'configs/shapes.py:{arg}: the only option is quick, got {options}')
-  if options and stage not in QUICK_STEPS and stage != 'image_long':
-    raise ValueError(f'configs/shapes.py:{arg}: the quick recipe has the stages '
-                     f'{tuple(QUICK_STEPS)} and its ablation image_long')
+  if options and stage not in QUICK_STAGES:
+    raise ValueError(f'configs/shapes.py:{arg}: the quick recipe has the stages {QUICK_STAGES[:-1]} '
+                     'and its ablation image_long')
   return stage, bool(options)
 
 
 def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
   stage, quick = parse_arg(arg)
+  steps = QUICK_STEPS if quick else STEPS
   config = common.base_config()
   config.model.text_encoder.update(vocab_size=32, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
@@ -78,14 +81,14 @@ def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
                                       'a yellow star growing', 'a green triangle moving right'))
 
   if stage == 'vae':
-    config.train.update(objective='vae', trainable=('^vae/',), num_steps=VAE_STEPS, kl_weight=1e-6)
+    config.train.update(objective='vae', trainable=('^vae/',), num_steps=steps['vae'], kl_weight=1e-6)
     config.data.update(num_frames=1, global_batch_size=32, caption_dropout=0.0)
   elif stage in ('image', 'image_long'):
     config.model.unet = common.image_only(config.model.unet)
     config.train.update(trainable=('^unet/', '^text_encoder/'),
                         # image_long: the steps of image + video + the restarts.
-                        num_steps=IMAGE_STEPS if stage == 'image' else
-                        IMAGE_STEPS + VIDEO_STEPS + RESTART_STEPS * len(RESTARTS),
+                        num_steps=steps['image'] if stage == 'image' else
+                        steps['image'] + steps['video'] + steps['restart'] * len(RESTARTS),
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',))
     config.data.update(num_frames=1, global_batch_size=32)
   elif stage in ('video', 'video_layers') + RESTARTS:
@@ -94,14 +97,14 @@ def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
     # matter, so both keep training ('video_layers' trains only the new layers).
     # Timesteps drawn logit-normal (median t = 769, a wide spread): the high-noise steps, where the
     # object's place in every frame (hence the motion) is decided, get most of the training.
-    config.train.update(num_steps=VIDEO_STEPS, init_from='runs/shapes/image/model',
+    config.train.update(num_steps=steps['video'], init_from='runs/shapes/image/model',
                         trainable=('^unet/', '^text_encoder/'), learning_rate=8e-4,
                         timestep_sampling='logit_normal', timestep_logit_mean=1.2,
                         timestep_logit_std=1.5)
     config.data.update(global_batch_size=4)
     if stage in RESTARTS:  # A warm restart: 1500 more steps from the previous stage's weights.
       previous = (('video',) + RESTARTS)[RESTARTS.index(stage)]
-      config.train.update(num_steps=RESTART_STEPS, init_from=f'runs/shapes/{previous}/model')
+      config.train.update(num_steps=steps['restart'], init_from=f'runs/shapes/{previous}/model')
     if stage == 'video_layers':  # MagicVideo's own choice: adaptors, temporal attention, fps only.
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':
@@ -113,7 +116,4 @@ def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
                         init_from='runs/shapes/vae/model', init_from_include=('^vae/',),
                         learning_rate=3e-4)
     config.data.update(global_batch_size=4)
-  if quick:
-    config.train.num_steps = (QUICK_STEPS['image'] + QUICK_STEPS['video'] if stage == 'image_long'
-                              else QUICK_STEPS[stage])
   return config
