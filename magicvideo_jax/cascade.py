@@ -76,7 +76,8 @@ def stage_configs(interpolation: Optional[str], upscaler: Optional[str]):
 def check_configs(base_config: ml_collections.ConfigDict,
                   interpolation_config: Optional[ml_collections.ConfigDict],
                   upscaler_config: Optional[ml_collections.ConfigDict], *, num_frames: int,
-                  height: int, width: int, noise_level: Optional[int] = None) -> None:
+                  height: int, width: int, noise_level: Optional[int] = None,
+                  upscale_strength: Optional[float] = None) -> None:
   """ValueErrors for stages that cannot follow the base at this size (before loading any weights)."""
   del base_config  # Another VAE than the base's is fine: the keyframes are then re-encoded.
   frames = num_frames
@@ -109,6 +110,8 @@ def check_configs(base_config: ml_collections.ConfigDict,
     if noise_level is not None and not 0 <= noise_level <= limit:
       raise ValueError(f'noise_level={noise_level} must be in [0, {limit}] (the upscaler\'s '
                        'config.upscaler.max_noise_level)')
+    if upscale_strength is not None and not 0.0 < upscale_strength <= 1.0:
+      raise ValueError(f'upscale_strength={upscale_strength} must be in (0, 1] (1: from pure noise)')
 
 
 def _same_vae_config(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
@@ -139,7 +142,8 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
                interpolation_steps: Optional[int] = None,
                interpolation_guidance_scale: Optional[float] = None,
                upscale_steps: Optional[int] = None, upscale_guidance_scale: Optional[float] = None,
-               noise_level: Optional[int] = None, use_video_vae: bool = True) -> Dict[str, Any]:
+               noise_level: Optional[int] = None, upscale_strength: Optional[float] = None,
+               use_video_vae: bool = True) -> Dict[str, Any]:
   """The stages after the base, on its denoised latents `[B, K, h, w, c]` (scaled).
 
   Args:
@@ -150,7 +154,7 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
     fps: the base's fps conditioning; the interpolation stage gets fps x m.
     interpolate, upscale: False skips a loaded stage.
     interpolation_steps, interpolation_guidance_scale, upscale_steps, upscale_guidance_scale,
-      noise_level: per-stage settings (None: the stage's config).
+      noise_level, upscale_strength: per-stage settings (None: the stage's config).
     use_video_vae: the base decoder's switch (when the base's frames are the output or the SR input).
 
   Returns:
@@ -181,7 +185,8 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
     t0 = time.time()
     low_res = 2.0 * out['frames'] - 1.0
     kwargs = dict(num_inference_steps=upscale_steps, guidance_scale=upscale_guidance_scale,
-                  noise_level=noise_level, seed=seed + 2, fps=out['fps'])
+                  noise_level=noise_level, strength=upscale_strength, seed=seed + 2,
+                  fps=out['fps'])
     out['upscaled_latents'] = upscaler(low_res, list(prompts), list(negatives),
                                        output_type='latent', **kwargs)
     out['upscaled'] = upscaler.decode(out['upscaled_latents'])

@@ -430,7 +430,7 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
                 eta: float = 0.0, key: Optional[jax.Array] = None,
                 timestep_spacing: Optional[str] = None, steps_offset: Optional[int] = None,
                 final_sigmas_type: str = 'zero', sigma_spacing: Optional[str] = None,
-                clip_sample: bool = False) -> jax.Array:
+                clip_sample: bool = False, start_step: int = 0) -> jax.Array:
   """Denoises `latents` [B, ...] (unit noise) into samples [B, ...] float32: one `lax.scan`.
 
   `model_fn(x, t)` takes float32 latents and an int32 scalar timestep and returns the (already
@@ -438,8 +438,14 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
   are static Python values; `key` (needed when eta > 0) is split into one key per step.
   `timestep_spacing` / `steps_offset` default to the schedule's. DDIM only: `eta`, `clip_sample`.
   DPM-Solver++ only: `final_sigmas_type`, `sigma_spacing` (see `dpm_solver_timesteps`).
+  `start_step` > 0 runs only the steps from that one on (image-to-image, SDEdit): `latents` are then
+  data already noised to that step's level, as `noise_to_step` does; a DPM-Solver++ run restarts at
+  first order there, having no previous step.
   """
   _check('sampler', sampler, SAMPLERS)
+  if not 0 <= start_step < num_inference_steps:
+    raise ValueError(f'start_step={start_step} must be in [0, num_inference_steps='
+                     f'{num_inference_steps}).')
   if eta < 0 or (eta > 0 and sampler != 'ddim'):
     raise ValueError(f'eta={eta}: eta must be >= 0 and is a DDIM option (sampler={sampler!r}).')
   if eta > 0 and key is None:
@@ -449,10 +455,8 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
   x = latents.astype(jnp.float32) * INIT_NOISE_SIGMA
 
   if sampler == 'ddim':
-    timesteps = jnp.asarray(inference_timesteps(
-        num_inference_steps, schedule.num_train_timesteps,
-        timestep_spacing or schedule.timestep_spacing,
-        schedule.steps_offset if steps_offset is None else steps_offset))
+    timesteps = _ddim_timesteps(schedule, num_inference_steps, timestep_spacing,
+                                steps_offset)[start_step:]
     keys = jax.random.split(key, timesteps.shape[0]) if eta > 0 else None
 
     def ddim_body(x, inputs):
@@ -474,6 +478,44 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
   timesteps, sigmas = dpm_solver_timesteps(
       schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
       sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
-  plan = dpm_solver_plan(sigmas, final_sigmas_type)
-  (x, _), _ = jax.lax.scan(dpm_body, (x, jnp.zeros_like(x)), (timesteps, *plan))
+  sigma_prev, sigma, sigma_next, second_order = dpm_solver_plan(sigmas, final_sigmas_type)
+  second_order = second_order.at[start_step].set(False)
+  plan = [v[start_step:] for v in (timesteps, sigma_prev, sigma, sigma_next, second_order)]
+  (x, _), _ = jax.lax.scan(dpm_body, (x, jnp.zeros_like(x)), tuple(plan))
   return x
+
+
+def _ddim_timesteps(schedule: Schedule, num_inference_steps: int,
+                    timestep_spacing: Optional[str], steps_offset: Optional[int]) -> jax.Array:
+  return jnp.asarray(inference_timesteps(
+      num_inference_steps, schedule.num_train_timesteps,
+      timestep_spacing or schedule.timestep_spacing,
+      schedule.steps_offset if steps_offset is None else steps_offset))
+
+
+def strength_start_step(num_inference_steps: int, strength: float) -> int:
+  """The first step of an image-to-image run at `strength` in (0, 1] (1: from pure noise, step 0),
+  as diffusers' img2img pipelines: the last round(n * strength) steps run, at least one."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f'strength={strength} must be in (0, 1].')
+  return num_inference_steps - max(1, min(num_inference_steps,
+                                          int(round(num_inference_steps * strength))))
+
+
+def noise_to_step(schedule: Schedule, x0: jax.Array, noise: jax.Array, num_inference_steps: int,
+                  start_step: int, *, sampler: str = 'ddim', timestep_spacing: Optional[str] = None,
+                  steps_offset: Optional[int] = None, sigma_spacing: Optional[str] = None,
+                  final_sigmas_type: str = 'zero') -> jax.Array:
+  """Data `x0` noised to the level at which `sample_loop(..., start_step=start_step)` with the same
+  sampler options begins (for DPM-Solver++ with `sigma_spacing`, the exact sigma of that step, not
+  that of its rounded timestep)."""
+  _check('sampler', sampler, SAMPLERS)
+  x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+  if sampler == 'ddim':
+    t = _ddim_timesteps(schedule, num_inference_steps, timestep_spacing, steps_offset)[start_step]
+    return add_noise(schedule, x0, noise, t)
+  _, sigmas = dpm_solver_timesteps(
+      schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+      sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
+  alpha, sigma, _ = _alpha_sigma_lambda(sigmas[start_step])
+  return alpha * x0 + sigma * noise

@@ -345,11 +345,7 @@ class KeyframeInterpolator:
 
   def _encode_impl(self, params, frames):
     """Frames `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior means `[B, F, h, w, c]`."""
-    vae = self.modules['vae']
-    b = frames.shape[0]
-    mean, _ = vae.apply({'params': params['vae']},
-                        einops.rearrange(frames, 'b f h w c -> (b f) h w c'), method='encode')
-    return einops.rearrange(mean, '(b f) h w c -> b f h w c', b=b) * self.scaling_factor
+    return models_lib.encode_frames(self.modules['vae'], params['vae'], frames, self.scaling_factor)
 
   # The calls.
 

@@ -292,7 +292,8 @@ class MagicVideoPipeline:
                interpolation_steps: Optional[int] = None,
                interpolation_guidance_scale: Optional[float] = None,
                upscale_steps: Optional[int] = None, upscale_guidance_scale: Optional[float] = None,
-               noise_level: Optional[int] = None) -> np.ndarray:
+               noise_level: Optional[int] = None,
+               upscale_strength: Optional[float] = None) -> np.ndarray:
     """Generates one video per prompt (through the cascade's stages when the pipeline has them).
 
     Args:
@@ -317,8 +318,9 @@ class MagicVideoPipeline:
       interpolate, upscale: False skips the interpolation / super-resolution stage (when loaded).
       interpolation_steps, interpolation_guidance_scale: the interpolation stage's sampler steps and
         text guidance (default: its config.sampling).
-      upscale_steps, upscale_guidance_scale, noise_level: the super-resolution stage's steps,
-        guidance and low-res noise augmentation level (default: its config).
+      upscale_steps, upscale_guidance_scale, noise_level, upscale_strength: the super-resolution
+        stage's steps, guidance, low-res noise augmentation level and strength (< 1: start from
+        its upsampled input, `VideoUpscaler.__call__`) (default: its config).
 
     Returns:
       numpy `[B, F, H, W, 3]` (see `output_type`); after interpolation by m, F = (num_frames - 1) m + 1;
@@ -341,7 +343,8 @@ class MagicVideoPipeline:
     if interpolator is not None or upscaler is not None:
       cascade.check_configs(self.config, interpolator and interpolator.config,
                             upscaler and upscaler.config, num_frames=num_frames, height=height,
-                            width=width, noise_level=noise_level)
+                            width=width, noise_level=noise_level,
+                            upscale_strength=upscale_strength)
     latent_shape = (b, num_frames, height // self.vae_factor, width // self.vae_factor,
                     self.latent_channels)
     noise_key, loop_key = jax.random.split(jax.random.key(seed))
@@ -389,7 +392,7 @@ class MagicVideoPipeline:
           interpolate=interpolate, upscale=upscale, interpolation_steps=interpolation_steps,
           interpolation_guidance_scale=interpolation_guidance_scale, upscale_steps=upscale_steps,
           upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
-          use_video_vae=use_video_vae)
+          upscale_strength=upscale_strength, use_video_vae=use_video_vae)
       if output_type == 'latent':
         return stages.get('upscaled_latents', stages['latents'])
       frames = stages.get('upscaled', stages['frames'])

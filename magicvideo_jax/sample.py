@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='its text guidance (default: its config.sampling)')
   cascade.add_argument('--noise_level', type=int,
                        help='noise augmentation level of its low-res input (default: its config)')
+  cascade.add_argument('--upscale_strength', type=float,
+                       help='in (0, 1]: below 1 it starts from its upsampled input noised to that '
+                       'fraction of the steps, instead of pure noise (default: its config)')
   return parser
 
 
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> List[str]:
     interpolation_config, upscaler_config = cascade.stage_configs(interpolation, upscaler)
     cascade.check_configs(config, interpolation_config, upscaler_config,
                           num_frames=kwargs['num_frames'], height=kwargs['height'],
-                          width=kwargs['width'], noise_level=args.noise_level)
+                          width=kwargs['width'], noise_level=args.noise_level,
+                          upscale_strength=args.upscale_strength)
     pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
         base, num_frames=args.num_frames_model, verbose=True, interpolation=interpolation,
         upscaler=upscaler)
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> List[str]:
   kwargs.update(interpolation_steps=args.interpolation_steps,
                 interpolation_guidance_scale=args.interpolation_guidance_scale,
                 upscale_steps=args.upscale_steps, upscale_guidance_scale=args.upscale_guidance_scale,
-                noise_level=args.noise_level)
+                noise_level=args.noise_level, upscale_strength=args.upscale_strength)
   file_fps = kwargs['fps'] * (pipe.interpolator.factor if pipe.interpolator else 1)
   stages = ''.join(f' -> {name}' for name, stage in (('interpolation', pipe.interpolator),
                                                       ('super-resolution', pipe.upscaler)) if stage)

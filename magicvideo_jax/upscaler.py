@@ -57,12 +57,13 @@ def is_upscaler_config(config: ml_collections.ConfigDict) -> bool:
 
 def default_config() -> ml_collections.ConfigDict:
   """A `config.upscaler` section as the SD x4 upscaler's: its low-res DDPM schedule (linear betas
-  1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling."""
+  1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling, and sampling from pure noise
+  (`strength` 1; below 1 the sampler starts from the upsampled input instead, see `__call__`)."""
   schedule = dict(num_train_timesteps=1000, beta_schedule='linear', beta_start=0.0001,
                   beta_end=0.02, prediction_type='epsilon', timestep_spacing='leading',
                   steps_offset=0, set_alpha_to_one=True)
   return ml_collections.ConfigDict(dict(noise_schedule=schedule, max_noise_level=350,
-                                        noise_level=20))
+                                        noise_level=20, strength=1.0))
 
 
 def downsample(video: jax.Array, factor: int) -> jax.Array:
@@ -147,7 +148,7 @@ class VideoUpscaler:
     self.trace_count = 0
     self._denoise = jax.jit(self._denoise_impl, static_argnames=(
         'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'clip_sample', 'sigma_spacing',
-        'final_sigmas_type'))
+        'final_sigmas_type', 'start_step'))
     self._decode = jax.jit(self._decode_impl)
     self._encode = jax.jit(self._encode_impl)
 
@@ -177,10 +178,27 @@ class VideoUpscaler:
   def _denoise_impl(self, params, latents, low_res, noise, context, negative_context, noise_level,
                     guidance_scale, fps, key, *, num_inference_steps: int, sampler: str, eta: float,
                     do_cfg: bool, clip_sample: bool, sigma_spacing: Optional[str],
-                    final_sigmas_type: str):
-    """Unit-noise latents `[B, F, h, w, 4]` -> denoised latents (scaled, as the U-Net sees them)."""
+                    final_sigmas_type: str, start_step: int):
+    """Unit-noise latents `[B, F, h, w, 4]` -> denoised latents (scaled, as the U-Net sees them).
+
+    From `start_step` > 0 the noise is added to the latents of the low-res frames upsampled
+    (bilinear) to the output size, and the sampler runs its steps from there (image-to-image)."""
     self.trace_count += 1  # Python side effect: once per trace.
     unet = self.modules['unet']
+    options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
+                                        sigma_spacing=sigma_spacing,
+                                        final_sigmas_type=final_sigmas_type)
+    if start_step:
+      b, f, h, w, c = low_res.shape
+      upsampled = jax.image.resize(low_res, (b, f, h * self.vae_factor, w * self.vae_factor, c),
+                                   'linear')
+      by_frame = einops.rearrange(upsampled, 'b f h w c -> f b 1 h w c')  # Bounds memory.
+      start = jax.lax.map(lambda x: models_lib.encode_frames(
+          self.modules['vae'], params['vae'], x, self.scaling_factor), by_frame)
+      start = einops.rearrange(start, 'f b 1 h w c -> b f h w c')
+      latents = diffusion.noise_to_step(
+          self.schedule, start, latents, num_inference_steps, start_step, sampler=sampler,
+          **{k: v for k, v in options.items() if k in ('sigma_spacing', 'final_sigmas_type')})
     condition = noise_augment(self.low_res_schedule, low_res, noise, noise_level)
     if do_cfg:  # Negative first, as diffusers.
       context = jnp.concatenate([negative_context, context], axis=0)
@@ -194,11 +212,8 @@ class VideoUpscaler:
 
     model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None,
                                          condition=condition)
-    options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
-                                        sigma_spacing=sigma_spacing,
-                                        final_sigmas_type=final_sigmas_type)
     return diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
-                                 sampler=sampler, **options)
+                                 sampler=sampler, start_step=start_step, **options)
 
   def _decode_impl(self, params, latents):
     """Scaled latents `[B, F, h, w, 4]` -> frames `[B, F, 4h, 4w, 3]` (about [-1, 1])."""
@@ -229,7 +244,8 @@ class VideoUpscaler:
                num_inference_steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
                latents: Optional[Any] = None, noise: Optional[Any] = None,
                fps: Optional[float] = None, sampler: Optional[str] = None,
-               sigma_spacing: Optional[str] = None, output_type: str = 'float') -> np.ndarray:
+               sigma_spacing: Optional[str] = None, strength: Optional[float] = None,
+               output_type: str = 'float') -> np.ndarray:
     """Upscales each clip of `low_res` by the VAE factor (4 for the SD x4 upscaler).
 
     Args:
@@ -244,10 +260,15 @@ class VideoUpscaler:
       num_inference_steps, sampler, sigma_spacing: default config.sampling.
       eta: DDIM stochasticity.
       seed: seeds the latents, the augmentation noise and DDIM's noise (eta > 0) unless given.
-      latents: initial unit noise `[B, F, h, w, 4]`.
+      latents: initial unit noise `[B, F, h, w, 4]` (with strength < 1: the noise added to the
+        upsampled input's latents).
       noise: the augmentation noise `[B, F, h, w, 3]` (diffusers draws it with `randn` before the
         latents).
       fps: frame-rate conditioning of a video SR U-Net with an fps embedding; default config.data.fps.
+      strength: in (0, 1]; default config.upscaler.strength (1: from pure noise, as diffusers). Below
+        1, image-to-image (SDEdit): the latents of the low-res frames upsampled (bilinear) are noised
+        to the level of step n - round(n strength) and only the last steps run, so the output keeps
+        the input's layout frame by frame (a video's consistency) and the sampler only adds detail.
       output_type: 'float' (`[B, F, 4h, 4w, 3]` in [0, 1]), 'uint8', or 'latent' (`[B, F, h, w, 4]`).
 
     Returns:
@@ -259,6 +280,8 @@ class VideoUpscaler:
     guidance_scale = float(sampling.get('guidance_scale', 9.0) if guidance_scale is None
                            else guidance_scale)
     num_inference_steps = int(num_inference_steps or sampling.get('num_inference_steps', 75))
+    strength = float(upscaler.get('strength', 1.0) if strength is None else strength)
+    start_step = diffusion.strength_start_step(num_inference_steps, strength)
     sampler = sampler or sampling.get('sampler', 'ddim')
     if sigma_spacing is None and sampler == 'dpmsolver++':
       sigma_spacing = sampling.get('sigma_spacing', None)
@@ -287,7 +310,8 @@ class VideoUpscaler:
     static = dict(num_inference_steps=num_inference_steps, sampler=sampler, eta=float(eta),
                   do_cfg=bool(do_cfg), clip_sample=clip_sample,
                   sigma_spacing=sigma_spacing,
-                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'))
+                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'),
+                  start_step=start_step)
     z0 = self._denoise(self.params, latents, low_res, noise, context, negative_context,
                        jnp.int32(noise_level), jnp.float32(guidance_scale),
                        jnp.full((batch,), fps_value, jnp.float32), loop_key, **static)

@@ -304,6 +304,11 @@ def test_pipeline_runs_base_interpolation_sr(pipe, folders, tmp_path):
   assert keyframes.shape == (2, KEYFRAMES, SIZE // 2, SIZE // 2, 4)
   with pytest.raises(ValueError, match='max_noise_level'):
     pipe(PROMPTS, **CALL, noise_level=400)
+  # SR from the upsampled input (image-to-image) reaches the upscaler; checked before sampling.
+  img2img = pipe(PROMPTS, **CALL, upscale_strength=0.5)
+  assert img2img.shape == video.shape and np.abs(img2img.astype(int) - video).max() > 0
+  with pytest.raises(ValueError, match='upscale_strength'):
+    pipe(PROMPTS, **CALL, upscale_strength=1.5)
 
 
 def test_keyframes_pass_through_another_vae(pipe):
@@ -326,7 +331,7 @@ def test_cli_cascade_flags(folders, tmp_path, capsys):
   argv = ['--checkpoint', folders.base, '--interpolation', folders.interpolation, '--upscaler',
           folders.upscaler, '--prompt', PROMPTS[0], '--output', str(out), '--num_frames',
           str(KEYFRAMES), '--steps', '2', '--interpolation_steps', '2', '--upscale_steps', '2',
-          '--noise_level', '30']
+          '--noise_level', '30', '--upscale_strength', '0.5']
   assert sample.main(argv) == 0
   assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
   frames = video_io.read_video(str(out))

@@ -357,6 +357,69 @@ def test_sample_loop_errors():
                           key=jax.random.key(0))
 
 
+@pytest.mark.parametrize('sampler,sigma_spacing,start_step', [
+    ('ddim', None, 4), ('dpmsolver++', None, 3), ('dpmsolver++', 'lu_lambdas', 5)])
+def test_image_to_image_start_matches_diffusers(sampler, sigma_spacing, start_step):
+  """diffusers' img2img: noise x0 to timesteps[k] (add_noise; DPM-Solver at sigmas[k]) and run the
+  steps from k on, DPM-Solver restarting at first order (set_begin_index)."""
+  n = 12
+  ours, ddim, dpm = _schedules()
+  if sigma_spacing == 'lu_lambdas':
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(dpm.config, use_lu_lambdas=True)
+  scheduler = ddim if sampler == 'ddim' else dpm
+  rng = np.random.default_rng(0)
+  x0, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+  model = _model_np(ours.alphas_cumprod, 'epsilon')
+
+  scheduler.set_timesteps(n)
+  timesteps = scheduler.timesteps
+  if sampler == 'dpmsolver++':
+    scheduler.set_begin_index(start_step)
+  x = scheduler.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[start_step:][:1])
+  start = x.numpy()
+  for t in timesteps[start_step:]:
+    x = scheduler.step(torch.from_numpy(model(x.numpy(), int(t))), t, x).prev_sample
+  expected = x.numpy()
+
+  options = dict(sampler=sampler, sigma_spacing=sigma_spacing)
+  noisy = diffusion.noise_to_step(ours, jnp.asarray(x0), jnp.asarray(noise), n, start_step, **options)
+  np.testing.assert_allclose(noisy, start, rtol=1e-5, atol=1e-5)
+  out = diffusion.sample_loop(_model_jnp(ours.alphas_cumprod, 'epsilon'), noisy, ours, n,
+                              start_step=start_step, **options)
+  err = float(np.max(np.abs(np.asarray(out) - expected)) / np.max(np.abs(expected)))
+  print(f'img2img {sampler} {sigma_spacing} from step {start_step}/{n}: max rel err {err:.2e}')
+  assert err < 1e-4
+
+
+@pytest.mark.parametrize('sampler', diffusion.SAMPLERS)
+def test_image_to_image_with_the_exact_noise_returns_the_data(sampler):
+  """A model that predicts the very noise that `noise_to_step` added reads x0 back exactly at every
+  step, so the run ends on x0; noising to any other level than the start step's breaks that.
+  (set_alpha_to_one: DDIM's last step then lands on x0 itself, not on the level of t = 0.)"""
+  ours, _, _ = _schedules(set_alpha_to_one=True)
+  x0, noise = jax.random.normal(jax.random.key(0), (2,) + SHAPE)
+  for start_step in (0, 3, 9):
+    noisy = diffusion.noise_to_step(ours, x0, noise, 10, start_step, sampler=sampler)
+    out = diffusion.sample_loop(lambda x, t: noise, noisy, ours, 10, sampler=sampler,
+                                start_step=start_step)
+    np.testing.assert_allclose(out, x0, rtol=1e-4, atol=1e-4)
+  off_by_one = diffusion.noise_to_step(ours, x0, noise, 10, 4, sampler=sampler)
+  out = diffusion.sample_loop(lambda x, t: noise, off_by_one, ours, 10, sampler=sampler,
+                              start_step=3)
+  assert float(jnp.max(jnp.abs(out - x0))) > 1e-2
+
+
+def test_strength_start_step():
+  assert diffusion.strength_start_step(20, 1.0) == 0
+  assert diffusion.strength_start_step(20, 0.5) == 10
+  assert diffusion.strength_start_step(20, 0.01) == 19  # At least one step runs.
+  for strength in (0.0, 1.5):
+    with pytest.raises(ValueError, match='strength'):
+      diffusion.strength_start_step(20, strength)
+  with pytest.raises(ValueError, match='start_step'):
+    diffusion.sample_loop(lambda x, t: x, jnp.zeros(SHAPE), _schedules()[0], 10, start_step=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quality: DPM-Solver++ in fewer steps vs DDIM-50 on a problem with a known exact answer.
 # ---------------------------------------------------------------------------------------------

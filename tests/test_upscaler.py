@@ -31,6 +31,7 @@ transformers = pytest.importorskip('transformers')
 from conftest import _write_tiny_clip_vocab  # pylint: disable=g-import-not-at-top
 from magicvideo_jax import checkpoint as ckpt_lib
 from magicvideo_jax import convert
+from magicvideo_jax import models as models_lib
 from magicvideo_jax import upscaler as upscaler_lib
 from magicvideo_jax.models import unet as unet_lib
 
@@ -273,6 +274,28 @@ def test_new_levels_and_prompts_do_not_retrace(pipelines):
     ours(low_res[0], 'a red circle', **kwargs)
   with pytest.raises(ValueError, match='at most 4'):
     ours(np.concatenate([low_res] * 3, axis=1), 'a red circle', **kwargs)
+
+
+def test_strength_starts_from_the_upsampled_input(pipelines):
+  """strength < 1 (image-to-image): one last step from the upsampled input's latents lands near
+  them, two steps further, and from pure noise (strength 1) the output is elsewhere (the tiny
+  random U-Net's output is large against these latents, scaled by 0.083: hence relative bounds)."""
+  ours = pipelines.ours
+  rng = np.random.default_rng(5)
+  low_res = np.tanh(rng.standard_normal((1, 2, SIZE, SIZE, 3))).astype(np.float32)
+  kwargs = dict(num_inference_steps=STEPS, output_type='latent', guidance_scale=1.0)
+  upsampled = jax.image.resize(low_res, (1, 2, 4 * SIZE, 4 * SIZE, 3), 'linear')
+  start = np.asarray(models_lib.encode_frames(ours.modules['vae'], ours.params['vae'], upsampled,
+                                              ours.scaling_factor))
+  last_step = ours(low_res, 'a red circle', strength=1 / STEPS, **kwargs)
+  from_noise = ours(low_res, 'a red circle', strength=1.0, **kwargs)
+  half = ours(low_res, 'a red circle', strength=0.5, **kwargs)
+  errors = [rel_err(out, start) for out in (last_step, half, from_noise)]
+  print(f'strength 1/{STEPS}, 0.5, 1: max rel err to the upsampled input latents {errors}')
+  assert errors[0] < errors[1] < errors[2] and errors[0] < 0.05 * errors[2]
+  np.testing.assert_array_equal(from_noise, ours(low_res, 'a red circle', **kwargs))  # Default 1.
+  with pytest.raises(ValueError, match='strength'):
+    ours(low_res, 'a red circle', strength=0.0, **kwargs)
 
 
 def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):

@@ -132,6 +132,8 @@ def main(argv=None) -> int:
   parser.add_argument('--upscale_steps', type=int, default=None)
   parser.add_argument('--upscale_guidance_scale', type=float, default=None)
   parser.add_argument('--noise_level', type=int, default=None)
+  parser.add_argument('--upscale_strength', type=float, default=None,
+                      help='SR from its upsampled input at this strength (default: its config)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default=None, help='also write the scores to this file')
   args = parser.parse_args(argv)
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
                     interpolation_steps=args.interpolation_steps,
                     interpolation_guidance_scale=args.interpolation_guidance_scale,
                     upscale_steps=args.upscale_steps,
-                    upscale_guidance_scale=args.upscale_guidance_scale, noise_level=args.noise_level)
+                    upscale_guidance_scale=args.upscale_guidance_scale, noise_level=args.noise_level,
+                    upscale_strength=args.upscale_strength)
   print(format_scores(scores, f'{args.checkpoint} on {args.num_prompts} {args.split} prompts'))
   print(f'({time.time() - t0:.0f} s)', file=sys.stderr)
   if args.json:

@@ -5,6 +5,7 @@
 
 from typing import Any, Dict
 
+import einops
 import jax.numpy as jnp
 
 
@@ -39,6 +40,14 @@ def build_vae(model_config: Any):
   from magicvideo_jax.models.vae import AutoencoderKL
   return AutoencoderKL(**_fields(model_config.vae), **dtypes(model_config),
                        attention_impl=model_config.get('attention_impl', None))
+
+
+def encode_frames(vae, vae_params, frames, scaling_factor: float):
+  """Frames `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior means `[B, F, h, w, c]` of an image VAE."""
+  b = frames.shape[0]
+  mean, _ = vae.apply({'params': vae_params}, einops.rearrange(frames, 'b f h w c -> (b f) h w c'),
+                      method='encode')
+  return einops.rearrange(mean, '(b f) h w c -> b f h w c', b=b) * scaling_factor
 
 
 def build_unet(model_config: Any):
