@@ -311,6 +311,28 @@ def test_pipeline_runs_base_interpolation_sr(pipe, folders, tmp_path):
     pipe(PROMPTS, **CALL, upscale_strength=1.5)
 
 
+def test_cascade_evaluation_reports_every_stage(pipe):
+  """eval.cascade on the tiny cascade: judged keyframes, interpolated, cascaded and bilinear videos
+  with the sizes of each stage, keyframe and low-res fidelity."""
+  from magicvideo_jax.eval import cascade as eval_cascade  # pylint: disable=g-import-not-at-top
+  scores = eval_cascade.evaluate(pipe, PROMPTS, batch_size=2, num_frames=KEYFRAMES, steps=2,
+                                 interpolation_steps=2, upscale_steps=2, upscale_strength=0.5)
+  assert scores['shapes']['upscaled'] == scores['shapes']['bilinear'] == [2, FRAMES, 2 * SIZE,
+                                                                          2 * SIZE, 3]
+  for name in ('keyframes', 'interpolated', 'cascaded', 'bilinear'):
+    assert 0.0 <= scores[name]['consistency'] <= 1.0, name
+  assert np.isfinite([scores['keyframe_psnr'], scores['lowres_psnr']]).all()
+  report = eval_cascade.format_scores(scores, 'tiny')
+  assert 'bilinear [' in report and 'lowres_psnr' in report
+  # A linear ramp: bilinear upsampling then area averaging gives it back away from the borders.
+  ramp = np.add.outer(np.arange(4), 2 * np.arange(4)) / 20.0
+  video = np.broadcast_to(ramp[None, None, :, :, None], (1, 2, 4, 4, 3)).astype(np.float32)
+  up = eval_cascade.bilinear_upsample(video, 2)
+  assert up.shape == (1, 2, 8, 8, 3) and np.diff(up[0, 0, 1:7, 3, 0]).min() > 0  # Not nearest.
+  np.testing.assert_allclose(eval_cascade.area_downsample(up, 2)[:, :, 1:-1, 1:-1],
+                             video[:, :, 1:-1, 1:-1], atol=1e-6)
+
+
 def test_keyframes_pass_through_another_vae(pipe):
   """With a different VAE the keyframes are decoded by the base and re-encoded by the stage's VAE."""
   other = copy.copy(pipe.interpolator)  # Shares the compiled sampler; other weights are arguments.

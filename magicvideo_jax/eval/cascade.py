@@ -9,6 +9,7 @@ motion accuracy and consistency (`magicvideo_jax.eval.judge`) of
   keyframes      the base model's K frames,
   interpolated   the interpolation stage's (K - 1) m + 1 frames,
   cascaded       the super-resolution stage's output (the final video),
+  bilinear       the reference SR must beat: the video before SR upsampled bilinearly to its size,
 and how well the interpolated clip keeps the keyframes it was given, at the keyframe positions 0, m, 2m...:
   keyframe_latent_mse  mean squared error of the interpolated latents against the keyframe latents
                        (in the interpolation model's latent space),
@@ -37,6 +38,13 @@ def area_downsample(video: np.ndarray, factor: int) -> np.ndarray:
   """`[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]` by averaging factor x factor blocks."""
   b, f, h, w, c = video.shape
   return video.reshape(b, f, h // factor, factor, w // factor, factor, c).mean(axis=(3, 5))
+
+
+def bilinear_upsample(video: np.ndarray, factor: int) -> np.ndarray:
+  """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]` (bilinear, half-pixel centres)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  b, f, h, w, c = video.shape
+  return np.asarray(jax.image.resize(video, (b, f, factor * h, factor * w, c), 'linear')).clip(0, 1)
 
 
 def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: Optional[int] = None,
@@ -98,6 +106,8 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
     judged('cascaded', out['upscaled'])
     factor = out['upscaled'].shape[2] // out['frames'].shape[2]
     scores['lowres_psnr'] = psnr(area_downsample(out['upscaled'], factor), out['frames'])
+    out['bilinear'] = bilinear_upsample(out['frames'], factor)
+    judged('bilinear', out['bilinear'])
   scores['shapes'] = {k: list(v.shape) for k, v in out.items()}
   return scores
 
@@ -105,10 +115,10 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
 def format_scores(scores: Dict[str, Any], title: str) -> str:
   from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   lines = [title]
-  for name in ('keyframes', 'interpolated', 'cascaded'):
+  for name in ('keyframes', 'interpolated', 'cascaded', 'bilinear'):
     if name in scores:
       shape = scores['shapes'].get({'keyframes': 'keyframes', 'interpolated': 'frames',
-                                    'cascaded': 'upscaled'}[name])
+                                    'cascaded': 'upscaled', 'bilinear': 'bilinear'}[name])
       lines.append(judge.format_scores(scores[name], f'{name} {shape[1:4] if shape else ""}'))
   for key in ('keyframe_latent_mse', 'keyframe_psnr', 'lowres_psnr'):
     if key in scores:
