@@ -97,7 +97,7 @@ def get_config(arg: str = 'interpolation') -> ml_collections.ConfigDict:
     config.upscaler = upscaler.default_config()
     # Sampling from the upsampled input (image-to-image) instead of pure noise: a from-scratch
     # miniature upscaler redraws each frame's outline differently from pure noise (cascaded
-    # consistency 0.53 at strength 1 vs 0.68 at 0.3 on 64 test prompts; BENCHMARKS.md).
+    # consistency 0.56 at strength 1 vs 0.68 at 0.3 on 64 test prompts; BENCHMARKS.md).
     config.upscaler.strength = 0.3
     config.model.unet = ml_collections.ConfigDict(dict(
         common.unet_sd15().to_dict(),
