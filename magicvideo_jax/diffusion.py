@@ -495,11 +495,10 @@ def _ddim_timesteps(schedule: Schedule, num_inference_steps: int,
 
 def strength_start_step(num_inference_steps: int, strength: float) -> int:
   """The first step of an image-to-image run at `strength` in (0, 1] (1: from pure noise, step 0),
-  as diffusers' img2img pipelines: the last round(n * strength) steps run, at least one."""
+  as diffusers' img2img pipelines: the last int(n * strength) steps run (at least one here)."""
   if not 0.0 < strength <= 1.0:
     raise ValueError(f'strength={strength} must be in (0, 1].')
-  return num_inference_steps - max(1, min(num_inference_steps,
-                                          int(round(num_inference_steps * strength))))
+  return num_inference_steps - max(1, min(num_inference_steps, int(num_inference_steps * strength)))
 
 
 def noise_to_step(schedule: Schedule, x0: jax.Array, noise: jax.Array, num_inference_steps: int,

@@ -267,7 +267,7 @@ class VideoUpscaler:
       fps: frame-rate conditioning of a video SR U-Net with an fps embedding; default config.data.fps.
       strength: in (0, 1]; default config.upscaler.strength (1: from pure noise, as diffusers). Below
         1, image-to-image (SDEdit): the latents of the low-res frames upsampled (bilinear) are noised
-        to the level of step n - round(n strength) and only the last steps run, so the output keeps
+        to the level of step n - int(n strength) and only the last steps run, so the output keeps
         the input's layout frame by frame (a video's consistency) and the sampler only adds detail.
       output_type: 'float' (`[B, F, 4h, 4w, 3]` in [0, 1]), 'uint8', or 'latent' (`[B, F, h, w, 4]`).
 

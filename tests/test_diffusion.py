@@ -412,6 +412,7 @@ def test_image_to_image_with_the_exact_noise_returns_the_data(sampler):
 def test_strength_start_step():
   assert diffusion.strength_start_step(20, 1.0) == 0
   assert diffusion.strength_start_step(20, 0.5) == 10
+  assert diffusion.strength_start_step(15, 0.5) == 8  # diffusers truncates: 7 steps run, not 8.
   assert diffusion.strength_start_step(20, 0.01) == 19  # At least one step runs.
   for strength in (0.0, 1.5):
     with pytest.raises(ValueError, match='strength'):
