@@ -71,6 +71,13 @@ def downsample(video: jax.Array, factor: int) -> jax.Array:
   return einops.reduce(video, 'b f (h p) (w q) c -> b f h w c', 'mean', p=factor, q=factor)
 
 
+def upsample(video: jax.Array, factor: int) -> jax.Array:
+  """Bilinear (half-pixel centres) `[B, F, H, W, C]` -> `[B, F, factor H, factor W, C]`: the
+  image-to-image start of the SR sampler."""
+  b, f, h, w, c = video.shape
+  return jax.image.resize(video, (b, f, factor * h, factor * w, c), 'linear')
+
+
 def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
                   config: ml_collections.ConfigDict):
   """Diffusion loss of a (video) SR U-Net on high-resolution clips `video` `[B, F, H, W, 3]` in [-1, 1].
@@ -185,20 +192,15 @@ class VideoUpscaler:
     (bilinear) to the output size, and the sampler runs its steps from there (image-to-image)."""
     self.trace_count += 1  # Python side effect: once per trace.
     unet = self.modules['unet']
-    options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
-                                        sigma_spacing=sigma_spacing,
-                                        final_sigmas_type=final_sigmas_type)
     if start_step:
-      b, f, h, w, c = low_res.shape
-      upsampled = jax.image.resize(low_res, (b, f, h * self.vae_factor, w * self.vae_factor, c),
-                                   'linear')
-      by_frame = einops.rearrange(upsampled, 'b f h w c -> f b 1 h w c')  # Bounds memory.
+      by_frame = einops.rearrange(upsample(low_res, self.vae_factor),
+                                  'b f h w c -> f b 1 h w c')  # Bounds memory.
       start = jax.lax.map(lambda x: models_lib.encode_frames(
           self.modules['vae'], params['vae'], x, self.scaling_factor), by_frame)
       start = einops.rearrange(start, 'f b 1 h w c -> b f h w c')
       latents = diffusion.noise_to_step(
           self.schedule, start, latents, num_inference_steps, start_step, sampler=sampler,
-          **{k: v for k, v in options.items() if k in ('sigma_spacing', 'final_sigmas_type')})
+          sigma_spacing=sigma_spacing, final_sigmas_type=final_sigmas_type)
     condition = noise_augment(self.low_res_schedule, low_res, noise, noise_level)
     if do_cfg:  # Negative first, as diffusers.
       context = jnp.concatenate([negative_context, context], axis=0)
@@ -212,6 +214,9 @@ class VideoUpscaler:
 
     model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None,
                                          condition=condition)
+    options = diffusion.sampler_options(sampler, eta=eta, key=key, clip_sample=clip_sample,
+                                        sigma_spacing=sigma_spacing,
+                                        final_sigmas_type=final_sigmas_type)
     return diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
                                  sampler=sampler, start_step=start_step, **options)
 

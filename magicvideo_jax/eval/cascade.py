@@ -41,10 +41,10 @@ def area_downsample(video: np.ndarray, factor: int) -> np.ndarray:
 
 
 def bilinear_upsample(video: np.ndarray, factor: int) -> np.ndarray:
-  """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]` (bilinear, half-pixel centres)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  b, f, h, w, c = video.shape
-  return np.asarray(jax.image.resize(video, (b, f, factor * h, factor * w, c), 'linear')).clip(0, 1)
+  """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]`: the upscaler's bilinear
+  upsampling (its image-to-image start), clipped to [0, 1]."""
+  from magicvideo_jax import upscaler  # pylint: disable=g-import-not-at-top
+  return np.asarray(upscaler.upsample(video, factor)).clip(0, 1)
 
 
 def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: Optional[int] = None,
