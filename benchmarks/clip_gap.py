@@ -8,6 +8,9 @@ as the two land in the same place. Prints mean cosine similarities (embeddings L
   image vs image, same caption         the spread within one caption's frames
   text vs text, captions differing only in motion / only in colour
 
+and the stage-1 perturbation `config.model.conditioning.image_noise` (LAFITE's xi) whose cosine to
+the clean image embedding, about 1/sqrt(1 + xi^2), equals the image-text cosine.
+
   python -m benchmarks.clip_gap --checkpoint runs/shapes_unsupervised/clip/model
 """
 
@@ -50,8 +53,17 @@ def main(argv: Sequence[str] = None) -> None:
   parser.add_argument('--split', default='validation', choices=('train', 'validation', 'test'))
   parser.add_argument('--num_clips', type=int, default=512)
   args = parser.parse_args(argv)
-  for name, value in similarities(args.checkpoint, args.split, args.num_clips).items():
+  sims = similarities(args.checkpoint, args.split, args.num_clips)
+  for name, value in sims.items():
     print(f'  cos({name}): {value:.3f}')
+  print(f"  image_noise matching the gap: {matching_image_noise(sims['image vs its own caption text']):.2f}")
+
+
+def matching_image_noise(cosine: float) -> float:
+  """xi with 1/sqrt(1 + xi^2) = cosine (a random direction in many dimensions is nearly orthogonal)."""
+  if not 0.0 < cosine <= 1.0:
+    raise ValueError(f'no perturbation gives cosine {cosine:.3f}: it must be in (0, 1]')
+  return float(np.sqrt(1.0 / cosine**2 - 1.0))
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ contrastive loss; stage 1, its resume and stage 2 through `magicvideo_jax.main`,
 stage-2 export.
 """
 
+import copy
 import os
 import signal
 import subprocess
@@ -216,6 +217,50 @@ def test_stage1_context_depends_only_on_the_chosen_frame(stage1_setup):
   changed = np.asarray(context_fn(params, dict(batch, video=moved)))
   assert np.max(np.abs(changed[row] - context[row])) > 1e-3
   np.testing.assert_array_equal(np.delete(changed, row, 0), np.delete(context, row, 0))
+
+
+def test_perturb_embeddings_is_lafite_noise():
+  """A random direction of norm xi on the normalised embedding: exactly xi away, cosine to the clean
+  embedding about 1/sqrt(1 + xi^2) in 64 dimensions, a fresh direction per key."""
+  b, d, xi = 512, 64, 0.78
+  embeds = 3.0 * jax.random.normal(jax.random.key(4), (b, d))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(b))
+  clean = np.asarray(conditioning.normalize_embedding(embeds))
+  got = np.asarray(context_lib.perturb_embeddings(embeds, keys, xi))
+  np.testing.assert_allclose(np.linalg.norm(got - clean, axis=-1), xi, rtol=1e-5)
+  cosine = np.sum(clean * got, axis=-1) / np.linalg.norm(got, axis=-1)
+  print(f'xi={xi}: mean cosine {cosine.mean():.3f} (1/sqrt(1+xi^2)={1 / np.sqrt(1 + xi**2):.3f})')
+  assert abs(cosine.mean() - 1 / np.sqrt(1 + xi**2)) < 0.02
+  directions = got - clean
+  assert np.max(np.abs(directions[0] - directions[1])) > 0.1  # Not one shared offset.
+  np.testing.assert_array_equal(np.asarray(context_lib.perturb_embeddings(embeds, keys, 0.0)), clean)
+
+
+def test_stage1_image_noise_changes_only_kept_contexts(stage1_setup):
+  """image_noise moves every kept clip's context, leaves dropped clips at the zero embedding's
+  context, and is a function of the step's keys (reproducible)."""
+  config, modules, params = stage1_setup
+  b, f, r = 8, config.data.num_frames, config.data.resolution
+  video = jax.random.uniform(jax.random.key(1), (b, f, r, r, 3), minval=-1.0, maxval=1.0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(b))
+  noisy_config = copy.deepcopy(config)
+  noisy_config.model.conditioning.image_noise = 0.78
+
+  def context(c):
+    return np.asarray(context_lib.image_context(c.model, modules, params, video, keys, f))
+
+  clean, noisy = context(config), context(noisy_config)
+  np.testing.assert_array_equal(context(noisy_config), noisy)
+  zero = np.asarray(context_lib.embeddings_to_context(
+      config.model, params, jnp.ones((b, config.model.clip.projection_dim)), jnp.zeros((b,), bool)))
+  dropped = np.all(clean == zero, axis=(1, 2))
+  assert dropped.any() and not dropped.all()
+  np.testing.assert_array_equal(noisy[dropped], clean[dropped])
+  assert np.min(np.max(np.abs(noisy[~dropped] - clean[~dropped]), axis=(1, 2))) > 1e-4
+  bad = copy.deepcopy(config)
+  bad.model.conditioning.image_noise = -0.1
+  with pytest.raises(ValueError, match='image_noise'):
+    context_lib.prepare_config(bad)
 
 
 def test_text_context_empty_prompt_is_zero_embedding(stage1_setup):
