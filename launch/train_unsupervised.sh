@@ -13,7 +13,8 @@
 # The video models start from the bundled checkpoint's VAE (magicvideo_jax/assets/shapes). Each run
 # resumes from its workdir if interrupted; a finished run is skipped. Budgets: CLIP_STEPS (1500),
 # STAGE1_STEPS (3000), STAGE2_STEPS (1500); text_only gets STAGE1_STEPS + STAGE2_STEPS. EXTRA_FLAGS
-# are passed to every run (e.g. "--config.train.log_every=1"), EVAL_FLAGS to every scoring. A smoke
+# are passed to every run (e.g. "--config.train.log_every=1"), EVAL_FLAGS to every scoring. The defaults
+# took 6969 s with EXTRA_FLAGS="--num_cpu_devices=2" on 2 CPU cores (BENCHMARKS.md). A smoke
 # test of the whole script (about 10 min):
 #   CLIP_STEPS=3 STAGE1_STEPS=3 STAGE2_STEPS=3 EVAL_FLAGS="--num_prompts 4 --batch_size 4 --steps 2" \
 #     bash launch/train_unsupervised.sh /tmp/unsupervised_smoke
