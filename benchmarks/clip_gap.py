@@ -56,11 +56,13 @@ def main(argv: Sequence[str] = None) -> None:
   sims = similarities(args.checkpoint, args.split, args.num_clips)
   for name, value in sims.items():
     print(f'  cos({name}): {value:.3f}')
-  print(f"  image_noise matching the gap: {matching_image_noise(sims['image vs its own caption text']):.2f}")
+  xi = matching_image_noise(sims['image vs its own caption text'])
+  print(f'  image_noise matching the gap: {xi:.2f}')
 
 
 def matching_image_noise(cosine: float) -> float:
-  """xi with 1/sqrt(1 + xi^2) = cosine (a random direction in many dimensions is nearly orthogonal)."""
+  """xi with 1/sqrt(1 + xi^2) = cosine (in many dimensions a random direction is nearly
+  orthogonal to the embedding)."""
   if not 0.0 < cosine <= 1.0:
     raise ValueError(f'no perturbation gives cosine {cosine:.3f}: it must be in (0, 1]')
   return float(np.sqrt(1.0 / cosine**2 - 1.0))

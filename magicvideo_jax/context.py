@@ -14,7 +14,7 @@ kind='clip_embedding': MagicVideo's unsupervised pre-training. A frozen CLIP dua
   image embeddings is steered by text embeddings (CLIP puts both in one space).
   Stage 1 can perturb the image embedding toward where text embeddings lie (`image_noise`, LAFITE's
   h + xi * eps * |h| / |eps| on the normalised h: a random direction of norm xi), so that the text
-  embeddings of stage 2 and sampling fall inside what stage 1 saw rather than across the modality gap.
+  embeddings of stage 2 and sampling fall among what stage 1 saw, not across the modality gap.
   Classifier-free guidance: the dropped condition is the zero embedding, whose context is a learned
   constant. In stage 1 an image embedding is dropped with probability `image_dropout`; with text,
   a caption with no tokens is dropped: the input pipeline's caption dropout ("") in training, the
@@ -59,8 +59,7 @@ _NOISE_STREAM = 0x6e6f69  # 'noi'
 def default_config() -> ml_collections.ConfigDict:
   """The `config.model.conditioning` section with its defaults (module docstring)."""
   return ml_collections.ConfigDict(dict(kind='text_tokens', source='text', num_tokens=4,
-                                        clip_dir='', image_dropout=0.1,
-                                        image_noise=0.0))
+                                        clip_dir='', image_dropout=0.1, image_noise=0.0))
 
 
 def _section(model_config: Any) -> Dict[str, Any]:
@@ -96,7 +95,8 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.conditioning.image_dropout={section["image_dropout"]} must be '
                      'in [0, 1).')
   if float(section['image_noise']) < 0.0:
-    raise ValueError(f'config.model.conditioning.image_noise={section["image_noise"]} must be >= 0.')
+    raise ValueError(f'config.model.conditioning.image_noise={section["image_noise"]} must be '
+                     '>= 0.')
   if section['source'] == 'image' and config.data.get('precomputed_latents', False):
     raise ValueError("config.model.conditioning.source='image' embeds the clip's frames: it needs "
                      'pixels, not config.data.precomputed_latents=True.')
@@ -267,7 +267,8 @@ def image_context(model_config: Any, modules, params: Dict[str, Any], video: jax
                   keys: jax.Array, num_frames: int) -> jax.Array:
   """Stage 1: the context of one randomly chosen frame per clip (`random_frames`) of `video`
   `[B, F, H, W, 3]` in [-1, 1]; each clip's embedding is perturbed by `image_noise`
-  (`perturb_embeddings`) and zeroed with probability `image_dropout`. Returns `[B, num_tokens, cross_attention_dim]`."""
+  (`perturb_embeddings`) and zeroed with probability `image_dropout`. Returns
+  `[B, num_tokens, cross_attention_dim]`."""
   clip_config = model_config.clip
   frames = random_frames(video, keys, num_frames)
   pixels = clip_vision.preprocess((frames.astype(jnp.float32) + 1.0) / 2.0,
