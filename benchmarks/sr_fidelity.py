@@ -37,7 +37,7 @@ def measure(upscaler_dir: str, strengths: Sequence[float], *, split: str = 'test
   model = upscaler_lib.VideoUpscaler.from_pretrained(upscaler_dir)
   videos, captions = real_clips(model.config, split, num_clips)
   factor = model.vae_factor
-  low_res = cascade.area_downsample(videos, factor)
+  low_res = upscaler_lib.downsample(videos, factor)
   outputs = {'bilinear': cascade.bilinear_upsample(low_res, factor)}
   for strength in strengths:
     parts = []
@@ -50,7 +50,7 @@ def measure(upscaler_dir: str, strengths: Sequence[float], *, split: str = 'test
   for name, out in outputs.items():
     scores = judge.score(out, captions)
     results[name] = dict(psnr=cascade.psnr(out, videos),
-                         lowres_psnr=cascade.psnr(cascade.area_downsample(out, factor), low_res),
+                         lowres_psnr=cascade.psnr(upscaler_lib.downsample(out, factor), low_res),
                          consistency=scores['consistency'], all_acc=scores['all_acc'])
   real = judge.score(videos, captions)
   results['real clips'] = dict(psnr=float('inf'), lowres_psnr=float('inf'),

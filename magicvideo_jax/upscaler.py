@@ -66,8 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
                                         noise_level=20, strength=1.0))
 
 
-def downsample(video: jax.Array, factor: int) -> jax.Array:
-  """Area average `[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]`."""
+def downsample(video: Any, factor: int) -> Any:
+  """Area average `[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]` (a numpy array stays
+  numpy: einops reduces it with numpy)."""
   return einops.reduce(video, 'b f (h p) (w q) c -> b f h w c', 'mean', p=factor, q=factor)
 
 

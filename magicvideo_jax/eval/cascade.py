@@ -34,12 +34,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
   return float('inf') if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
-def area_downsample(video: np.ndarray, factor: int) -> np.ndarray:
-  """`[B, F, H, W, C]` -> `[B, F, H / factor, W / factor, C]` by averaging factor x factor blocks."""
-  b, f, h, w, c = video.shape
-  return video.reshape(b, f, h // factor, factor, w // factor, factor, c).mean(axis=(3, 5))
-
-
 def bilinear_upsample(video: np.ndarray, factor: int) -> np.ndarray:
   """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]`: the upscaler's bilinear
   upsampling (its image-to-image start), clipped to [0, 1]."""
@@ -103,9 +97,11 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
     scores['keyframe_latent_mse'] = float(np.mean(np.square(at_keyframes - given)))
     scores['keyframe_psnr'] = psnr(out['frames'][:, ::m], out['keyframes'])
   if pipe.upscaler is not None:
+    from magicvideo_jax import upscaler  # pylint: disable=g-import-not-at-top
     judged('cascaded', out['upscaled'])
     factor = out['upscaled'].shape[2] // out['frames'].shape[2]
-    scores['lowres_psnr'] = psnr(area_downsample(out['upscaled'], factor), out['frames'])
+    # Area averaging (upscaler.downsample, numpy in numpy out): how SR inputs are made in training.
+    scores['lowres_psnr'] = psnr(upscaler.downsample(out['upscaled'], factor), out['frames'])
     out['bilinear'] = bilinear_upsample(out['frames'], factor)
     judged('bilinear', out['bilinear'])
   scores['shapes'] = {k: list(v.shape) for k, v in out.items()}
