@@ -23,7 +23,7 @@ import numpy as np
 
 def similarities(checkpoint: str, split: str = 'validation', num_clips: int = 512,
                  seed: int = 0) -> Dict[str, float]:
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.eval import clip_zero_shot  # pylint: disable=g-import-not-at-top
   embed_text, embed_frames = clip_zero_shot.load_encoder(checkpoint)
   frames, truth = clip_zero_shot.sample_frames(split, num_clips, seed)

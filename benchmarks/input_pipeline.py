@@ -60,8 +60,8 @@ def make_videos(video_dir: str):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from data import video_folder  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import video_folder  # pylint: disable=g-import-not-at-top
 
   dataset = FLAGS.dataset
   if dataset is None:

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] = None) -> int:
   parser.add_argument('--samples', type=int, default=16)
   parser.add_argument('--prompt', action='append', default=None)
   args = parser.parse_args(argv)
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   pipe = MagicVideoPipeline.from_pretrained(args.checkpoint)
   for prompt in args.prompt or PROMPTS:
     trajectory = mean_trajectory(pipe, prompt, args.samples)[::3]

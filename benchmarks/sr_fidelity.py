@@ -21,7 +21,7 @@ import numpy as np
 
 def real_clips(config, split: str, num_clips: int):
   """(videos `[N, F, H, W, 3]` float in [0, 1], captions) at the upscaler's training format."""
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   shapes = moving_shapes.MovingShapesConfig(name='sr_fidelity', resolution=int(config.data.resolution),
                                             num_frames=int(config.data.num_frames))
   examples = [moving_shapes.make_example(split, i, shapes) for i in range(num_clips)]
@@ -31,7 +31,7 @@ def real_clips(config, split: str, num_clips: int):
 
 def measure(upscaler_dir: str, strengths: Sequence[float], *, split: str = 'test',
             num_clips: int = 32, batch_size: int = 8, seed: int = 0) -> Dict[str, Dict[str, float]]:
-  from magicvideo_jax import upscaler as upscaler_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import upscaler as upscaler_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.eval import cascade  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   model = upscaler_lib.VideoUpscaler.from_pretrained(upscaler_dir)

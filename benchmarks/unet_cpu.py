@@ -60,7 +60,7 @@ def median_seconds(fn: Callable[[], None], repeats: int) -> float:
 
 
 def unet_fields(widths: List[int], video: bool) -> Dict:
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
   cfg = common.unet_sd15()
   cfg.update(block_out_channels=tuple(widths), layers_per_block=_LAYERS.value,
              attention_head_dim=_HEADS.value, cross_attention_dim=_CONTEXT_DIM.value,
@@ -73,7 +73,7 @@ def unet_fields(widths: List[int], video: bool) -> Dict:
 def bench_image(rows: List[List[str]]) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
   widths = [int(w) for w in _WIDTHS.value]
   b, s = _BATCH.value, _LATENT.value

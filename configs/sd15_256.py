@@ -14,7 +14,7 @@ bidirectional, joint image-video batches).
 
 import ml_collections
 
-from configs import common
+from magicvideo_jax import config as common
 
 
 def get_config(variant: str = 'video') -> ml_collections.ConfigDict:

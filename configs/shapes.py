@@ -10,7 +10,7 @@ Stages (each a run of magicvideo_jax.main; launch/train_shapes.sh runs them all)
              still weak after the first 3000 steps, rises with each
   video_layers  the same with MagicVideo's own choice: only the new video layers train
   video_vae  MagicVideo v2's VideoVAE: the decoder with temporal layers, trained on clips (init_from:
-             vae); merged into the video model by `python -m magicvideo_jax.checkpoint merge`
+             vae); merged into the video model by `python -m magicvideo_jax.weights.checkpoint merge`
   image_long the ablation: the image model alone trained for the steps of image + video + restarts
 
   python -m magicvideo_jax.main --config=configs/shapes.py:vae --workdir=runs/shapes/vae
@@ -23,7 +23,7 @@ is the one that meets the score targets and made the bundle.
 
 import ml_collections
 
-from configs import common
+from magicvideo_jax import config as common
 
 RESTARTS = ('video2', 'video3', 'video4', 'video5', 'video6')
 # Steps of each stage; 'restart' is each of RESTARTS. image_long trains image + video + restarts.
@@ -109,7 +109,7 @@ def get_config(arg: str = 'video') -> ml_collections.ConfigDict:
       config.train.update(trainable=common.base_config().train.trainable, learning_rate=1e-3)
   elif stage == 'video_vae':
     # Only the VAE matters here, so this stage needs the vae stage alone (it can run beside image
-    # and video); `python -m magicvideo_jax.checkpoint merge` puts its decoder into the video model.
+    # and video); `python -m magicvideo_jax.weights.checkpoint merge` puts its decoder into the video model.
     # The whole decoder trains (temporal layers from zero, spatial ones fine-tuned) on clips.
     config.model.video_vae.enabled = True
     config.train.update(objective='video_vae', trainable=(r'^vae/decoder/',), num_steps=400,

@@ -31,7 +31,7 @@ import os
 
 import ml_collections
 
-from configs import common
+from magicvideo_jax import config as common
 
 STAGES = ('interpolation', 'upscaler')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def parse_arg(arg: str):
 
 def base_model_config(base: str) -> ml_collections.ConfigDict:
   """The config.json of the base model folder (relative paths: from the cwd, else the repo root)."""
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   folder = base if os.path.isdir(base) or os.path.isabs(base) else os.path.join(ROOT, base)
   if not os.path.isfile(os.path.join(folder, ckpt_lib.CONFIG_FILE)):
     raise FileNotFoundError(f'configs/shapes_cascade.py: base model folder {base} has no config.json '
@@ -64,8 +64,8 @@ def base_model_config(base: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'interpolation') -> ml_collections.ConfigDict:
-  from magicvideo_jax import interpolation  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import upscaler  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import interpolation  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top
   stage, base = parse_arg(arg)
   loaded = base_model_config(base)
   config = common.base_config()

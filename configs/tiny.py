@@ -10,7 +10,7 @@ adaptors + temporal attention + fps embedding), 'image' (text-to-image U-Net, al
 
 import ml_collections
 
-from configs import common
+from magicvideo_jax import config as common
 
 
 def get_config(variant: str = 'video') -> ml_collections.ConfigDict:

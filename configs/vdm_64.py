@@ -15,7 +15,7 @@ for VDM's BERT-large; its cost is not part of the denoiser count.
 
 import ml_collections
 
-from configs import common
+from magicvideo_jax import config as common
 
 
 def vdm_t2v_large() -> ml_collections.ConfigDict:

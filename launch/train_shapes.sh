@@ -60,7 +60,7 @@ done
 FINAL="$RUNS/$previous/model"
 if [[ -n "$video_vae_pid" ]]; then
   wait "$video_vae_pid"
-  "$PYTHON" -m magicvideo_jax.checkpoint merge --base "$FINAL" \
+  "$PYTHON" -m magicvideo_jax.weights.checkpoint merge --base "$FINAL" \
     --other "$RUNS/video_vae/model" --output "$RUNS/final"
   FINAL="$RUNS/final"
 fi

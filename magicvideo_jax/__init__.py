@@ -9,6 +9,6 @@ __all__ = ['MagicVideoPipeline']
 
 def __getattr__(name):
   if name == 'MagicVideoPipeline':
-    from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
     return MagicVideoPipeline
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -116,7 +116,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, Any]) -> Dict[str, Any]:
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   if section['clip_dir']:
     return _read_dual_encoder_config(section['clip_dir'])
@@ -144,7 +144,7 @@ def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
   """config.model.clip of a dual encoder folder, without loading its weights."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   for candidate in (folder, os.path.join(folder, 'model')):
     if ckpt_lib.is_pretrained_folder(candidate):

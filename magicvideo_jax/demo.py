@@ -31,7 +31,7 @@ def main(argv=None) -> int:
   t0 = time.time()
   from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   prompts = list(args.prompt or DEFAULT_PROMPTS)
   try:
     pipe = MagicVideoPipeline.from_pretrained(args.checkpoint, verbose=True)

@@ -120,13 +120,13 @@ class Schedule:
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'Schedule':
-    """From a dict / ConfigDict with the keys of `configs.common.diffusion_sd15()`."""
+    """From a dict / ConfigDict with the keys of `magicvideo_jax.config.diffusion_sd15()`."""
     config = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
     required = ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_end',
                 'prediction_type', 'timestep_spacing', 'steps_offset', 'set_alpha_to_one')
     missing = [k for k in required if k not in config]
     if missing:
-      raise ValueError(f'Diffusion config lacks {missing}; see configs/common.py:diffusion_sd15().')
+      raise ValueError(f'Diffusion config lacks {missing}; see magicvideo_jax/config.py:diffusion_sd15().')
     if config.get('trained_betas') is not None:
       betas = config['trained_betas']
     else:

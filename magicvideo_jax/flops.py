@@ -454,7 +454,7 @@ def _mesh_and_rules(config, mesh_spec: Optional[Dict[str, int]]):
 def _train_modules_and_init(config):
   """(modules, init_params(modules, config, key)) for the train state of either model kind."""
   from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   if model_kind(config) == 'magicvideo':
     return models_lib.build_models(config.model), train_lib.init_params
   # No VAE: the batch carries pixel 'latents', so diffusion_loss never encodes.
@@ -489,7 +489,7 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   mesh, rules = _mesh_and_rules(config, mesh_spec)
   kind = model_kind(config)
   step_config = config
@@ -527,7 +527,7 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
            'fps': _sds((b,), jnp.float32, bs(1)),
            'frame_mask': _sds((b, f), jnp.bool_, bs(2))}
   if kind == 'magicvideo' and config.data.get('precomputed_latents', False):
-    vae = config.model.vae  # Stored posterior (data/encoded_latents.py): no encoder in the step.
+    vae = config.model.vae  # Stored posterior (magicvideo_jax/tools/encode_latents.py): no encoder in the step.
     side = r // 2 ** (len(vae.block_out_channels) - 1)
     del batch['video']
     for key in ('latent_mean', 'latent_std'):

@@ -69,7 +69,7 @@ def main(argv):
   logging.info('process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -139,9 +139,9 @@ def check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> List[str]:
   """Generates and writes the video(s); returns the written paths."""
   check_flags(args)
-  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   try:  # Validate against the configs before loading any weights.
     base, interpolation, upscaler = cascade.resolve_folders(args.checkpoint, args.interpolation,

@@ -220,7 +220,7 @@ trend, or growing area), plus a temporal consistency score in [0, 1]. The reposi
 (`python -m magicvideo_jax.eval.shapes`) runs it over held-out prompts; here it checks your one video."""
 
 JUDGE = r"""from magicvideo_jax.eval import judge
-from data import moving_shapes
+from magicvideo_jax.data import moving_shapes
 
 asked = dict(zip(("colour", "shape", "motion"), moving_shapes.parse_caption(prompt)))
 if all(asked.values()):

@@ -29,7 +29,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 def shapes_data_dir(tmp_path_factory):
   """A TFDS data dir holding moving_shapes/tiny (8 frames of 32x32; 256/64/64 clips)."""
   import tensorflow_datasets as tfds
-  from data import moving_shapes
+  from magicvideo_jax.data import moving_shapes
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   builder = moving_shapes.MovingShapes(config='tiny', data_dir=data_dir)
   builder.download_and_prepare(
@@ -104,8 +104,8 @@ def tiny_sd_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_converted_dir(tiny_sd_dir, tmp_path_factory):
   """`tiny_sd_dir` converted by `python -m magicvideo_jax.convert` (run in-process)."""
-  from magicvideo_jax import convert
+  from magicvideo_jax import convert as convert_cli  # pylint: disable=g-import-not-at-top
   folder = str(tmp_path_factory.mktemp('tiny_converted') / 'checkpoint')
-  convert.main(['--diffusers_dir', tiny_sd_dir, '--output', folder,
-                '--num_frames', str(TINY_SD_FRAMES)])
+  convert_cli.main(['--diffusers_dir', tiny_sd_dir, '--output', folder,
+                    '--num_frames', str(TINY_SD_FRAMES)])
   return folder

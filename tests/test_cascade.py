@@ -23,16 +23,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import tiny
-from data import moving_shapes
-from magicvideo_jax import cascade
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
-from magicvideo_jax import interpolation
+from magicvideo_jax.sampling import interpolation
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import pipeline as pipeline_lib
+from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax import sample
-from magicvideo_jax import train
-from magicvideo_jax import upscaler as upscaler_lib
+from magicvideo_jax.training import train
+from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax import video_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

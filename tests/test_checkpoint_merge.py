@@ -6,9 +6,9 @@ import numpy as np
 from flax import traverse_util
 
 from configs import tiny
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import train
+from magicvideo_jax.training import train
 
 
 def _folder(path, config, seed):

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
 

@@ -28,11 +28,11 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from configs import shapes_unsupervised  # pylint: disable=g-import-not-at-top
-from data import input_pipeline  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from magicvideo_jax import context as context_lib  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
 from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import text_encoder  # pylint: disable=g-import-not-at-top
@@ -458,8 +458,8 @@ def test_stage2_starts_from_stage1_and_samples_from_text(stage_runs, clip_folder
   stage1, stage2, logs = stage_runs
   assert 'CLIP text embeddings' in logs['stage2']
   assert _steps(stage2)[-1] == 6
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   params_1 = ckpt_lib.load_params(os.path.join(stage1, 'model'))
   config_2, params_2, _ = ckpt_lib.load_pretrained(os.path.join(stage2, 'model'))
   assert config_2.model.conditioning.source == 'text'

@@ -17,10 +17,11 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 
-from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import convert
+from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from magicvideo_jax import convert as convert_cli
+from magicvideo_jax.weights import convert
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import pipeline as pipeline_lib
+from magicvideo_jax.sampling import pipeline as pipeline_lib
 from safetensors.numpy import load_file, save_file
 
 NAMES = tuple(convert.MODEL_FILES)  # unet, vae, text_encoder
@@ -64,7 +65,7 @@ def test_converted_folder(tiny_converted_dir):
 def test_round_trip_is_exact(tiny_sd_dir, tiny_converted_dir, tmp_path):
   """diffusers -> ours -> diffusers gives back every tensor (names, shapes, dtypes, values)."""
   out = str(tmp_path / 'with_reference')
-  convert.main(['--export_from', tiny_converted_dir, '--output', out, '--reference_dir', tiny_sd_dir])
+  convert_cli.main(['--export_from', tiny_converted_dir, '--output', out, '--reference_dir', tiny_sd_dir])
   originals = {n: convert.load_safetensors_folder(os.path.join(tiny_sd_dir, n)) for n in NAMES}
   for name in NAMES:
     exported = convert.load_safetensors_folder(os.path.join(out, name))
@@ -76,7 +77,7 @@ def test_round_trip_is_exact(tiny_sd_dir, tiny_converted_dir, tmp_path):
 
   # Without a reference: our configs and SD's `text_model.` key style; both libraries load it.
   plain = str(tmp_path / 'plain')
-  convert.main(['--export_from', tiny_converted_dir, '--output', plain])
+  convert_cli.main(['--export_from', tiny_converted_dir, '--output', plain])
   for name in ('unet', 'vae'):
     assert_same_tensors(originals[name], convert.load_safetensors_folder(os.path.join(plain, name)),
                         name)
@@ -156,7 +157,7 @@ def test_pickle_refused(tiny_sd_dir, tmp_path):
   ckpt = tmp_path / 'sd.ckpt'
   ckpt.write_bytes(b'not loaded')
   with pytest.raises(SystemExit, match=r'error: .*pickle.*convert it to safetensors'):
-    convert.main(['--diffusers_dir', str(ckpt), '--output', str(tmp_path / 'out')])
+    convert_cli.main(['--diffusers_dir', str(ckpt), '--output', str(tmp_path / 'out')])
   with pytest.raises(convert.ConversionError, match=r'pickle.*safetensors'):
     pipeline_lib.MagicVideoPipeline.from_pretrained(str(ckpt))
 

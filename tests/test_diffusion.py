@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import common
+from magicvideo_jax import config as common
 from magicvideo_jax import diffusion
 
 # diffusers 0.42 calls np.array(copy=False) on torch tensors; harmless.
@@ -168,7 +168,7 @@ def test_sample_timesteps():
 
 def test_frame_noise_correlation():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   shape = (4, 6, 6, 2)  # [F, h, w, c]
   keys = jax.random.split(jax.random.key(0), 3000)
   config = ml_collections.ConfigDict(dict(diffusion=dict(frame_noise_correlation=0.0)))

@@ -1,4 +1,4 @@
-"""Precomputed latents (data/encoded_latents.py): the stored posterior is the VAE's, the input pipeline
+"""Precomputed latents (data/encode_latents.py): the stored posterior is the VAE's, the input pipeline
 samples the same frames from latents as from pixels, the training loss is the same either way, a run
 trains on them end to end, and latents of another VAE are refused."""
 
@@ -14,11 +14,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import tiny
-from data import encoded_latents, input_pipeline
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.tools import encode_latents
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import train
+from magicvideo_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,11 +38,11 @@ def _vae_folder(path, seed):
 def encoded(shapes_data_dir, tmp_path_factory):
   """moving_shapes/tiny (train, validation) encoded in float32 by a random tiny VAE."""
   folder, vae, vae_params = _vae_folder(tmp_path_factory.mktemp('vae'), seed=0)
-  config = encoded_latents.EncodedLatentsConfig(
+  config = encode_latents.EncodedLatentsConfig(
       name='tiny_vae', source='moving_shapes/tiny', source_data_dir=shapes_data_dir,
       checkpoint=folder, resolution=16, splits=('train', 'validation'), dtype='float32',
       batch_frames=24)  # Not a multiple of the 8-frame clips: batches straddle clips.
-  builder = encoded_latents.EncodedLatents(config=config, data_dir=shapes_data_dir)
+  builder = encode_latents.EncodedLatents(config=config, data_dir=shapes_data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return dict(folder=folder, vae=vae, vae_params=vae_params, data_dir=shapes_data_dir,
               dataset='encoded_latents/tiny_vae')
@@ -57,7 +58,7 @@ def test_encode_clips_packs_any_lengths_in_order():
     calls.append(frames.shape[0])
     return frames * 2, frames + 1
 
-  out = list(encoded_latents.encode_clips(iter(clips), encoder, batch_frames=7))
+  out = list(encode_latents.encode_clips(iter(clips), encoder, batch_frames=7))
   assert [k for k, _, _ in out] == [k for k, _ in clips]
   for (_, frames), (_, mean, std) in zip(clips, out):
     np.testing.assert_array_equal(mean, frames * 2)

@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data import input_pipeline
-from data import video_folder
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.data import video_folder
 
 SOURCE_FPS = 24.0
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data import moving_shapes as ms
+from magicvideo_jax.data import moving_shapes as ms
 from magicvideo_jax.eval import judge
 
 CONFIG = ms.MovingShapesConfig(name='judge', num_frames=16, resolution=32, test_size=96, seed=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import moving_shapes as ms
+from magicvideo_jax.data import moving_shapes as ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_frames=8, resolution=32, train_size=160, validation_size=24, test_size=24,
@@ -28,7 +28,7 @@ _BUILD_WITHOUT_TF = textwrap.dedent('''
     importlib.machinery.PathFinder.find_spec = find_spec
     sys.path.insert(0, {root!r})
     import tensorflow_datasets as tfds
-    from data import moving_shapes as ms
+    from magicvideo_jax.data import moving_shapes as ms
     builder = ms.MovingShapes(config=ms.MovingShapesConfig(name='small', **{small!r}),
                               data_dir={data_dir!r})
     builder.download_and_prepare(

@@ -65,7 +65,7 @@ def _text(nb):
 
 def test_notebook_runs(tmp_path):
   import nbclient
-  from magicvideo_jax import pipeline
+  from magicvideo_jax.sampling import pipeline
   from magicvideo_jax import video_io
   checkpoint = _checkpoint()
   config = pipeline.load_config(checkpoint)

@@ -20,8 +20,8 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from magicvideo_jax import MagicVideoPipeline  # The lazy package-level import.
-from magicvideo_jax import convert
-from magicvideo_jax import pipeline as pipeline_lib
+from magicvideo_jax.weights import convert
+from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax import sample
 from magicvideo_jax import video_io
 from magicvideo_jax.models import video_vae

@@ -20,7 +20,7 @@ def pipe():
   if not os.path.isfile(os.path.join(demo.DEFAULT_CHECKPOINT, 'config.json')):
     pytest.fail(f'the bundled checkpoint {demo.DEFAULT_CHECKPOINT} is missing: '
                 'run `bash launch/train_shapes.sh` to produce it')
-  from magicvideo_jax.pipeline import MagicVideoPipeline
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
   return MagicVideoPipeline.from_pretrained(demo.DEFAULT_CHECKPOINT)
 
 
@@ -39,7 +39,7 @@ def test_bundled_checkpoint_follows_validation_prompts(pipe):
 def test_recipe_chains_its_stages_and_matches_the_bundle():
   """Each video stage starts from the one before; the bundle was made by this config's model."""
   from configs import shapes as shapes_config
-  from magicvideo_jax import checkpoint
+  from magicvideo_jax.weights import checkpoint
   chain = ('image', 'video') + shapes_config.RESTARTS
   for previous, stage in zip(chain, chain[1:]):
     assert shapes_config.get_config(stage).train.init_from == f'runs/shapes/{previous}/model'

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import convert
+from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import convert
 from magicvideo_jax.models import text_encoder
 
 TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,7 +17,7 @@ import pytest
 from configs import tiny
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import train
+from magicvideo_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable

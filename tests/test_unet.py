@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from flax import traverse_util
 
-from magicvideo_jax import convert
+from magicvideo_jax.weights import convert
 from magicvideo_jax.models import unet as unet_lib
 from magicvideo_jax.models.unet import UNet
 
@@ -342,7 +342,7 @@ def count(tree):
 
 
 def test_sd15_parameter_counts():
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
   cfg = common.unet_sd15().to_dict()
   x = jax.ShapeDtypeStruct((1, 2, 8, 8, 4), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)

@@ -29,10 +29,11 @@ diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 
 from conftest import _write_tiny_clip_vocab  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import checkpoint as ckpt_lib
-from magicvideo_jax import convert
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax import convert as convert_cli
+from magicvideo_jax.weights import convert
 from magicvideo_jax import models as models_lib
-from magicvideo_jax import upscaler as upscaler_lib
+from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax.models import unet as unet_lib
 
 # The x4 upscaler's U-Net layout at toy width: no attention at the first level, only-cross-attention
@@ -193,7 +194,7 @@ def converted_dir(upscaler_dir, tmp_path_factory):
   """`upscaler_dir` converted by `python -m magicvideo_jax.convert` (in-process), video layers for up
   to 4 frames at identity."""
   folder = str(tmp_path_factory.mktemp('tiny_upscaler_converted') / 'checkpoint')
-  convert.main(['--diffusers_dir', upscaler_dir, '--output', folder, '--num_frames', '4'])
+  convert_cli.main(['--diffusers_dir', upscaler_dir, '--output', folder, '--num_frames', '4'])
   return folder
 
 
@@ -301,7 +302,7 @@ def test_strength_starts_from_the_upsampled_input(pipelines):
 def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):
   """diffusers -> ours -> diffusers gives back every tensor; both exports load in diffusers."""
   with_reference = str(tmp_path / 'with_reference')
-  convert.main(['--export_from', converted_dir, '--output', with_reference,
+  convert_cli.main(['--export_from', converted_dir, '--output', with_reference,
                 '--reference_dir', upscaler_dir])
   for name in convert.MODEL_FILES:
     original = convert.load_safetensors_folder(os.path.join(upscaler_dir, name))
@@ -314,7 +315,7 @@ def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):
 
   # Without a reference: our configs (class embedding, only-cross levels, low-res schedule).
   plain = str(tmp_path / 'plain')
-  convert.main(['--export_from', converted_dir, '--output', plain])
+  convert_cli.main(['--export_from', converted_dir, '--output', plain])
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain, 'unet'))
   assert list(unet.config.only_cross_attention) == [True, True, False]
   original = convert.load_safetensors_folder(os.path.join(upscaler_dir, 'unet'))

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from magicvideo_jax import convert
+from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import convert
 from magicvideo_jax.models import vae
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),

@@ -9,8 +9,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from data import image_folder
-from data import video_folder
+from magicvideo_jax.data import image_folder
+from magicvideo_jax.data import video_folder
 
 # name -> (num_frames, height, width, fps). Frame t is a flat colour with value 8 * t.
 GOOD_VIDEOS = {'a.mp4': (20, 40, 56, 10), 'b.mp4': (24, 48, 48, 24), 'c.mp4': (12, 64, 48, 8)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from magicvideo_jax import convert
+from magicvideo_jax.weights import convert
 from magicvideo_jax.eval import flicker as flicker_lib
 from magicvideo_jax.models import vae
 from magicvideo_jax.models import video_vae

@@ -37,7 +37,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def bilinear_upsample(video: np.ndarray, factor: int) -> np.ndarray:
   """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]`: the upscaler's bilinear
   upsampling (its image-to-image start), clipped to [0, 1]."""
-  from magicvideo_jax import upscaler  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top
   return np.asarray(upscaler.upsample(video, factor)).clip(0, 1)
 
 
@@ -47,7 +47,7 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
   """Runs base -> stages for every prompt (`batch_size` per call). Returns stacked numpy arrays:
   'keyframe_latents', 'keyframes' (decoded by the base, float [0, 1]), and what the stages gave
   ('latents', 'frames', 'upscaled')."""
-  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
   cfg = pipe.config
   num_frames = num_frames or int(cfg.data.num_frames)
   res = int(cfg.data.resolution)
@@ -75,7 +75,7 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
 
 def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
   """Scores (see the module docstring) of the cascade in `pipe` on `prompts`."""
-  from magicvideo_jax import cascade  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   out = generate(pipe, prompts, **kwargs)
   scores: Dict[str, Any] = {}
@@ -97,7 +97,7 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
     scores['keyframe_latent_mse'] = float(np.mean(np.square(at_keyframes - given)))
     scores['keyframe_psnr'] = psnr(out['frames'][:, ::m], out['keyframes'])
   if pipe.upscaler is not None:
-    from magicvideo_jax import upscaler  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top
     judged('cascaded', out['upscaled'])
     factor = out['upscaled'].shape[2] // out['frames'].shape[2]
     # Area averaging (upscaler.downsample, numpy in numpy out): how SR inputs are made in training.
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
   parser.add_argument('--json', default=None, help='also write the scores to this file')
   args = parser.parse_args(argv)
   from magicvideo_jax.eval import shapes  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   pipe = MagicVideoPipeline.from_pretrained(args.checkpoint, interpolation=args.interpolation,
                                             upscaler=args.upscaler)

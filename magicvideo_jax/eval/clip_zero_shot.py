@@ -29,7 +29,7 @@ def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
@@ -55,7 +55,7 @@ def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
 def sample_frames(split: str, num_clips: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   """One seeded random frame of each of a split's first `num_clips` clips `[N, H, W, 3]`, and the
   clips' (colour, shape, motion) indices `[N, 3]`."""
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   data_config = moving_shapes.MovingShapesConfig(name='default')
   rng = np.random.default_rng(seed)
   frames, truth = [], []
@@ -69,7 +69,7 @@ def sample_frames(split: str, num_clips: int, seed: int = 0) -> Tuple[np.ndarray
 def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
              seed: int = 0) -> Dict[str, float]:
   """{'colour_acc', 'shape_acc', 'motion_acc', 'all_acc', 'num_clips'} of the dual encoder."""
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   embed_text, embed_frames = load_encoder(checkpoint)
   combos = moving_shapes.all_combinations()
   text = embed_text([moving_shapes.caption(*c) for c in combos])

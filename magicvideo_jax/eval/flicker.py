@@ -123,11 +123,11 @@ def load_clips(num_clips: int, dataset: Optional[str] = None, data_dir: Optional
   `num_clips` of a prepared video dataset (a directory or 'name/config' under data_dir), cut to
   `num_frames` frames."""
   if dataset is None:
-    from data import moving_shapes  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
     shapes_config = moving_shapes.MovingShapesConfig(name='default')
     videos = [moving_shapes.make_example(split, i, shapes_config)['video'] for i in range(num_clips)]
   else:
-    from data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     source = input_pipeline.load_source(dataset, data_dir=data_dir, split=split)
     videos = [np.asarray(source[i]['video']) for i in range(min(num_clips, len(source)))]
   clips = np.stack([v[:num_frames] for v in videos]).astype(np.float32)
@@ -140,11 +140,11 @@ def main(argv=None) -> int:
 
   The image decoder is the checkpoint's own spatial decoder unless `--reference` names the folder
   of the image VAE it was trained from (needed when the VideoVAE fine-tuned the whole decoder).
-  Clips: moving_shapes test clips, or `--dataset` (e.g. the mp4 clips of data/compressed_clips.py).
+  Clips: moving_shapes test clips, or `--dataset` (e.g. the mp4 clips of magicvideo_jax/tools/compressed_clips.py).
   """
   import argparse  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.flicker',
                                    description=main.__doc__)

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy import spatial
 
-from data import moving_shapes
+from magicvideo_jax.data import moving_shapes
 
 # Pixels count as object when their RGB distance to the background exceeds
 # max(_MIN_CONTRAST, _RELATIVE_THRESHOLD * the video's 99th-percentile distance).

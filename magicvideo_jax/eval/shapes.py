@@ -19,7 +19,7 @@ import numpy as np
 
 def split_prompts(split: str, num_prompts: int, seed: int = 0) -> List[str]:
   """Captions of the first `num_prompts` clips of a moving_shapes split (default config)."""
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   config = moving_shapes.MovingShapesConfig(name='default', seed=seed)
   prompts = []
   for index in range(num_prompts):
@@ -51,7 +51,7 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
 
 def evaluate(checkpoint: str, split: str = 'test', num_prompts: int = 64, **kwargs) -> Dict[str, float]:
   from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   prompts = split_prompts(split, num_prompts)
   videos = generate(pipe, prompts, **kwargs)

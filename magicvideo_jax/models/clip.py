@@ -138,13 +138,13 @@ def _to_dict(clip_config: Any) -> Dict[str, Any]:
 def clip_config_from_transformers(cfg: Dict[str, Any]) -> Dict[str, Any]:
   """`config.model.clip` from a transformers `CLIPModel` config.json."""
   if 'text_config' not in cfg or 'vision_config' not in cfg:
-    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
     raise convert.ConversionError('a CLIP dual encoder needs a transformers CLIPModel config.json '
                                   '(with text_config and vision_config).')
   text = text_encoder.text_config_from_transformers(cfg)
   vision = clip_vision.vision_config_from_transformers(cfg)
   if text['projection_dim'] != vision['projection_dim']:
-    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
     raise convert.ConversionError(f'projection_dim differs between the towers: {text} / {vision}')
   return dict(text={k: text[k] for k in TEXT_KEYS}, vision={k: vision[k] for k in VISION_KEYS},
               projection_dim=int(text['projection_dim']),
@@ -163,8 +163,8 @@ def load_dual_encoder(folder: str) -> Tuple[Dict[str, Any], Any]:
     ConversionError: a transformers folder that is not a CLIPModel, or a tensor is missing,
       unexpected or mis-shaped; ours without a dual encoder.
   """
-  from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
   for candidate in (folder, os.path.join(folder, 'model')):
     if ckpt_lib.is_pretrained_folder(candidate):
       config = ckpt_lib.load_config(candidate)

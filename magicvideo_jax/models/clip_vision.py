@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicvideo_jax import convert
+from magicvideo_jax.weights import convert
 from magicvideo_jax.models import layers
 from magicvideo_jax.models import text_encoder
 

@@ -180,7 +180,7 @@ _FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers'
 
 
 class CLIPTextModel(nn.Module):
-  """CLIP text transformer. Fields are the keys of `configs.common.text_encoder_sd15()`.
+  """CLIP text transformer. Fields are the keys of `magicvideo_jax.config.text_encoder_sd15()`.
 
   `__call__(input_ids [B, L] int) -> last_hidden_state [B, L, hidden_size]` (after the final
   LayerNorm), with L <= max_position_embeddings. Attention is causal, as in CLIP; padding tokens are
@@ -290,7 +290,7 @@ def text_config_from_transformers(cfg: Dict[str, Any]) -> Dict[str, Any]:
   if out['eos_token_id'] == 2:
     out['eos_token_id'] = None
   if out['hidden_act'] not in ('quick_gelu', 'gelu'):
-    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
     raise convert.ConversionError(f"hidden_act={out['hidden_act']!r} is not supported "
                                   "(only 'quick_gelu' and 'gelu').")
   return out
@@ -316,7 +316,7 @@ def load_clip_text(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dict[
     ConversionError: the folder has no text projection (e.g. a bare `CLIPTextModel`), or a tensor
       is missing, unexpected or mis-shaped (named in the message).
   """
-  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
   return convert.load_clip_tower(
       folder, weights_prefix='text_model.', projection='text_projection',
       model_class='CLIPTextModel', read_config=text_config_from_transformers,

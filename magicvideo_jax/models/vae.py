@@ -210,7 +210,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-  """SD's KL autoencoder. Fields are the keys of `configs.common.vae_sd15()`.
+  """SD's KL autoencoder. Fields are the keys of `magicvideo_jax.config.vae_sd15()`.
 
   Methods (call through `model.apply(variables, x, method='encode')` etc.):
     encode(x [N, H, W, in] in [-1, 1]) -> (mean, logvar), each [N, H/8, W/8, latent] at SD sizes.

@@ -112,7 +112,7 @@ def logical_axis_rules():
 
 def shapes_tokenizer() -> ml_collections.ConfigDict:
   """Word-level tokenizer over the moving_shapes caption vocabulary."""
-  from data import moving_shapes  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   words = ('a', 'moving') + tuple(moving_shapes.COLOUR_NAMES) + tuple(moving_shapes.SHAPES) + tuple(
       moving_shapes.MOTIONS)
   return ml_collections.ConfigDict(dict(kind='words', words=words, path=''))
@@ -120,7 +120,7 @@ def shapes_tokenizer() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every section with its defaults (SD 1.x model sizes); configs override what differs."""
-  from data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.seed = 0

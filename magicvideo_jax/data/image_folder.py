@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from data import video_folder
+from magicvideo_jax.data import video_folder
 
 
 @dataclasses.dataclass(eq=False)

@@ -6,7 +6,7 @@ stored clip of a prepared video dataset once, through the VAE of a checkpoint, a
 posterior (mean and standard deviation) rather than one sample, so training still draws a new
 sample `mean + std * eps` every step, exactly as it does from pixels.
 
-  python -m data.encoded_latents --source moving_shapes/default --checkpoint runs/shapes/vae/model \
+  python -m magicvideo_jax.tools.encode_latents --source moving_shapes/default --checkpoint runs/shapes/vae/model \
       --resolution 32 --name shapes_vae [--data_dir DIR] [--splits train,validation] [--dtype float16]
 
 writes `<data_dir>/encoded_latents/<name>/1.0.0/`. Train on it with
@@ -76,7 +76,7 @@ def check_probe(stored: Sequence[float], actual: Sequence[float], what: str) -> 
   if stored.shape != actual.shape or error > PROBE_RTOL:
     raise ValueError(f'{what}: the latents were encoded by a different VAE than the model holds '
                      f'(probe mismatch {error:.2e} > {PROBE_RTOL}); re-encode them with '
-                     '`python -m data.encoded_latents --checkpoint <the model\'s VAE>`.')
+                     '`python -m magicvideo_jax.tools.encode_latents --checkpoint <the model\'s VAE>`.')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class EncodedLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _load_model(self):
     if self._model is None:
-      from magicvideo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
       from magicvideo_jax.models import build_models  # pylint: disable=g-import-not-at-top
       cfg = self.builder_config
       if not ckpt_lib.is_pretrained_folder(cfg.checkpoint):
@@ -238,7 +238,7 @@ class EncodedLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
   def _generate_examples(self, split: str):
-    from data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     cfg = self.builder_config
     _, vae, vae_params = self._load_model()
     source = input_pipeline.load_source(cfg.source, data_dir=cfg.source_data_dir, split=split,

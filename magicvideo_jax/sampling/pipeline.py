@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from magicvideo_jax import cascade
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
@@ -50,7 +50,7 @@ def checkpoint_kind(path: str) -> Tuple[str, str]:
   """('pretrained' | 'diffusers', folder) of a checkpoint folder, a training workdir or a diffusers
   folder. Raises FileNotFoundError naming what was expected."""
   if os.path.isfile(path):
-    from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
     if path.endswith(convert.PICKLE_SUFFIXES):
       raise convert.ConversionError(
           f'{path} is a pickle checkpoint and is never loaded (it can run arbitrary code): convert it '
@@ -76,7 +76,7 @@ def load_config(path: str, num_frames: Optional[int] = None) -> ml_collections.C
   kind, folder = checkpoint_kind(path)
   if kind == 'pretrained':
     return ckpt_lib.load_config(folder)
-  from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
   return convert.model_config_from_diffusers(folder, num_frames or DEFAULT_DIFFUSERS_FRAMES)
 
 
@@ -210,7 +210,7 @@ class MagicVideoPipeline:
     if kind == 'pretrained':
       config, params, tokenizer = ckpt_lib.load_pretrained(folder)
     else:
-      from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+      from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
       config, params, tokenizer = convert.convert_diffusers_folder(
           folder, num_frames=num_frames or DEFAULT_DIFFUSERS_FRAMES)
     for key, value in overrides.items():

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 
@@ -167,7 +167,7 @@ def clip_latents(params, batch: Dict[str, jax.Array], keys: jax.Array, *, module
                  config: ml_collections.ConfigDict) -> jax.Array:
   """Scaled latents `[B, F, h, w, c]` of the batch's clips `video` (VAE posterior samples, no
   gradient)."""
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   return train.encode_latents(modules['vae'], params['vae'], batch['video'], keys,
                               config.model.vae.scaling_factor)
 
@@ -182,7 +182,7 @@ def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, 
   Returns:
     (loss, {'keyframe_loss', 'inbetween_loss'}).
   """
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   ic = config.interpolation
   keys_z, keys_t, keys_n = train.split_keys(keys, 3)
   latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
@@ -200,7 +200,7 @@ def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, contex
   condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`), predict from noisy
   latents | condition, loss = weighted mean over frames of the per-frame loss, keyframes weighted by
   `config.interpolation.keyframe_loss_weight`."""
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   ic = config.interpolation
   is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
   timesteps = train.train_timesteps(keys_t, schedule, config)

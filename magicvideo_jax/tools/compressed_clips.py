@@ -6,7 +6,7 @@ the files, so that everything downstream reads them like any folder of videos. T
 procedurally generated `moving_shapes` clips of a split, or, with `--checkpoint`, videos sampled from
 a trained model for that split's captions.
 
-  python -m data.compressed_clips --output_dir /tmp/shapes_mp4 --split test --num_clips 64 \
+  python -m magicvideo_jax.tools.compressed_clips --output_dir /tmp/shapes_mp4 --split test --num_clips 64 \
       --quality 3 [--checkpoint magicvideo_jax/assets/shapes] [--data_dir DIR]
 
 prints the prepared dataset's directory (pass it as `--dataset` to `magicvideo_jax.eval.flicker`).
@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import moving_shapes, video_folder
+from magicvideo_jax.data import moving_shapes, video_folder
 
 
 def write_clips(output_dir: str, videos: np.ndarray, captions: Sequence[str], fps: float,
@@ -50,7 +50,7 @@ def shapes_clips(split: str, num_clips: int, checkpoint: Optional[str] = None):
   if checkpoint is None:
     return np.stack([e['video'] for e in examples]), captions, float(examples[0]['fps'])
   from magicvideo_jax.eval import shapes  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   videos = shapes.generate(pipe, captions)
   return videos, captions, float(pipe.config.data.get('fps', 8.0))

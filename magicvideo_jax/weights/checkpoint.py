@@ -124,10 +124,10 @@ def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/
 
 
 def main(argv=None) -> int:
-  """`python -m magicvideo_jax.checkpoint merge --base DIR --other DIR --output DIR [--params RE]
+  """`python -m magicvideo_jax.weights.checkpoint merge --base DIR --other DIR --output DIR [--params RE]
   [--config_keys model.vae,model.video_vae]`: see `merge_pretrained`."""
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.checkpoint', description=main.__doc__)
+  parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.weights.checkpoint', description=main.__doc__)
   parser.add_argument('command', choices=('merge',))
   parser.add_argument('--base', required=True)
   parser.add_argument('--other', required=True)

@@ -3,7 +3,7 @@
 The builder decodes every listed video once, keeps up to `num_frames` frames of it at the configured
 resolution, and writes them as raw uint8 arrays (array_record, random access through
 `tfds.data_source`; no TensorFlow needed to build or read). Frame sampling (stride, start, crop) is
-left to `data/input_pipeline.py`, which draws a new clip from the stored frames every epoch.
+left to `magicvideo_jax/data/input_pipeline.py`, which draws a new clip from the stored frames every epoch.
 
 Features (the contract shared by every video dataset in `data/`):
   'video'    uint8 [T, H, W, 3]  T in [min_frames, num_frames]; H = W = resolution, except with

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 
@@ -92,7 +92,7 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
   Returns:
     (loss, {'noise_level'}: the batch's mean augmentation level).
   """
-  from magicvideo_jax import train  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
   if int(config.model.unet.in_channels) != LATENT_CHANNELS + 3 or not config.model.unet.get(
       'num_class_embeds'):
@@ -168,7 +168,7 @@ class VideoUpscaler:
     if ckpt_lib.is_pretrained_folder(path):
       config, params, tokenizer = ckpt_lib.load_pretrained(path)
     elif os.path.isfile(os.path.join(path, 'unet', 'config.json')):
-      from magicvideo_jax import convert  # pylint: disable=g-import-not-at-top
+      from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
       config, params, tokenizer = convert.convert_diffusers_folder(path, num_frames=num_frames)
     else:
       raise FileNotFoundError(f'{path} is neither a magicvideo_jax checkpoint folder (config.json + '

@@ -38,13 +38,13 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from magicvideo_jax import checkpoint as ckpt_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
-from magicvideo_jax import interpolation
+from magicvideo_jax.sampling import interpolation
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
-from magicvideo_jax import upscaler
+from magicvideo_jax.sampling import upscaler
 
 Params = Dict[str, Any]
 
@@ -358,7 +358,7 @@ DEVICE_KEYS = ('video', 'latents', 'latent_mean', 'latent_std', 'input_ids', 'fp
 
 def make_iterator(config: ml_collections.ConfigDict, tokenizer):
   """This process's slice of the training stream (`config.data`)."""
-  from data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1 and config.data.get('prepare', False):
     # One process builds a missing (generated) dataset; the others wait, then read it.
     if jax.process_index() == 0:
@@ -613,15 +613,16 @@ def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any
   """Metadata of a precomputed-latents dataset ({} unless config.data.precomputed_latents)."""
   if not config.data.get('precomputed_latents', False):
     return {}
-  from data import encoded_latents, input_pipeline  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.data import input_pipeline
+  from magicvideo_jax.tools import encode_latents  # pylint: disable=g-import-not-at-top
   if config.train.objective != 'diffusion':
     raise ValueError(f'config.train.objective={config.train.objective!r} trains on pixels; '
                      'config.data.precomputed_latents=True only feeds the diffusion objective.')
   directory = input_pipeline.prepared_directory(config.data.dataset, config.data.get('data_dir'))
-  metadata = encoded_latents.read_metadata(directory) if directory else {}
+  metadata = encode_latents.read_metadata(directory) if directory else {}
   if 'vae_probe' not in metadata:
     raise ValueError(f'config.data.dataset={config.data.dataset!r} carries no VAE fingerprint: '
-                     'build it with `python -m data.encoded_latents`.')
+                     'build it with `python -m magicvideo_jax.tools.encode_latents`.')
   if int(metadata['resolution']) != int(config.data.resolution):
     raise ValueError(f'The latents were encoded at {metadata["resolution"]}px, '
                      f'config.data.resolution={config.data.resolution}.')
@@ -631,9 +632,9 @@ def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any
 def check_latents_vae(config: ml_collections.ConfigDict, metadata: Dict[str, Any], vae,
                       vae_params) -> None:
   """Refuses precomputed latents that another VAE produced (their fingerprints differ)."""
-  from data import encoded_latents  # pylint: disable=g-import-not-at-top
-  encoded_latents.check_probe(metadata['vae_probe'],
-                              encoded_latents.vae_probe(vae, vae_params, config.data.resolution),
+  from magicvideo_jax.tools import encode_latents  # pylint: disable=g-import-not-at-top
+  encode_latents.check_probe(metadata['vae_probe'],
+                              encode_latents.vae_probe(vae, vae_params, config.data.resolution),
                               f'config.data.dataset={config.data.dataset!r}')
 
 
@@ -663,7 +664,7 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
   """Writes a GIF of a few prompts sampled with the EMA params every `config.train.sample_every` steps."""
   if config.train.objective != 'diffusion':
     return None
-  from magicvideo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.sampling import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   prompts = list(config.train.sample_prompts)
   out_dir = os.path.join(workdir, 'samples')

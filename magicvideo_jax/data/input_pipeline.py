@@ -20,7 +20,7 @@ Batch (per process, B = G / P, F = num_frames, n = num_image_frames, R = resolut
   'index'       int32   [B]         example index in the split (for debugging)
   with n > 0 also 'image_caption' object [B, n] and, with tokenize_fn, 'image_input_ids' int32
   [B, n, L] (each image's own caption, dropped at the same rate).
-From a dataset of precomputed latents (`data/encoded_latents.py`: examples hold 'latent_mean' and
+From a dataset of precomputed latents (`magicvideo_jax/tools/encode_latents.py`: examples hold 'latent_mean' and
 'latent_std' instead of 'video'), 'video' is replaced by
   'latent_mean', 'latent_std'  float32 [B, F, h, w, c]  the VAE posterior of the sampled frames
 (frames are sampled the same way; no resize or crop: the latents were encoded at their resolution).
@@ -36,7 +36,7 @@ offset; random crops only matter for data stored larger or non-square (resize_mo
                       data_dir (e.g. 'video_folder/webvid_256px_32f', 'moving_shapes/tiny')
   data_dir            TFDS data dir (None: ~/tensorflow_datasets)
   split               'train' (TFDS slicing such as 'train[:95%]' works)
-  precomputed_latents the dataset holds VAE latents (data/encoded_latents.py), not pixels
+  precomputed_latents the dataset holds VAE latents (magicvideo_jax/tools/encode_latents.py), not pixels
   prepare             build a registered dataset (e.g. moving_shapes) if it is not prepared yet;
                       VideoFolder / ImageFolder need their folders: build them beforehand
   global_batch_size   clips per step over all processes (divisible by the process count)
@@ -80,7 +80,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import video_folder
+from magicvideo_jax.data import video_folder
 
 Batch = Dict[str, Any]
 TokenizeFn = Callable[[List[str]], np.ndarray]
@@ -157,7 +157,7 @@ def load_source(dataset: str, *, data_dir: Optional[str] = None, split: str = 't
   Args:
     dataset: a directory holding dataset_info.json, or 'name[/config][:version]' under data_dir.
       Prepared datasets are read from their files (no builder class needed); otherwise the builder
-      is looked up by name (module `data/<name>.py` or tfds).
+      is looked up by name (module `magicvideo_jax/data/<name>.py` or tfds).
     data_dir: TFDS data dir.
     split: split, TFDS slicing allowed.
     prepare: build a registered dataset that is not prepared yet (offline), e.g. moving_shapes.
@@ -171,8 +171,8 @@ def load_source(dataset: str, *, data_dir: Optional[str] = None, split: str = 't
   directory = prepared_directory(dataset, data_dir)
   if directory is not None:
     return tfds.builder_from_directory(directory).as_data_source(split=split)
-  try:  # A registered builder; importing data/<name>.py registers it.
-    importlib.import_module(f'data.{name.split("/")[0]}')
+  try:  # A registered builder; importing magicvideo_jax/data/<name>.py registers it.
+    importlib.import_module(f'magicvideo_jax.data.{name.split("/")[0]}')
   except ImportError:
     pass
   hint = (f'Dataset {dataset!r} is not prepared under data_dir={data_dir!r}: build it first '

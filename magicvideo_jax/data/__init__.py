@@ -1,0 +1,1 @@
+"""Dataset builders (TFDS) and the input pipeline: clips in, global batches out."""

@@ -1,0 +1,1 @@
+"""Tools that run models over datasets: precomputed VAE latents, compressed clip folders."""

@@ -1,0 +1,1 @@
+"""Training: the train state and step, and train_and_evaluate."""

@@ -1,0 +1,1 @@
+"""Weights: Orbax checkpoints and pretrained folders, diffusers/transformers safetensors, surgery."""
