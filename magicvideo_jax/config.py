@@ -6,6 +6,9 @@ field names of the Linen modules (and, where they exist, of the diffusers / tran
 
 import ml_collections
 
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.data import moving_shapes
+
 
 def text_encoder_sd15() -> ml_collections.ConfigDict:
   """CLIP ViT-L/14 text transformer (SD 1.x)."""
@@ -112,7 +115,6 @@ def logical_axis_rules():
 
 def shapes_tokenizer() -> ml_collections.ConfigDict:
   """Word-level tokenizer over the moving_shapes caption vocabulary."""
-  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   words = ('a', 'moving') + tuple(moving_shapes.COLOUR_NAMES) + tuple(moving_shapes.SHAPES) + tuple(
       moving_shapes.MOTIONS)
   return ml_collections.ConfigDict(dict(kind='words', words=words, path=''))
@@ -120,7 +122,6 @@ def shapes_tokenizer() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every section with its defaults (SD 1.x model sizes); configs override what differs."""
-  from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -149,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
-      objective='diffusion',  # A key of train.LOSSES: 'diffusion', 'vae', 'video_vae', 'clip',
+      objective='diffusion',  # A key of losses.LOSSES: 'diffusion', 'vae', 'video_vae', 'clip',
                               # 'interpolation', 'upscaler'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.

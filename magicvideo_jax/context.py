@@ -34,18 +34,24 @@ kind='clip_embedding': MagicVideo's unsupervised pre-training. A frozen CLIP dua
                  it at 0.79, e.g. the image-text cosine `benchmarks/clip_gap.py` measures.
 """
 
+import json
 import logging
+import os
 import re
 from typing import Any, Dict
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from magicvideo_jax import models as models_lib
+from magicvideo_jax.models import clip as clip_lib
 from magicvideo_jax.models import clip_vision
 from magicvideo_jax.models import conditioning
+from magicvideo_jax.models import layers
 from magicvideo_jax.models import text_encoder
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import clip as clip_weights
 
 KINDS = ('text_tokens', 'clip_embedding')
 SOURCES = ('image', 'text')
@@ -116,8 +122,6 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, Any]) -> Dict[str, Any]:
-  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   if section['clip_dir']:
     return _read_dual_encoder_config(section['clip_dir'])
   init_from = config.train.get('init_from')
@@ -142,10 +146,6 @@ def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, A
 
 def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
   """config.model.clip of a dual encoder folder, without loading its weights."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   for candidate in (folder, os.path.join(folder, 'model')):
     if ckpt_lib.is_pretrained_folder(candidate):
       clip_config = ckpt_lib.load_config(candidate).model.get('clip')
@@ -158,21 +158,20 @@ def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
     raise FileNotFoundError(f'config.model.conditioning.clip_dir={folder}: no dual encoder there '
                             '(a transformers CLIPModel folder or one of ours with model.clip).')
   with open(path) as f:
-    return clip_lib.clip_config_from_transformers(json.load(f))
+    return clip_weights.clip_config_from_transformers(json.load(f))
 
 
 def embedding_to_context(model_config: Any) -> conditioning.EmbeddingToContext:
   return conditioning.EmbeddingToContext(
       num_tokens=int(_section(model_config)['num_tokens']),
       cross_attention_dim=int(model_config.unet.cross_attention_dim),
-      **models_lib.dtypes(model_config))
+      **layers.config_dtypes(model_config))
 
 
 def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array,
                 params: Dict[str, Any]) -> Dict[str, Any]:
   """`params` plus the dual encoder (`params['clip']`, when `modules` has one) and, for
   'clip_embedding', the U-Net's `embedding_to_context` (boxed, like `train.init_params`)."""
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   params = dict(params)
   if 'clip' in modules:
     params['clip'] = modules['clip'].init(jax.random.fold_in(key, 1),
@@ -194,9 +193,7 @@ def load_frozen_encoder(params: Dict[str, Any], config: ml_collections.ConfigDic
   folder = _section(config.model)['clip_dir']
   if not (uses_clip_embedding(config.model) and folder):
     return params
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  _, loaded = clip_lib.load_dual_encoder(folder)
+  _, loaded = clip_weights.load_dual_encoder(folder)
   want = traverse_util.flatten_dict(params['clip'], sep='/')
   got = traverse_util.flatten_dict(loaded, sep='/')
   if want.keys() != got.keys():

@@ -12,6 +12,10 @@ import os
 import sys
 import time
 
+from magicvideo_jax import video_io
+from magicvideo_jax.eval import judge
+from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'shapes')
 DEFAULT_PROMPTS = ('a red circle moving left', 'a blue square moving up', 'a yellow star growing',
                    'a green triangle moving right', 'a magenta circle moving down',
@@ -29,9 +33,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   t0 = time.time()
-  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   prompts = list(args.prompt or DEFAULT_PROMPTS)
   try:
     pipe = MagicVideoPipeline.from_pretrained(args.checkpoint, verbose=True)

@@ -29,6 +29,7 @@ Library: `count_flops(config, ...) -> dict`, `analytic_unet_flops`, `analytic_vd
 """
 
 import functools
+import importlib
 import json
 import time
 import types
@@ -37,12 +38,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 from absl import logging
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
+import ml_collections
 import numpy as np
+
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax.models import vdm as vdm_lib
+from magicvideo_jax.training import train as train_lib
 
 CONVENTION = ('XLA convention: one multiply-add = 2 FLOPs (elementwise ops count 1 per element); '
               'fvcore MACs = FLOPs / 2.')
@@ -383,9 +391,7 @@ def _sds(shape, dtype=jnp.float32, sharding=None):
 
 def build_denoiser(config: ml_collections.ConfigDict):
   """The denoiser Linen module: MagicVideo's video U-Net or the VDM."""
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   if model_kind(config) == 'vdm':
-    from magicvideo_jax.models import vdm as vdm_lib  # pylint: disable=g-import-not-at-top
     return vdm_lib.build_vdm(config.model)
   return models_lib.build_unet(config.model)
 
@@ -445,7 +451,6 @@ def _io_args(io, sharding=None):
 
 
 def _mesh_and_rules(config, mesh_spec: Optional[Dict[str, int]]):
-  from magicvideo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   mesh = sharding_lib.create_mesh(mesh_spec or config.mesh)
   rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
   return mesh, rules
@@ -453,8 +458,6 @@ def _mesh_and_rules(config, mesh_spec: Optional[Dict[str, int]]):
 
 def _train_modules_and_init(config):
   """(modules, init_params(modules, config, key)) for the train state of either model kind."""
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   if model_kind(config) == 'magicvideo':
     return models_lib.build_models(config.model), train_lib.init_params
   # No VAE: the batch carries pixel 'latents', so diffusion_loss never encodes.
@@ -486,10 +489,6 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
   the step; with `config.data.precomputed_latents` the stored posterior instead) or pixel `latents`
   (VDM: pixel-space diffusion), token ids, fps and frame mask.
   """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   mesh, rules = _mesh_and_rules(config, mesh_spec)
   kind = model_kind(config)
   step_config = config
@@ -557,7 +556,6 @@ def sampling_forward_cost(config: ml_collections.ConfigDict, frames: int,
                           mesh_spec: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
   """The CFG denoiser forward of one sampling step (batch 2 = conditional + unconditional), with
   parameters sharded by the config's logical rules over the mesh."""
-  from magicvideo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   mesh, rules = _mesh_and_rules(config, mesh_spec)
   module = build_denoiser(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -575,8 +573,6 @@ def sampling_forward_cost(config: ml_collections.ConfigDict, frames: int,
 
 def sampler_compile_seconds(config: ml_collections.ConfigDict, frames: int) -> Dict[str, float]:
   """AOT compile time of the whole sampler (text encoding + CFG DDIM `lax.scan` loop), abstract."""
-  from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   module = build_denoiser(config)
   text = models_lib.build_text_encoder(config.model)
   schedule = diffusion.Schedule.from_config(config.diffusion)
@@ -626,7 +622,6 @@ def count_flops(config: ml_collections.ConfigDict, *, frames: Optional[int] = No
   multiply-adds, but XLA:CPU adds convert ops to its count); None keeps `config.model.dtype`. The
   memory compiles always use the config's dtype, as a run would.
   """
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   run_config = config
   if count_dtype:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -781,7 +776,6 @@ COMPARE = (('sd15_256', 'configs/sd15_256.py', ''), ('vdm_64', 'configs/vdm_64.p
 def compare(memory: bool = False, mesh: Optional[Dict[str, int]] = None, **kwargs
             ) -> List[Tuple[str, Dict[str, Any]]]:
   """`count_flops` of MagicVideo (sd15_256) and the VDM configs, in `COMPARE` order."""
-  import importlib  # pylint: disable=g-import-not-at-top
   reports = []
   for name, path, variant in COMPARE:
     module = importlib.import_module(path[:-3].replace('/', '.'))

@@ -15,7 +15,10 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from magicvideo_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
                                           lock_config=True)
@@ -49,7 +52,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   setup_logging()
-  import jax  # pylint: disable=g-import-not-at-top
   multi_process = bool(_COORDINATOR.value or _DISTRIBUTED.value)
   cache_dir = _CACHE_DIR.value
   if cache_dir == 'auto':
@@ -69,7 +71,6 @@ def main(argv):
   logging.info('process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -20,6 +20,11 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from magicvideo_jax import video_io
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import pipeline as pipeline_lib
+from magicvideo_jax.weights import torch_layout
+
 VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov', '.mkv')
 SAMPLERS = ('ddim', 'dpmsolver++')  # = diffusion.SAMPLERS; repeated so --help needs no jax import.
 SIGMA_SPACINGS = ('karras', 'lu_lambdas')
@@ -139,10 +144,6 @@ def check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> List[str]:
   """Generates and writes the video(s); returns the written paths."""
   check_flags(args)
-  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.sampling import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   try:  # Validate against the configs before loading any weights.
     base, interpolation, upscaler = cascade.resolve_folders(args.checkpoint, args.interpolation,
                                                             args.upscaler)
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> List[str]:
     pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
         base, num_frames=args.num_frames_model, verbose=True, interpolation=interpolation,
         upscaler=upscaler)
-  except (ValueError, FileNotFoundError, convert.ConversionError) as e:
+  except (ValueError, FileNotFoundError, torch_layout.ConversionError) as e:
     raise UserError(str(e)) from None
   kwargs.update(interpolation_steps=args.interpolation_steps,
                 interpolation_guidance_scale=args.interpolation_guidance_scale,

@@ -10,8 +10,9 @@ from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
@@ -41,7 +42,6 @@ def create_mesh(mesh_shape: Any = None, devices: Optional[Sequence[jax.Device]] 
         'set config.mesh.data=-1 to use them all')
   device_array = np.asarray(devices).reshape(sizes)
   try:  # Topology-aware order on TPU/GPU; CPU devices keep their order.
-    from jax.experimental import mesh_utils
     device_array = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # pylint: disable=broad-except
     pass

@@ -7,8 +7,8 @@ tokens, and warn once when a prompt is truncated.
 import json
 import os
 import re
-import warnings
 from typing import Dict, Iterable, List, Sequence
+import warnings
 
 import numpy as np
 

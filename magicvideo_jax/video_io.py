@@ -2,9 +2,10 @@
 Pillow. No system ffmpeg is needed."""
 
 import os
-import warnings
 from typing import Sequence
+import warnings
 
+import imageio.v3 as iio
 import numpy as np
 
 
@@ -21,7 +22,6 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, quality: float 
 
   `quality` (0-10, mp4/webm only): imageio-ffmpeg's quality; lower compresses harder.
   """
-  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
   frames = to_uint8(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f'expected frames [F, H, W, 3], got {frames.shape}')
@@ -44,7 +44,6 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, quality: float 
 
 def read_video(path: str) -> np.ndarray:
   """`[F, H, W, 3]` uint8 frames of a video file."""
-  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
   frames = np.asarray(iio.imread(path, index=None))
   return (frames[None] if frames.ndim == 3 else frames)[..., :3]
 

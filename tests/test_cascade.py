@@ -3,7 +3,7 @@ pipeline base -> interpolation -> SR, the sample CLI's cascade flags, and config
 
 Measured on this machine (float32, CPU):
 - An interpolation U-Net (9 inputs) grown from a random base U-Net (4 inputs; every leaf random,
-  zero-initialised ones included) by `train.load_init_checkpoint` computes the base's output on the
+  zero-initialised ones included) by `surgery.load_init_checkpoint` computes the base's output on the
   noisy latents whatever the condition: max rel err 0.0 (bound 1e-6).
 - The loss's gradient w.r.t. the clip that feeds the condition is exactly zero at the in-between frames
   (no leak of the frames to predict) and non-zero at every keyframe.
@@ -34,6 +34,8 @@ from magicvideo_jax import sample
 from magicvideo_jax.training import train
 from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax import video_io
+from magicvideo_jax.weights import surgery
+from magicvideo_jax import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYFRAMES, FACTOR = 3, 2  # -> 5 frames.
@@ -111,7 +113,7 @@ def upscaler_config():
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
   """Checkpoint folders: a random base (every leaf random, zero-initialised ones included), an
-  interpolation model grown from it by `train.load_init_checkpoint` (then perturbed so that it uses its
+  interpolation model grown from it by `surgery.load_init_checkpoint` (then perturbed so that it uses its
   condition), a random upscaler."""
   root = tmp_path_factory.mktemp('cascade')
   paths = types.SimpleNamespace(base=str(root / 'base'), interpolation=str(root / 'interpolation'),
@@ -122,7 +124,7 @@ def folders(tmp_path_factory):
                            train.build_tokenizer(config))
   config = interpolation_config()
   _, params = init(config, 2)
-  params = jax.tree.map(np.asarray, train.load_init_checkpoint(params, paths.base))
+  params = jax.tree.map(np.asarray, surgery.load_init_checkpoint(params, paths.base))
   params['unet'] = perturb(params['unet'], 3)  # Its VAE stays the base's: keyframes pass as latents.
   ckpt_lib.save_pretrained(paths.interpolation, train._export_config(config), params,
                            train.build_tokenizer(config))
@@ -146,7 +148,7 @@ def test_grown_conv_in_keeps_the_base_output(folders):
   config.model.unet.update(num_frames=KEYFRAMES, temporal_mask='causal')  # The base's, but 9 inputs.
   config.data.num_frames = KEYFRAMES
   modules, fresh = init(config, 5)
-  grown = train.load_init_checkpoint(fresh, folders.base, ('^unet/',))
+  grown = surgery.load_init_checkpoint(fresh, folders.base, ('^unet/',))
   kernel = np.asarray(grown['unet']['conv_in']['kernel'])
   np.testing.assert_array_equal(kernel[:, :, :4], base['unet']['conv_in']['kernel'])
   assert kernel.shape == (3, 3, 9, 32) and not kernel[:, :, 4:].any()
@@ -169,14 +171,14 @@ def test_grown_conv_in_keeps_the_base_output(folders):
 def test_grow_weight_rules():
   rng = np.random.default_rng(0)
   table = rng.standard_normal((4, 3)).astype(np.float32)
-  grown = interpolation.grow_weight('unet/mid_block/resnets_0/conv1_adaptor/scale', table, (10, 3))
+  grown = surgery.grow_weight('unet/mid_block/resnets_0/conv1_adaptor/scale', table, (10, 3))
   np.testing.assert_allclose(grown[::3], table, rtol=1e-6)  # Exact rows at the keyframes (m = 3).
   np.testing.assert_allclose(grown[1], (2 * table[0] + table[1]) / 3, rtol=1e-6)
   kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
-  assert interpolation.grow_weight('unet/conv_in/kernel', kernel, (3, 3, 2, 8)) is None  # Shrink.
-  assert interpolation.grow_weight('unet/conv_out/kernel', kernel, (3, 3, 9, 8)) is None
-  assert interpolation.grow_weight('unet/conv_in/kernel', kernel, (3, 3, 9, 16)) is None
-  assert interpolation.grow_weight('unet/mid_block/resnets_0/conv1_adaptor/scale', table,
+  assert surgery.grow_weight('unet/conv_in/kernel', kernel, (3, 3, 2, 8)) is None  # Shrink.
+  assert surgery.grow_weight('unet/conv_out/kernel', kernel, (3, 3, 9, 8)) is None
+  assert surgery.grow_weight('unet/conv_in/kernel', kernel, (3, 3, 9, 16)) is None
+  assert surgery.grow_weight('unet/mid_block/resnets_0/conv1_adaptor/scale', table,
                                    (2, 3)) is None
 
 
@@ -216,7 +218,7 @@ def test_loss_sees_only_the_keyframes(interpolation_model):
 
   def loss_through_condition(clip):
     condition = interpolation.condition_from_clip(clip, FACTOR, 'nearest')
-    return interpolation.denoising_loss(
+    return losses.denoising_loss(
         m.params['unet'], latents, condition, context, keys, keys, fps=jnp.full((2,), 8.0),
         unet=m.modules['unet'], schedule=m.schedule, config=m.config)[0]
 
@@ -227,7 +229,7 @@ def test_loss_sees_only_the_keyframes(interpolation_model):
 
 
 def test_loss_runs_and_weights_keyframes(interpolation_model):
-  """Through train.LOSSES on a pixel batch (frozen VAE encoding); keyframes weighted by
+  """Through losses.LOSSES on a pixel batch (frozen VAE encoding); keyframes weighted by
   keyframe_loss_weight (0.5 here)."""
   m = interpolation_model
   rng = np.random.default_rng(1)
@@ -235,7 +237,7 @@ def test_loss_runs_and_weights_keyframes(interpolation_model):
                input_ids=jnp.asarray(train.build_tokenizer(m.config)(PROMPTS)),
                fps=jnp.full((2,), 16.0))
   keys = jax.random.split(jax.random.key(1), 2)
-  loss, aux = jax.jit(lambda p, b: train.LOSSES['interpolation'](
+  loss, aux = jax.jit(lambda p, b: losses.LOSSES['interpolation'](
       p, b, keys, modules=m.modules, schedule=m.schedule, config=m.config))(m.params, batch)
   assert np.isfinite(loss) and set(aux) == {'keyframe_loss', 'inbetween_loss'}
   assert abs(aux['keyframe_loss'] - aux['inbetween_loss']) > 1e-4

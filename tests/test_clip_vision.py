@@ -13,9 +13,10 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import clip as clip_weights
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_channels=3, image_size=32, patch_size=8, projection_dim=16, layer_norm_eps=1e-5,
@@ -73,7 +74,7 @@ def test_matches_transformers(reference, pixels, apply_fn):
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   # transformers 5 keeps the `vision_model.` prefix for this class: our tree's root, as the file's.
   assert any(k.startswith('vision_model.embeddings.') for k in state)
-  params = convert.state_dict_to_params(state, clip_vision.abstract_params(TINY))
+  params = torch_layout.state_dict_to_params(state, clip_vision.abstract_params(TINY))
   _check('CLIPVisionModelWithProjection', apply_fn({'params': params}, jnp.asarray(pixels)),
          image_embeds, last_hidden_state)
 
@@ -81,7 +82,7 @@ def test_matches_transformers(reference, pixels, apply_fn):
 def test_loads_with_projection_folder(reference, pixels, apply_fn, tmp_path):
   model, image_embeds, last_hidden_state = reference
   model.save_pretrained(str(tmp_path))
-  config, params = clip_vision.load_clip_vision(str(tmp_path))
+  config, params = clip_weights.load_clip_vision(str(tmp_path))
   assert config == TINY
   _check('from CLIPVisionModelWithProjection folder',
          apply_fn({'params': params}, jnp.asarray(pixels)), image_embeds, last_hidden_state)
@@ -96,7 +97,7 @@ def test_loads_clip_model_folder(pixels, apply_fn, tmp_path):
   model.save_pretrained(str(tmp_path))
   with torch.no_grad():
     out = model.get_image_features(torch.from_numpy(pixels).permute(0, 3, 1, 2))
-  config, params = clip_vision.load_clip_vision(str(tmp_path))
+  config, params = clip_weights.load_clip_vision(str(tmp_path))
   assert config == TINY
   assert set(params) == {'vision_model', 'visual_projection'}
   _check('from CLIPModel folder', apply_fn({'params': params}, jnp.asarray(pixels)),
@@ -105,8 +106,8 @@ def test_loads_clip_model_folder(pixels, apply_fn, tmp_path):
 
 def test_bare_vision_model_is_refused(tmp_path):
   transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY)).save_pretrained(str(tmp_path))
-  with pytest.raises(convert.ConversionError, match='visual_projection'):
-    clip_vision.load_clip_vision(str(tmp_path))
+  with pytest.raises(torch_layout.ConversionError, match='visual_projection'):
+    clip_weights.load_clip_vision(str(tmp_path))
 
 
 def test_wrong_image_size_raises():
@@ -125,7 +126,7 @@ def test_parameter_count_vit_l14():
     ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**config))
   ref_count = sum(p.numel() for p in ref.parameters())
   for key, p in ref.named_parameters():  # Every torch parameter has a same-sized counterpart.
-    module, leaf = convert.torch_key_to_path(key)
+    module, leaf = torch_layout.torch_key_to_path(key)
     base = '/'.join(module)
     names = ('kernel', 'scale', 'embedding') if leaf == 'weight' else (leaf,)
     match = [flat[f'{base}/{c}'] for c in names if f'{base}/{c}' in flat]

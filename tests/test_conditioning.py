@@ -30,12 +30,14 @@ transformers = pytest.importorskip('transformers')
 from configs import shapes_unsupervised  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from magicvideo_jax import context as context_lib  # pylint: disable=g-import-not-at-top
-from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import text_encoder  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.weights import clip as clip_weights
+from magicvideo_jax import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -78,7 +80,7 @@ def test_text_projection_matches_transformers(eos_token_id, tmp_path):
                                        pad_token_id=1)
   reference = _perturb(transformers.CLIPTextModelWithProjection(config))
   reference.save_pretrained(str(tmp_path))
-  ours_config, params = text_encoder.load_clip_text(str(tmp_path))
+  ours_config, params = clip_weights.load_clip_text(str(tmp_path))
   assert ours_config['eos_token_id'] == (None if eos_token_id == 2 else eos_token_id)
   ids = _ids_with_eos(99)
   with torch.no_grad():
@@ -102,8 +104,8 @@ def test_eos_positions():
 def test_bare_text_model_is_refused(tmp_path):
   config = transformers.CLIPTextConfig(**{k: v for k, v in TEXT.items() if k != 'projection_dim'})
   transformers.CLIPTextModel(config).save_pretrained(str(tmp_path))
-  with pytest.raises(convert.ConversionError, match='text_projection'):
-    text_encoder.load_clip_text(str(tmp_path))
+  with pytest.raises(torch_layout.ConversionError, match='text_projection'):
+    clip_weights.load_clip_text(str(tmp_path))
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +126,7 @@ def clip_folder(tmp_path_factory):
 
 def test_dual_encoder_matches_transformers(clip_folder):
   folder, reference = clip_folder
-  clip_config, params = clip_lib.load_dual_encoder(folder)
+  clip_config, params = clip_weights.load_dual_encoder(folder)
   assert clip_config['text']['eos_token_id'] is None  # 2: the legacy largest-id pooling.
   assert set(params) == {'text_model', 'vision_model', 'text_projection', 'visual_projection',
                          'logit_scale'}
@@ -145,15 +147,15 @@ def test_dual_encoder_matches_transformers(clip_folder):
   print('CLIPModel max rel err: ' + ', '.join(f'{k} {v:.2e}' for k, v in errs.items()))
   assert max(errs.values()) <= 1e-5
   # The text tower alone, from the same folder, as the converter reads it.
-  text_config, text_params = text_encoder.load_clip_text(folder)
+  text_config, text_params = clip_weights.load_clip_text(folder)
   alone = text_encoder.CLIPTextModelWithProjection(**text_config).apply(
       {'params': text_params}, jnp.asarray(ids, jnp.int32))
   np.testing.assert_allclose(alone.text_embeds, got.text_embeds, rtol=1e-5, atol=1e-5)
 
 
 def test_embedding_to_context_is_video_only():
-  assert convert.is_video_only('unet/embedding_to_context/proj/kernel')
-  assert not convert.is_video_only('unet/conv_in/kernel')
+  assert torch_layout.is_video_only('unet/embedding_to_context/proj/kernel')
+  assert not torch_layout.is_video_only('unet/conv_in/kernel')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,25 +286,25 @@ def test_contrastive_loss():
   positives = jnp.eye(4, dtype=bool)
   valid = jnp.ones((4,), bool)
   scale = jnp.log(100.0)
-  aligned, metrics = clip_lib.contrastive_loss(embeds, embeds * 3.0, scale, positives, valid)
-  shuffled, _ = clip_lib.contrastive_loss(embeds, embeds[::-1], scale, positives, valid)
+  aligned, metrics = losses.contrastive_loss(embeds, embeds * 3.0, scale, positives, valid)
+  shuffled, _ = losses.contrastive_loss(embeds, embeds[::-1], scale, positives, valid)
   assert float(metrics['i2t_accuracy']) == float(metrics['t2i_accuracy']) == 1.0
   assert float(aligned) < 0.1 < float(shuffled)
   # Rows 0 and 1 share a caption: text 1 matching image 0 is no error.
   duplicate = embeds.at[1].set(embeds[0])
   pos = positives.at[0, 1].set(True).at[1, 0].set(True)
-  loss_pos, _ = clip_lib.contrastive_loss(duplicate, duplicate, scale, pos, valid)
-  loss_neg, _ = clip_lib.contrastive_loss(duplicate, duplicate, scale, positives, valid)
+  loss_pos, _ = losses.contrastive_loss(duplicate, duplicate, scale, pos, valid)
+  loss_neg, _ = losses.contrastive_loss(duplicate, duplicate, scale, positives, valid)
   assert float(loss_pos) < 0.1 < float(loss_neg)
   # An invalid (empty-caption) pair changes nothing for the others.
   extra = jnp.concatenate([embeds, rng.standard_normal((1, 8)).astype(np.float32)])
-  with_extra, _ = clip_lib.contrastive_loss(extra, extra, scale, jnp.eye(5, dtype=bool),
+  with_extra, _ = losses.contrastive_loss(extra, extra, scale, jnp.eye(5, dtype=bool),
                                             jnp.asarray([True] * 4 + [False]))
   np.testing.assert_allclose(float(with_extra), float(aligned), rtol=1e-6)
 
 
 def test_clip_objective_learns_a_fixed_batch():
-  """The 'clip' loss (registered in train.LOSSES) trains the tiny dual encoder on one batch of
+  """The 'clip' loss (registered in losses.LOSSES) trains the tiny dual encoder on one batch of
   frames and captions: loss down, accuracy up."""
   config = shapes_unsupervised.get_config('clip,tiny')
   modules = {'clip': clip_lib.build_clip(config.model)}
@@ -317,7 +319,7 @@ def test_clip_objective_learns_a_fixed_batch():
     video[i, :, 2 + i % 4 * 3:8 + i % 4 * 3, 5:11] = colours[caption.split()[1]]
   batch = dict(video=jnp.asarray(video), input_ids=jnp.asarray(tokenizer(captions)))
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(len(captions)))
-  loss_fn = lambda p: train.LOSSES['clip'](p, batch, keys, modules=modules, schedule=None,
+  loss_fn = lambda p: losses.LOSSES['clip'](p, batch, keys, modules=modules, schedule=None,
                                            config=config)
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
@@ -463,7 +465,7 @@ def test_stage2_starts_from_stage1_and_samples_from_text(stage_runs, clip_folder
   params_1 = ckpt_lib.load_params(os.path.join(stage1, 'model'))
   config_2, params_2, _ = ckpt_lib.load_pretrained(os.path.join(stage2, 'model'))
   assert config_2.model.conditioning.source == 'text'
-  _, reference = clip_lib.load_dual_encoder(clip_folder[0])  # The frozen encoder, untouched.
+  _, reference = clip_weights.load_dual_encoder(clip_folder[0])  # The frozen encoder, untouched.
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params_2['clip'])):
     np.testing.assert_array_equal(a, b)
   # The VAE came from stage 1 (frozen); the U-Net's new layer trained on from stage 1's.

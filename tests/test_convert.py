@@ -20,9 +20,11 @@ transformers = pytest.importorskip('transformers')
 from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax import convert as convert_cli
 from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from safetensors.numpy import load_file, save_file
+from magicvideo_jax.weights import surgery
 
 NAMES = tuple(convert.MODEL_FILES)  # unet, vae, text_encoder
 
@@ -66,9 +68,9 @@ def test_round_trip_is_exact(tiny_sd_dir, tiny_converted_dir, tmp_path):
   """diffusers -> ours -> diffusers gives back every tensor (names, shapes, dtypes, values)."""
   out = str(tmp_path / 'with_reference')
   convert_cli.main(['--export_from', tiny_converted_dir, '--output', out, '--reference_dir', tiny_sd_dir])
-  originals = {n: convert.load_safetensors_folder(os.path.join(tiny_sd_dir, n)) for n in NAMES}
+  originals = {n: torch_layout.load_safetensors_folder(os.path.join(tiny_sd_dir, n)) for n in NAMES}
   for name in NAMES:
-    exported = convert.load_safetensors_folder(os.path.join(out, name))
+    exported = torch_layout.load_safetensors_folder(os.path.join(out, name))
     assert_same_tensors(originals[name], exported, name)
     print(f'{name}: {len(exported)} tensors identical')
   assert not any(k.startswith('text_model.') for k in originals['text_encoder'])  # transformers 5.
@@ -79,9 +81,9 @@ def test_round_trip_is_exact(tiny_sd_dir, tiny_converted_dir, tmp_path):
   plain = str(tmp_path / 'plain')
   convert_cli.main(['--export_from', tiny_converted_dir, '--output', plain])
   for name in ('unet', 'vae'):
-    assert_same_tensors(originals[name], convert.load_safetensors_folder(os.path.join(plain, name)),
+    assert_same_tensors(originals[name], torch_layout.load_safetensors_folder(os.path.join(plain, name)),
                         name)
-  text = convert.load_safetensors_folder(os.path.join(plain, 'text_encoder'))
+  text = torch_layout.load_safetensors_folder(os.path.join(plain, 'text_encoder'))
   assert_same_tensors({f'text_model.{k}': v for k, v in originals['text_encoder'].items()}, text,
                       'text_encoder')
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain, 'unet'))
@@ -101,15 +103,15 @@ def test_text_encoder_prefix_both_ways(tiny_sd_dir, tiny_converted_dir, tmp_path
   rewrite(sd_style, 'text_encoder', lambda s: {f'text_model.{k}': v for k, v in s.items()})
   state, prefix = convert.load_model_state(os.path.join(sd_style, 'text_encoder'), 'text_encoder')
   assert prefix == '' and all(k.startswith('text_model.') for k in state)
-  template = convert.abstract_params_for(config)['text_encoder']
-  loaded = flat(convert.state_dict_to_params(state, template, prefix=prefix))
+  template = surgery.abstract_params_for(config)['text_encoder']
+  loaded = flat(torch_layout.state_dict_to_params(state, template, prefix=prefix))
   expected = flat(params['text_encoder'])
   assert sorted(loaded) == sorted(expected)
   assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
   out = str(tmp_path / 'export')
   convert.export_diffusers(params, config, out, reference_dir=sd_style)
   assert_same_tensors(load_file(os.path.join(sd_style, 'text_encoder', 'model.safetensors')),
-                      convert.load_safetensors_folder(os.path.join(out, 'text_encoder')),
+                      torch_layout.load_safetensors_folder(os.path.join(out, 'text_encoder')),
                       'text_encoder (SD style)')
 
 
@@ -118,7 +120,7 @@ def test_video_model_is_diffusers_image_model_per_frame(tiny_sd_dir, tiny_conver
   on each frame."""
   config, params, _ = ckpt_lib.load_pretrained(tiny_converted_dir)
   leaves = flat(params['unet'])
-  video = {p: v for p, v in leaves.items() if convert.is_video_only(p)}
+  video = {p: v for p, v in leaves.items() if torch_layout.is_video_only(p)}
   groups = {g for p in video for g in ('adaptor', 'temporal', 'fps_') if g in p}
   assert groups == {'adaptor', 'temporal', 'fps_'}
   for path, value in video.items():  # The identity init: S = 1, B = 0, zero output projections.
@@ -150,15 +152,15 @@ def test_pickle_refused(tiny_sd_dir, tmp_path):
   os.remove(os.path.join(unet_dir, 'diffusion_pytorch_model.safetensors'))
   with open(os.path.join(unet_dir, 'diffusion_pytorch_model.bin'), 'wb') as f:
     f.write(b'not loaded')  # Never opened: the converter refuses by name.
-  with pytest.raises(convert.ConversionError, match=r'pickle.*safetensors'):
+  with pytest.raises(torch_layout.ConversionError, match=r'pickle.*safetensors'):
     convert.convert_diffusers_folder(src)
-  with pytest.raises(convert.ConversionError, match='safetensors'):
+  with pytest.raises(torch_layout.ConversionError, match='safetensors'):
     pipeline_lib.MagicVideoPipeline.from_pretrained(src)
   ckpt = tmp_path / 'sd.ckpt'
   ckpt.write_bytes(b'not loaded')
   with pytest.raises(SystemExit, match=r'error: .*pickle.*convert it to safetensors'):
     convert_cli.main(['--diffusers_dir', str(ckpt), '--output', str(tmp_path / 'out')])
-  with pytest.raises(convert.ConversionError, match=r'pickle.*safetensors'):
+  with pytest.raises(torch_layout.ConversionError, match=r'pickle.*safetensors'):
     pipeline_lib.MagicVideoPipeline.from_pretrained(str(ckpt))
 
 
@@ -166,23 +168,23 @@ def test_missing_and_mismatched_tensors(tiny_sd_dir, tiny_converted_dir, tmp_pat
   src = copy_pipeline(tiny_sd_dir, tmp_path / 'broken')
   key = 'down_blocks.0.resnets.0.conv1.weight'
   rewrite(src, 'unet', lambda s: {k: v for k, v in s.items() if k != key})
-  with pytest.raises(convert.ConversionError, match=rf"missing .*'{key}'"):
+  with pytest.raises(torch_layout.ConversionError, match=rf"missing .*'{key}'"):
     convert.convert_diffusers_folder(src)
 
   config = ckpt_lib.load_config(tiny_converted_dir)
-  template = convert.abstract_params_for(config)
-  vae = convert.load_safetensors_folder(os.path.join(tiny_sd_dir, 'vae'))
+  template = surgery.abstract_params_for(config)
+  vae = torch_layout.load_safetensors_folder(os.path.join(tiny_sd_dir, 'vae'))
   bad = dict(vae, **{'decoder.conv_in.weight': vae['decoder.conv_in.weight'][:, :2]})
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(torch_layout.ConversionError,
                      match=r"'decoder.conv_in.weight' has shape \(32, 2, 3, 3\)"):
-    convert.state_dict_to_params(bad, template['vae'])
-  with pytest.raises(convert.ConversionError, match="'decoder.extra.weight'"):
-    convert.state_dict_to_params(dict(vae, **{'decoder.extra.weight': vae['quant_conv.bias']}),
+    torch_layout.state_dict_to_params(bad, template['vae'])
+  with pytest.raises(torch_layout.ConversionError, match="'decoder.extra.weight'"):
+    torch_layout.state_dict_to_params(dict(vae, **{'decoder.extra.weight': vae['quant_conv.bias']}),
                                  template['vae'])
   text, prefix = convert.load_model_state(os.path.join(tiny_sd_dir, 'text_encoder'), 'text_encoder')
   text.pop('final_layer_norm.weight')
-  with pytest.raises(convert.ConversionError, match=r"missing .*'final_layer_norm.weight'"):
-    convert.state_dict_to_params(text, template['text_encoder'], prefix=prefix)
+  with pytest.raises(torch_layout.ConversionError, match=r"missing .*'final_layer_norm.weight'"):
+    torch_layout.state_dict_to_params(text, template['text_encoder'], prefix=prefix)
 
 
 def test_scheduler_configs():
@@ -204,5 +206,5 @@ def test_scheduler_configs():
   zero_snr = convert.scheduler_config_from_diffusers(dict(
       rescale_betas_zero_snr=True, prediction_type='v_prediction', timestep_spacing='trailing'))[0]
   assert zero_snr['rescale_betas_zero_snr'] and zero_snr['timestep_spacing'] == 'trailing'
-  with pytest.raises(convert.ConversionError, match='thresholding'):
+  with pytest.raises(torch_layout.ConversionError, match='thresholding'):
     convert.scheduler_config_from_diffusers(dict(thresholding=True))

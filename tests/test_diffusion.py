@@ -9,6 +9,7 @@ import torch
 
 from magicvideo_jax import config as common
 from magicvideo_jax import diffusion
+from magicvideo_jax import losses
 
 # diffusers 0.42 calls np.array(copy=False) on torch tensors; harmless.
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
@@ -168,17 +169,16 @@ def test_sample_timesteps():
 
 def test_frame_noise_correlation():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
   shape = (4, 6, 6, 2)  # [F, h, w, c]
   keys = jax.random.split(jax.random.key(0), 3000)
   config = ml_collections.ConfigDict(dict(diffusion=dict(frame_noise_correlation=0.0)))
   # Off: exactly the i.i.d. draws training always made.
-  np.testing.assert_array_equal(train.frame_noise(keys, shape, config),
-                                train.example_normal(keys, shape))
+  np.testing.assert_array_equal(losses.frame_noise(keys, shape, config),
+                                losses.example_normal(keys, shape))
   config.diffusion.frame_noise_correlation = 0.6
   frame_mask = np.ones((3000, 4), bool)
   frame_mask[:, 3] = False  # The last frame is an appended still image.
-  noise = np.asarray(train.frame_noise(keys, shape, config, jnp.asarray(frame_mask)))
+  noise = np.asarray(losses.frame_noise(keys, shape, config, jnp.asarray(frame_mask)))
   flat = noise.reshape(3000, 4, -1)
   corr = lambda i, j: np.mean([np.corrcoef(flat[:, i, k], flat[:, j, k])[0, 1] for k in range(72)])
   print(f'frame noise: var {noise.var():.3f}; corr(frame 0, 1) {corr(0, 1):.3f} (rho 0.6), '

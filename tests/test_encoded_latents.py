@@ -20,6 +20,7 @@ from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.training import train
+from magicvideo_jax import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,13 +115,13 @@ def test_latents_batch_equals_encoded_pixel_batch_and_same_loss(encoded):
   params['vae'] = encoded['vae_params']
   schedule = diffusion.Schedule.from_config(pix_config.diffusion)
   keys = jax.random.split(jax.random.key(7), pix['video'].shape[0])
-  losses = []
+  values = []
   for config, batch in ((pix_config, pix), (lat_config, lat)):
-    loss, _ = train.diffusion_loss(params, jax.tree.map(jnp.asarray, train.device_batch(batch)),
-                                   keys, modules=modules, schedule=schedule, config=config)
-    losses.append(float(loss))
-  rel = abs(losses[0] - losses[1]) / abs(losses[0])
-  print(f'loss from pixels {losses[0]:.6f}, from stored latents {losses[1]:.6f} (rel {rel:.1e})')
+    loss, _ = losses.diffusion_loss(params, jax.tree.map(jnp.asarray, train.device_batch(batch)),
+                                    keys, modules=modules, schedule=schedule, config=config)
+    values.append(float(loss))
+  rel = abs(values[0] - values[1]) / abs(values[0])
+  print(f'loss from pixels {values[0]:.6f}, from stored latents {values[1]:.6f} (rel {rel:.1e})')
   assert rel < 1e-4
 
 

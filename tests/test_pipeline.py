@@ -21,10 +21,12 @@ diffusers = pytest.importorskip('diffusers')
 
 from magicvideo_jax import MagicVideoPipeline  # The lazy package-level import.
 from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax import sample
 from magicvideo_jax import video_io
 from magicvideo_jax.models import video_vae
+from magicvideo_jax.weights import surgery
 
 PROMPTS = ['a red circle', 'the red line']
 NEGATIVE = 'a circle'
@@ -180,8 +182,8 @@ def test_video_vae_decodes_clips(setup, video3):
   fields = ml_collections.ConfigDict(config.to_dict())
   del fields.model.video_vae['enabled']
   modules = dict(setup.pipe.modules, vae=video_vae.build_video_vae(fields.model))
-  params = convert.grow_video_params(config, jax.device_get(setup.pipe.params), modules)
-  video_leaves = [p for p in convert.iter_paths(params['vae']) if convert.is_video_only(p)]
+  params = surgery.grow_video_params(config, jax.device_get(setup.pipe.params), modules)
+  video_leaves = [p for p in torch_layout.iter_paths(params['vae']) if torch_layout.is_video_only(p)]
   assert video_leaves and all('decoder' in p for p in video_leaves)
   pipe = MagicVideoPipeline(config, params, setup.pipe.tokenizer, modules=modules)
   assert pipe.video_vae

@@ -13,7 +13,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
-from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.models import text_encoder
 
 TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,7 +39,7 @@ def _ours(reference, hidden_act):
   # transformers v5 drops the `text_model.` prefix from CLIPTextModel's state dict (and from what
   # `save_pretrained` writes); SD 1.x checkpoints have it. Our tree keeps it, as the checkpoints.
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  params = convert.state_dict_to_params(state, template['params'], prefix='text_model')
+  params = torch_layout.state_dict_to_params(state, template['params'], prefix='text_model')
   return model, params
 
 
@@ -100,7 +100,7 @@ def test_parameter_count_sd15():
   ref_count = sum(p.numel() for p in reference.parameters())
   # Every torch parameter has a counterpart in our tree.
   for key, _ in reference.named_parameters():
-    module, _ = convert.torch_key_to_path(f'text_model.{key}')
+    module, _ = torch_layout.torch_key_to_path(f'text_model.{key}')
     assert any(p.startswith('/'.join(module) + '/') for p in flat), key
   print(f'CLIP text encoder SD 1.5: ours {ours_count:,} params, transformers {ref_count:,}')
   assert ours_count == ref_count

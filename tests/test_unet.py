@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from flax import traverse_util
 
-from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.models import unet as unet_lib
 from magicvideo_jax.models.unet import UNet
 
@@ -69,7 +69,7 @@ def image(data):
   ref, state = torch_unet()
   model = UNet(**TINY, **IMAGE)
   template = jax.eval_shape(model.init, jax.random.key(0), data.x[:, :1], data.t, data.ctx)['params']
-  params = convert.state_dict_to_params(state, template)
+  params = torch_layout.state_dict_to_params(state, template)
   apply = jax.jit(model.apply)
 
   def per_frame(x, t=data.t, ctx=data.ctx):
@@ -94,7 +94,7 @@ def video(data, image):
   full = flat(jax.eval_shape(model.init, jax.random.key(1), data.x, data.t, data.ctx)['params'])
   assert {p: v.shape for p, v in params.items()} == {p: v.shape for p, v in full.items()}
   image_flat = flat(image.params)
-  video_only = sorted(p for p in params if convert.is_video_only(p))
+  video_only = sorted(p for p in params if torch_layout.is_video_only(p))
   assert set(params) - set(video_only) == set(image_flat), 'image part must mirror the image U-Net'
   assert all(np.array_equal(params[p], image_flat[p]) for p in image_flat)
   rng = np.random.default_rng(1)
@@ -144,7 +144,7 @@ def test_image_unet_linear_projection_matches_diffusers(data):
   model = UNet(**dict(TINY, **variant), **IMAGE)
   x = data.x[:, :1]
   template = jax.eval_shape(model.init, jax.random.key(0), x, data.t, data.ctx)['params']
-  params = convert.state_dict_to_params(state, template)
+  params = torch_layout.state_dict_to_params(state, template)
   assert flat(params)['down_blocks_0/attentions_0/proj_in/kernel'].ndim == 2  # Dense, not conv.
   ours = np.asarray(jax.jit(model.apply)({'params': params}, x, data.t, data.ctx))
   ref_out = run_torch(ref, x[:, 0], data.t.astype(np.int64), data.ctx)
@@ -356,7 +356,7 @@ def test_sd15_parameter_counts():
   torch_count = sum(p.numel() for p in ref.parameters())
   n_image, n_video = count(image_shapes), count(video_shapes)
   added = {g: sum(int(np.prod(v.shape)) for p, v in flat(video_shapes).items()
-                  if convert.is_video_only(p) and g in p) for g in ('adaptor', 'temporal', 'fps_')}
+                  if torch_layout.is_video_only(p) and g in p) for g in ('adaptor', 'temporal', 'fps_')}
   print(f'SD 1.5 image U-Net: ours {n_image:,}, diffusers {torch_count:,}; video U-Net {n_video:,} '
         f'(+{n_video - n_image:,} video parameters: {added})')
   assert n_image == torch_count == 859_520_964

@@ -32,6 +32,7 @@ from conftest import _write_tiny_clip_vocab  # pylint: disable=g-import-not-at-t
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import convert as convert_cli
 from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax.models import unet as unet_lib
@@ -88,7 +89,7 @@ def image_unet():
   ctx = rng.standard_normal((3, CONTEXT_LEN, 48)).astype(np.float32)
   labels = np.array([20, 0, 350], np.int32)
   template = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, class_labels=labels)['params']
-  params = convert.state_dict_to_params(state, template)
+  params = torch_layout.state_dict_to_params(state, template)
   return types.SimpleNamespace(ref=ref, model=model, params=params, x=x, t=t, ctx=ctx,
                                labels=labels, apply=jax.jit(model.apply))
 
@@ -132,7 +133,7 @@ def test_video_sr_unet_at_init_is_the_image_upscaler_per_frame(image_unet):
   fps = np.array([4.0, 12.0], np.float32)
   params = jax.jit(lambda p, k: unet_lib.init_video_params(
       model, p, k, x, t, ctx, fps, class_labels=labels))(u.params, jax.random.key(1))
-  video_only = [p for p in flat(params) if convert.is_video_only(p)]
+  video_only = [p for p in flat(params) if torch_layout.is_video_only(p)]
   assert any('temporal_attn' in p for p in video_only) and any('adaptor' in p for p in video_only)
   apply = jax.jit(model.apply)
   out = np.asarray(apply({'params': params}, x, t, ctx, fps, class_labels=labels))
@@ -305,8 +306,8 @@ def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):
   convert_cli.main(['--export_from', converted_dir, '--output', with_reference,
                 '--reference_dir', upscaler_dir])
   for name in convert.MODEL_FILES:
-    original = convert.load_safetensors_folder(os.path.join(upscaler_dir, name))
-    exported = convert.load_safetensors_folder(os.path.join(with_reference, name))
+    original = torch_layout.load_safetensors_folder(os.path.join(upscaler_dir, name))
+    exported = torch_layout.load_safetensors_folder(os.path.join(with_reference, name))
     assert sorted(original) == sorted(exported), name
     for key, value in original.items():
       np.testing.assert_array_equal(exported[key], value, err_msg=f'{name}: {key}')
@@ -318,7 +319,7 @@ def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):
   convert_cli.main(['--export_from', converted_dir, '--output', plain])
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain, 'unet'))
   assert list(unet.config.only_cross_attention) == [True, True, False]
-  original = convert.load_safetensors_folder(os.path.join(upscaler_dir, 'unet'))
+  original = torch_layout.load_safetensors_folder(os.path.join(upscaler_dir, 'unet'))
   for key, value in unet.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), original[key], err_msg=key)
   low_res = diffusers.DDPMScheduler.from_pretrained(plain, subfolder='low_res_scheduler')
@@ -339,7 +340,7 @@ def test_x4_upscaler_unet_sizes():
       jax.ShapeDtypeStruct((1, 1, 8, 8, 7), np.float32), jax.ShapeDtypeStruct((1,), np.int32),
       jax.ShapeDtypeStruct((1, 77, 1024), np.float32),
       class_labels=jax.ShapeDtypeStruct((1,), np.int32))['params']
-  ours = {convert.flax_path_to_torch_key(p): v.shape for p, v in flat(shapes).items()}
+  ours = {torch_layout.flax_path_to_torch_key(p): v.shape for p, v in flat(shapes).items()}
   with torch.device('meta'):
     ref = diffusers.UNet2DConditionModel(sample_size=128, **real)
   theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -13,7 +13,7 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
-from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.models import vae
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
@@ -49,7 +49,7 @@ def models(tmp_path_factory):
   reference.save_pretrained(folder)
   model = vae.AutoencoderKL(**TINY)
   template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  params = convert.state_dict_to_params(convert.load_safetensors_folder(folder), template['params'])
+  params = torch_layout.state_dict_to_params(torch_layout.load_safetensors_folder(folder), template['params'])
   return reference, model, {'params': params}
 
 
@@ -134,7 +134,7 @@ def test_parameter_count_sd15():
   ref_count = sum(p.numel() for p in reference.parameters())
   # Every torch parameter has a counterpart in our tree.
   for key, _ in reference.named_parameters():
-    module, _ = convert.torch_key_to_path(key)
+    module, _ = torch_layout.torch_key_to_path(key)
     assert any(p.startswith('/'.join(module) + '/') for p in flat), key
   print(f'VAE SD 1.5: ours {ours_count:,} params, diffusers {ref_count:,}')
   assert ours_count == ref_count

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.eval import flicker as flicker_lib
 from magicvideo_jax.models import vae
 from magicvideo_jax.models import video_vae
+from magicvideo_jax import losses
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
             layers_per_block=1, norm_num_groups=8, scaling_factor=0.18215)
@@ -58,8 +59,8 @@ def setup():
   image_params = _random_params(jax.eval_shape(image_model.init, jax.random.key(0), x)['params'], 1)
   # An 'rbg' key halves the compile time of the init on CPU.
   video_init = nn.unbox(jax.jit(video_model.init)(jax.random.key(2, impl='rbg'), x)['params'])
-  state_dict = convert.params_to_state_dict(image_params)
-  loaded = convert.state_dict_to_params(state_dict, video_init, keep_init=video_init)
+  state_dict = torch_layout.params_to_state_dict(image_params)
+  loaded = torch_layout.state_dict_to_params(state_dict, video_init, keep_init=video_init)
   loaded = jax.tree.map(jnp.asarray, loaded)
   decode_video = jax.jit(lambda p, z: video_model.apply({'params': p}, z, method='decode_video'))
   return dict(image_model=image_model, video_model=video_model, image_params=image_params,
@@ -84,7 +85,7 @@ def _perturbed_temporal(params, scale=0.3):
 def test_sd_vae_params_load_with_only_temporal_at_init(setup):
   image_flat, init_flat, loaded_flat = (_flat(setup[k]) for k in ('image_params', 'video_init',
                                                                     'loaded'))
-  video_only = sorted(p for p in init_flat if convert.is_video_only(p))
+  video_only = sorted(p for p in init_flat if torch_layout.is_video_only(p))
   print(f'{len(video_only)} video-only of {len(init_flat)} leaves')
   assert video_only and all('temporal' in p and p.startswith('decoder/') for p in video_only)
   assert any(p.startswith('decoder/mid_block/temporal_attn/') for p in video_only)
@@ -92,7 +93,7 @@ def test_sd_vae_params_load_with_only_temporal_at_init(setup):
   assert any('temporal_conv' in p for p in video_only)
   assert set(init_flat) - set(video_only) == set(image_flat)  # Same names as AutoencoderKL.
   for path, value in loaded_flat.items():
-    expected = init_flat[path] if convert.is_video_only(path) else image_flat[path]
+    expected = init_flat[path] if torch_layout.is_video_only(path) else image_flat[path]
     np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=path)
 
 
@@ -153,7 +154,7 @@ def test_loss_under_jit_and_grad(setup):
   params = {'vae': _perturbed_temporal(setup['loaded'], scale=0.05)}
 
   def loss_fn(params, batch, key):
-    return video_vae.video_vae_loss(params, batch, key, modules={'vae': model}, schedule=None,
+    return losses.video_vae_loss(params, batch, key, modules={'vae': model}, schedule=None,
                                     config=config)
 
   (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(

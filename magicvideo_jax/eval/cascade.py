@@ -27,6 +27,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from magicvideo_jax.eval import judge
+from magicvideo_jax.eval import shapes
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import upscaler
+from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
   """PSNR in dB of two arrays of pixels in [0, 1]."""
@@ -37,7 +43,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def bilinear_upsample(video: np.ndarray, factor: int) -> np.ndarray:
   """`[B, F, H, W, C]` in [0, 1] -> `[B, F, factor H, factor W, C]`: the upscaler's bilinear
   upsampling (its image-to-image start), clipped to [0, 1]."""
-  from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top
   return np.asarray(upscaler.upsample(video, factor)).clip(0, 1)
 
 
@@ -47,7 +52,6 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
   """Runs base -> stages for every prompt (`batch_size` per call). Returns stacked numpy arrays:
   'keyframe_latents', 'keyframes' (decoded by the base, float [0, 1]), and what the stages gave
   ('latents', 'frames', 'upscaled')."""
-  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
   cfg = pipe.config
   num_frames = num_frames or int(cfg.data.num_frames)
   res = int(cfg.data.resolution)
@@ -75,8 +79,6 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
 
 def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
   """Scores (see the module docstring) of the cascade in `pipe` on `prompts`."""
-  from magicvideo_jax.sampling import cascade  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   out = generate(pipe, prompts, **kwargs)
   scores: Dict[str, Any] = {}
 
@@ -97,7 +99,6 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
     scores['keyframe_latent_mse'] = float(np.mean(np.square(at_keyframes - given)))
     scores['keyframe_psnr'] = psnr(out['frames'][:, ::m], out['keyframes'])
   if pipe.upscaler is not None:
-    from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top
     judged('cascaded', out['upscaled'])
     factor = out['upscaled'].shape[2] // out['frames'].shape[2]
     # Area averaging (upscaler.downsample, numpy in numpy out): how SR inputs are made in training.
@@ -109,7 +110,6 @@ def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
 
 
 def format_scores(scores: Dict[str, Any], title: str) -> str:
-  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   lines = [title]
   for name in ('keyframes', 'interpolated', 'cascaded', 'bilinear'):
     if name in scores:
@@ -143,8 +143,6 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', default=None, help='also write the scores to this file')
   args = parser.parse_args(argv)
-  from magicvideo_jax.eval import shapes  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   pipe = MagicVideoPipeline.from_pretrained(args.checkpoint, interpolation=args.interpolation,
                                             upscaler=args.upscaler)

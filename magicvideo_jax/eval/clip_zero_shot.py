@@ -18,7 +18,16 @@ import os
 import sys
 from typing import Callable, Dict, Sequence, Tuple
 
+import jax
+import ml_collections
 import numpy as np
+
+from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.models import clip as clip_lib
+from magicvideo_jax.models import clip_vision
+from magicvideo_jax.models import conditioning
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import clip as clip_weights
 
 
 def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
@@ -27,16 +36,10 @@ def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
   Both return L2-normalised embeddings `[N, D]` as numpy arrays. `checkpoint` is a pretrained folder
   or a workdir holding one in `model/`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import clip_vision  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
   folder = checkpoint if ckpt_lib.is_pretrained_folder(checkpoint) else os.path.join(
       checkpoint, 'model')
   config = ckpt_lib.load_config(folder)
-  clip_config, params = clip_lib.load_dual_encoder(folder)
+  clip_config, params = clip_weights.load_dual_encoder(folder)
   tokenizer = ckpt_lib.load_tokenizer(folder, config)
   apply = jax.jit(clip_lib.build_clip(ml_collections.ConfigDict(dict(clip=clip_config))).apply)
 
@@ -55,7 +58,6 @@ def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
 def sample_frames(split: str, num_clips: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   """One seeded random frame of each of a split's first `num_clips` clips `[N, H, W, 3]`, and the
   clips' (colour, shape, motion) indices `[N, 3]`."""
-  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   data_config = moving_shapes.MovingShapesConfig(name='default')
   rng = np.random.default_rng(seed)
   frames, truth = [], []
@@ -69,7 +71,6 @@ def sample_frames(split: str, num_clips: int, seed: int = 0) -> Tuple[np.ndarray
 def evaluate(checkpoint: str, split: str = 'validation', num_clips: int = 512,
              seed: int = 0) -> Dict[str, float]:
   """{'colour_acc', 'shape_acc', 'motion_acc', 'all_acc', 'num_clips'} of the dual encoder."""
-  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   embed_text, embed_frames = load_encoder(checkpoint)
   combos = moving_shapes.all_combinations()
   text = embed_text([moving_shapes.caption(*c) for c in combos])

@@ -11,13 +11,20 @@ Scale: every metric is computed on the [0, 1] pixel scale. Inputs are in `value_
   compare_decoders(...)    both decoders on the same latents of held-out clips.
 """
 
+import argparse
+import json
 from typing import Any, Dict, Optional, Tuple
 
 import einops
 import jax
+import ml_collections
 import numpy as np
 
+from magicvideo_jax import models as models_lib
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.models import vae as vae_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 _MIN_MSE = 1e-10  # PSNR of a perfect frame: 100 dB, not inf.
 
@@ -123,11 +130,9 @@ def load_clips(num_clips: int, dataset: Optional[str] = None, data_dir: Optional
   `num_clips` of a prepared video dataset (a directory or 'name/config' under data_dir), cut to
   `num_frames` frames."""
   if dataset is None:
-    from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
     shapes_config = moving_shapes.MovingShapesConfig(name='default')
     videos = [moving_shapes.make_example(split, i, shapes_config)['video'] for i in range(num_clips)]
   else:
-    from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     source = input_pipeline.load_source(dataset, data_dir=data_dir, split=split)
     videos = [np.asarray(source[i]['video']) for i in range(min(num_clips, len(source)))]
   clips = np.stack([v[:num_frames] for v in videos]).astype(np.float32)
@@ -142,10 +147,6 @@ def main(argv=None) -> int:
   of the image VAE it was trained from (needed when the VideoVAE fine-tuned the whole decoder).
   Clips: moving_shapes test clips, or `--dataset` (e.g. the mp4 clips of magicvideo_jax/tools/compressed_clips.py).
   """
-  import argparse  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.eval.flicker',
                                    description=main.__doc__)
   parser.add_argument('--checkpoint', required=True, help='folder with a VideoVAE')
@@ -181,7 +182,6 @@ def main(argv=None) -> int:
                         {m: float(x) for m, x in v.items() if m != 'psnr_per_frame'})
                     for k, v in results.items()}
   if args.json:
-    import json  # pylint: disable=g-import-not-at-top
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=1)
   return 0

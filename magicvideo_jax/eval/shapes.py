@@ -16,10 +16,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.eval import judge
+from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
+
 
 def split_prompts(split: str, num_prompts: int, seed: int = 0) -> List[str]:
   """Captions of the first `num_prompts` clips of a moving_shapes split (default config)."""
-  from magicvideo_jax.data import moving_shapes  # pylint: disable=g-import-not-at-top
   config = moving_shapes.MovingShapesConfig(name='default', seed=seed)
   prompts = []
   for index in range(num_prompts):
@@ -50,8 +53,6 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
 
 
 def evaluate(checkpoint: str, split: str = 'test', num_prompts: int = 64, **kwargs) -> Dict[str, float]:
-  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   prompts = split_prompts(split, num_prompts)
   videos = generate(pipe, prompts, **kwargs)
@@ -75,7 +76,6 @@ def main(argv=None) -> int:
   parser.add_argument('--no_video_vae', action='store_true', help='decode frame by frame')
   parser.add_argument('--json', default=None, help='also write the scores to this file')
   args = parser.parse_args(argv)
-  from magicvideo_jax.eval import judge  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   scores = evaluate(args.checkpoint, args.split, args.num_prompts, batch_size=args.batch_size,
                     steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,

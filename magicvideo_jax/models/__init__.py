@@ -6,25 +6,18 @@
 from typing import Any, Dict
 
 import einops
-import jax.numpy as jnp
 
-
-def _fields(section: Any) -> Dict[str, Any]:
-  """ConfigDict -> module kwargs with lists turned into tuples (Linen fields must be hashable)."""
-  items = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in items.items()}
-
-
-def dtypes(model_config: Any) -> Dict[str, Any]:
-  return dict(
-      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
-      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
-  )
+from magicvideo_jax.models import layers
+from magicvideo_jax.models.clip import build_clip
+from magicvideo_jax.models.text_encoder import CLIPTextModel
+from magicvideo_jax.models.unet import UNet
+from magicvideo_jax.models.vae import AutoencoderKL
+from magicvideo_jax.models.video_vae import build_video_vae
 
 
 def build_text_encoder(model_config: Any):
-  from magicvideo_jax.models.text_encoder import CLIPTextModel
-  return CLIPTextModel(**_fields(model_config.text_encoder), **dtypes(model_config),
+  return CLIPTextModel(**layers.config_fields(model_config.text_encoder),
+                       **layers.config_dtypes(model_config),
                        attention_impl=model_config.get('attention_impl', None))
 
 
@@ -35,10 +28,9 @@ def uses_video_vae(model_config: Any) -> bool:
 def build_vae(model_config: Any):
   """The SD autoencoder, or the VideoVAE when `model.video_vae.enabled`."""
   if uses_video_vae(model_config):
-    from magicvideo_jax.models.video_vae import build_video_vae  # pylint: disable=g-import-not-at-top
     return build_video_vae(model_config)
-  from magicvideo_jax.models.vae import AutoencoderKL
-  return AutoencoderKL(**_fields(model_config.vae), **dtypes(model_config),
+  return AutoencoderKL(**layers.config_fields(model_config.vae),
+                       **layers.config_dtypes(model_config),
                        attention_impl=model_config.get('attention_impl', None))
 
 
@@ -51,8 +43,7 @@ def encode_frames(vae, vae_params, frames, scaling_factor: float):
 
 
 def build_unet(model_config: Any):
-  from magicvideo_jax.models.unet import UNet
-  return UNet(**_fields(model_config.unet), **dtypes(model_config),
+  return UNet(**layers.config_fields(model_config.unet), **layers.config_dtypes(model_config),
               attention_impl=model_config.get('attention_impl', None),
               remat=model_config.get('remat', False))
 
@@ -66,6 +57,5 @@ def build_models(model_config: Any) -> Dict[str, Any]:
       unet=build_unet(model_config),
   )
   if model_config.get('clip', None):
-    from magicvideo_jax.models.clip import build_clip  # pylint: disable=g-import-not-at-top
     modules['clip'] = build_clip(model_config)
   return modules

@@ -7,7 +7,7 @@ space. Used for MagicVideo's unsupervised pre-training: unlabelled frames are co
 CLIP image embeddings, which live in the same space as the text embeddings that replace them when
 fine-tuning on captions.
 
-The parameter tree mirrors the PyTorch state dict, so weights convert by name (`load_clip_vision`):
+The parameter tree mirrors the PyTorch state dict, so weights convert by name (`weights.clip.load_clip_vision`):
 `vision_model/encoder/layers_3/self_attn/q_proj/kernel`, `visual_projection/kernel`, ...
 """
 
@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicvideo_jax.weights import convert
 from magicvideo_jax.models import layers
 from magicvideo_jax.models import text_encoder
 
@@ -33,10 +32,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                'num_channels', 'image_size', 'patch_size', 'projection_dim', 'layer_norm_eps',
                'hidden_act')
-# `transformers.CLIPVisionConfig` defaults: config.json files may leave them out.
-_TRANSFORMERS_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                              projection_dim=512, layer_norm_eps=1e-5, hidden_act='quick_gelu')
 
 
 def vision_config_vit_l14() -> Dict[str, Any]:
@@ -197,44 +192,11 @@ def preprocess(images: Any, image_size: int = 224) -> jax.Array:
   return x.reshape((*lead, image_size, image_size, c))
 
 
-def vision_config_from_transformers(cfg: Dict[str, Any]) -> Dict[str, Any]:
-  """Our config (`CONFIG_KEYS`) from a transformers config.json: a `CLIPVisionModelWithProjection`'s
-  (`model_type` 'clip_vision_model') or a `CLIPModel`'s (its `vision_config`, with the top-level
-  `projection_dim` that sizes `visual_projection`)."""
-  vision = dict(cfg.get('vision_config') or cfg)
-  if 'vision_config' in cfg and 'projection_dim' in cfg:
-    vision['projection_dim'] = cfg['projection_dim']
-  out = {k: vision.get(k, _TRANSFORMERS_DEFAULTS[k]) for k in CONFIG_KEYS}
-  if out['hidden_act'] not in ('quick_gelu', 'gelu'):
-    raise convert.ConversionError(f"hidden_act={out['hidden_act']!r} is not supported "
-                                  "(only 'quick_gelu' and 'gelu').")
-  return out
-
-
 def abstract_params(config: Dict[str, Any], param_dtype: Dtype = jnp.float32) -> Any:
   """Unboxed `ShapeDtypeStruct`s of the params of `CLIPVisionModelWithProjection(**config)`."""
   model = CLIPVisionModelWithProjection(**config, param_dtype=param_dtype)
   pixels = jnp.zeros((1, config['image_size'], config['image_size'], config['num_channels']))
   return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), pixels)['params'])
-
-
-def load_clip_vision(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dict[str, Any], Any]:
-  """(config, params) of a transformers CLIP folder (config.json + *.safetensors).
-
-  The folder holds a `CLIPVisionModelWithProjection`, or a whole `CLIPModel` whose `vision_model.*`
-  and `visual_projection.*` tensors are selected (the text tower and `logit_scale` are skipped).
-  `CLIPVisionModelWithProjection(**config, param_dtype=param_dtype).apply({'params': params}, x)`
-  then runs it; params are numpy arrays.
-
-  Raises:
-    FileNotFoundError: no folder or no config.json.
-    ConversionError: the folder has no vision projection (e.g. a bare `CLIPVisionModel`), or a
-      tensor is missing, unexpected or mis-shaped (named in the message).
-  """
-  return convert.load_clip_tower(
-      folder, weights_prefix='vision_model.', projection='visual_projection',
-      model_class='CLIPVisionModel', read_config=vision_config_from_transformers,
-      abstract_params=lambda config: abstract_params(config, param_dtype))
 
 
 def count_params(params: Any) -> int:

@@ -19,7 +19,7 @@ Logical activation axes: 'batch', 'frames', 'height', 'width', 'channels', 'leng
 """
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -148,3 +148,20 @@ class TimestepEmbedding(nn.Module):
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   """Logical sharding constraint on an activation at a block boundary (no-op without rules)."""
   return nn.with_logical_constraint(x, tuple(axes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config sections -> module fields.
+
+
+def config_fields(section: Any) -> Dict[str, Any]:
+  """ConfigDict -> module kwargs with lists turned into tuples (Linen fields must be hashable)."""
+  items = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in items.items()}
+
+
+def config_dtypes(model_config: Any) -> Dict[str, Any]:
+  return dict(
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
+      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
+  )

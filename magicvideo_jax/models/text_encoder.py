@@ -7,11 +7,11 @@ LayerNorm. `CLIPTextModel` returns the last hidden state `[B, L, D]` that the U-
 image-text space (`text_embeds [B, projection_dim]`, the counterpart of `clip_vision`'s
 `image_embeds`). The parameter tree mirrors the PyTorch state dict
 (`text_model/encoder/layers_3/self_attn/q_proj/kernel`, `text_projection/kernel`, ...), so
-checkpoints convert by name (`load_clip_text`). `CLIPEncoder` and `embed` are shared with the
+checkpoints convert by name (`weights.clip.load_clip_text`). `CLIPEncoder` and `embed` are shared with the
 vision tower (`clip_vision`).
 """
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import einops
 import flax.linen as nn
@@ -212,11 +212,6 @@ class CLIPTextModel(nn.Module):
 CONFIG_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
                'num_attention_heads', 'max_position_embeddings', 'layer_norm_eps', 'hidden_act',
                'projection_dim', 'eos_token_id')
-# `transformers.CLIPTextConfig` defaults: config.json files may leave them out.
-_TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
-                              num_hidden_layers=12, num_attention_heads=8,
-                              max_position_embeddings=77, layer_norm_eps=1e-5,
-                              hidden_act='quick_gelu', projection_dim=512, eos_token_id=49407)
 
 
 class CLIPTextOutput(NamedTuple):
@@ -278,24 +273,6 @@ class CLIPTextModelWithProjection(nn.Module):
     return CLIPTextOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
 
-def text_config_from_transformers(cfg: Dict[str, Any]) -> Dict[str, Any]:
-  """Our config (`CONFIG_KEYS`) from a transformers config.json: a `CLIPTextModelWithProjection`'s
-  (`model_type` 'clip_text_model') or a `CLIPModel`'s (its `text_config`, with the top-level
-  `projection_dim` that sizes `text_projection`). `eos_token_id` 2 becomes None (the legacy
-  largest-id pooling that transformers applies to such configs)."""
-  text = dict(cfg.get('text_config') or cfg)
-  if 'text_config' in cfg and 'projection_dim' in cfg:
-    text['projection_dim'] = cfg['projection_dim']
-  out = {k: text.get(k, _TRANSFORMERS_DEFAULTS[k]) for k in CONFIG_KEYS}
-  if out['eos_token_id'] == 2:
-    out['eos_token_id'] = None
-  if out['hidden_act'] not in ('quick_gelu', 'gelu'):
-    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
-    raise convert.ConversionError(f"hidden_act={out['hidden_act']!r} is not supported "
-                                  "(only 'quick_gelu' and 'gelu').")
-  return out
-
-
 def abstract_params(config: Dict[str, Any], param_dtype: Dtype = jnp.float32) -> Any:
   """Unboxed `ShapeDtypeStruct`s of the params of `CLIPTextModelWithProjection(**config)`."""
   model = CLIPTextModelWithProjection(**config, param_dtype=param_dtype)
@@ -303,21 +280,3 @@ def abstract_params(config: Dict[str, Any], param_dtype: Dtype = jnp.float32) ->
   return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)['params'])
 
 
-def load_clip_text(folder: str, param_dtype: Dtype = jnp.float32) -> Tuple[Dict[str, Any], Any]:
-  """(config, params) of a transformers CLIP folder (config.json + *.safetensors).
-
-  The folder holds a `CLIPTextModelWithProjection`, or a whole `CLIPModel` whose `text_model.*` and
-  `text_projection.*` tensors are selected (the vision tower and `logit_scale` are skipped).
-  `CLIPTextModelWithProjection(**config, param_dtype=param_dtype).apply({'params': params}, ids)`
-  then runs it; params are numpy arrays.
-
-  Raises:
-    FileNotFoundError: no folder or no config.json.
-    ConversionError: the folder has no text projection (e.g. a bare `CLIPTextModel`), or a tensor
-      is missing, unexpected or mis-shaped (named in the message).
-  """
-  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
-  return convert.load_clip_tower(
-      folder, weights_prefix='text_model.', projection='text_projection',
-      model_class='CLIPTextModel', read_config=text_config_from_transformers,
-      abstract_params=lambda config: abstract_params(config, param_dtype))

@@ -277,7 +277,6 @@ class VDMUNet(nn.Module):
 
 def build_vdm(model_config: Any) -> VDMUNet:
   """`VDMUNet` from a config's `model` section (`model.vdm` fields + dtypes, attention_impl, remat)."""
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  return VDMUNet(**models_lib._fields(model_config.vdm), **models_lib.dtypes(model_config),  # pylint: disable=protected-access
+  return VDMUNet(**layers.config_fields(model_config.vdm), **layers.config_dtypes(model_config),
                  attention_impl=model_config.get('attention_impl', None),
                  remat=model_config.get('remat', False))

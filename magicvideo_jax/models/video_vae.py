@@ -19,7 +19,7 @@ decoder's 2D norms span the whole image.
 
 The parameter tree is `AutoencoderKL`'s (`encoder/...`, `decoder/...`, `quant_conv`,
 `post_quant_conv`, same names) plus the temporal sub-modules, whose paths contain 'temporal'
-(`magicvideo_jax.convert.is_video_only`), so any converted SD VAE loads into it and the new layers keep
+(`magicvideo_jax.weights.torch_layout.is_video_only`), so any converted SD VAE loads into it and the new layers keep
 their identity init. At init, `decode_video` equals the image decoder frame by frame.
 
 Training (`video_vae_loss`, the 'video_vae' objective): the encoder sees no gradient; the trainable
@@ -28,20 +28,19 @@ only, or `r'^vae/(decoder|post_quant_conv)/'` for the whole decoder). The encode
 `stop_gradient` zeroes its gradients, but AdamW's weight decay would still move it.
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from magicvideo_jax.models import layers
 from magicvideo_jax.models import vae as vae_lib
 
 Dtype = Any
 
-_EPS = vae_lib._EPS  # pylint: disable=protected-access  # The SD VAE's norm epsilon.
+_EPS = vae_lib._EPS  # The SD VAE's norm epsilon.
 
 
 def _temporal_conv1d(features: int, *, name: str, zero_init: bool, dtype: Dtype,
@@ -270,56 +269,12 @@ def build_video_vae(model_config: Any) -> VideoAutoencoderKL:
   `model.video_vae` (optional) holds `num_frames`, `temporal_conv`, `temporal_attention`; a missing
   `num_frames` falls back to `model.unet.num_frames`.
   """
-  from magicvideo_jax import models  # pylint: disable=g-import-not-at-top
   extra = dict(model_config.get('video_vae', None) or {})
   extra.pop('enabled', None)
   if 'num_frames' not in extra and 'unet' in model_config:
     extra['num_frames'] = model_config.unet.num_frames
-  return VideoAutoencoderKL(**models._fields(model_config.vae), **extra,  # pylint: disable=protected-access
-                            **models.dtypes(model_config),
+  return VideoAutoencoderKL(**layers.config_fields(model_config.vae), **extra,
+                            **layers.config_dtypes(model_config),
                             attention_impl=model_config.get('attention_impl', None))
 
 
-def video_vae_loss(params: Dict[str, Any], batch: Dict[str, jax.Array], key: jax.Array, *, modules,
-                   schedule, config: ml_collections.ConfigDict
-                   ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Reconstruction of clips through the frozen encoder and the temporal decoder.
-
-  Same signature as `train.vae_loss`. `batch['video']` `[B, F, H, W, 3]` in [-1, 1]; `modules['vae']`
-  a `VideoAutoencoderKL`, `params['vae']` its params. Every frame is encoded (no gradient to the
-  encoder), a posterior sample (`config.train.video_vae_sample_posterior`, default True; the mean when
-  False) is decoded as a clip, and
-    loss = L1 + L2 + config.train.temporal_loss_weight (default 1.0) * temporal,
-    temporal = mean |(recon[t+1] - recon[t]) - (x[t+1] - x[t])|.
-  Sampling the posterior independently per frame gives latents with frame-to-frame jitter, which the
-  temporal decoder learns to remove (as it must for diffusion latents).
-
-  Returns:
-    (loss, {'l1', 'l2', 'temporal'}).
-  """
-  del schedule
-  vae = modules['vae']
-  if not hasattr(vae, 'decode_video'):
-    raise TypeError(f"The 'video_vae' objective needs modules['vae'] to be a VideoAutoencoderKL "
-                    f'(models.video_vae.build_video_vae), got {type(vae).__name__}.')
-  variables = {'params': params['vae']}
-  video = batch['video'].astype(jnp.float32)
-  frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
-  mean, logvar = jax.lax.stop_gradient(vae.apply(variables, frames, method=vae.encode))
-  if config.train.get('video_vae_sample_posterior', True):
-    # One key per clip (`key` [B]): samples do not depend on how the batch is split.
-    eps = jax.vmap(lambda k: jax.random.normal(k, (video.shape[1],) + mean.shape[1:], mean.dtype))(
-        key if key.ndim else jax.random.split(key, video.shape[0]))
-    z = mean + jnp.exp(0.5 * logvar) * einops.rearrange(eps, 'b f h w c -> (b f) h w c')
-  else:
-    z = mean
-  z = einops.rearrange(z, '(b f) h w c -> b f h w c', f=video.shape[1])
-  recon = vae.apply(variables, z, method=vae.decode_video).astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - video))
-  l2 = jnp.mean(jnp.square(recon - video))
-  if video.shape[1] > 1:
-    temporal = jnp.mean(jnp.abs(jnp.diff(recon, axis=1) - jnp.diff(video, axis=1)))
-  else:
-    temporal = jnp.zeros((), jnp.float32)
-  loss = l1 + l2 + config.train.get('temporal_loss_weight', 1.0) * temporal
-  return loss, dict(l1=l1, l2=l2, temporal=temporal)

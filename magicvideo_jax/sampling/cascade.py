@@ -33,9 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.sampling import interpolation as interpolation_lib
 from magicvideo_jax.sampling import upscaler as upscaler_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 STAGE_DIRS = ('base', 'interpolation', 'upscaler')
 

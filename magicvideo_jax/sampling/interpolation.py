@@ -20,8 +20,8 @@ positions is what `magicvideo_jax.eval.cascade` reports). The temporal attention
 bidirectional (`temporal_mask='none'`): with MagicVideo's causal mask an in-between frame cannot see
 the keyframe after it.
 
-Weight reuse (`config.train.init_from` = a base model folder; `grow_weight` below, called by
-`train.load_init_checkpoint` on a shape mismatch): `unet/conv_in/kernel` grows along its input channels
+Weight reuse (`config.train.init_from` = a base model folder; `weights.surgery.grow_weight`, called by
+`surgery.load_init_checkpoint` on a shape mismatch): `unet/conv_in/kernel` grows along its input channels
 (the base weights on the first c inputs, zeros on the new c + 1), so at init the interpolation U-Net
 computes exactly what the base U-Net computes on the noisy latents; frame-adaptor tables `[F0, C]` are
 resampled along frames to `[F, C]` (exact at the keyframes when F = (F0 - 1) m + 1).
@@ -35,7 +35,7 @@ over the text only (both halves see the same condition). `KeyframeInterpolator` 
 
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import einops
 import jax
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 CONDITION_MODES = ('nearest', 'zeros')
 OUTPUT_TYPES = ('latent', 'float', 'uint8')
@@ -127,96 +127,8 @@ def check_unet(config: ml_collections.ConfigDict, num_frames: Optional[int] = No
 # Weight reuse from a base model.
 
 
-def grow_weight(path: str, loaded: np.ndarray, shape: Sequence[int]) -> Optional[np.ndarray]:
-  """A base checkpoint's leaf grown to `shape`, or None when no rule applies (the caller raises).
-
-  - `unet/conv_in/kernel` `[kh, kw, c_in, C]` -> `[kh, kw, c_in', C]` (c_in' > c_in): the base weights
-    on the first c_in input channels, zeros on the new ones, so the new inputs are ignored at init.
-  - frame adaptors `.../*_adaptor/{scale,bias}` `[F0, C]` -> `[F1, C]` (F1 > F0): linear resampling
-    along the frames with both ends aligned (row j reads position j (F0 - 1) / (F1 - 1) of the base
-    table): the base's clip span maps onto the longer clip's, so with F0 = K (the shapes base:
-    16 adaptor rows, 16 keyframes) output frame k m gets base row k exactly.
-  """
-  loaded = np.asarray(loaded)
-  shape = tuple(int(s) for s in shape)
-  if path == 'unet/conv_in/kernel' and loaded.ndim == 4 and len(shape) == 4:
-    if loaded.shape[:2] + loaded.shape[3:] == shape[:2] + shape[3:] and shape[2] > loaded.shape[2]:
-      grown = np.zeros(shape, loaded.dtype)
-      grown[:, :, :loaded.shape[2]] = loaded
-      return grown
-  parts = path.split('/')
-  if (len(parts) >= 2 and parts[-2].endswith('_adaptor') and parts[-1] in ('scale', 'bias')
-      and loaded.ndim == 2 and len(shape) == 2 and loaded.shape[1] == shape[1]):
-    old, new = loaded.shape[0], shape[0]
-    if new < old:
-      return None
-    if old == 1:
-      return np.repeat(loaded, new, axis=0)
-    position = np.arange(new) * (old - 1) / (new - 1)
-    low = np.minimum(np.floor(position).astype(int), old - 2)
-    weight = (position - low)[:, None]
-    return ((1 - weight) * loaded[low] + weight * loaded[low + 1]).astype(loaded.dtype)
-  return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Training objective.
-
-
-def clip_latents(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
-                 config: ml_collections.ConfigDict) -> jax.Array:
-  """Scaled latents `[B, F, h, w, c]` of the batch's clips `video` (VAE posterior samples, no
-  gradient)."""
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
-  return train.encode_latents(modules['vae'], params['vae'], batch['video'], keys,
-                              config.model.vae.scaling_factor)
-
-
-def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
-                       config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Diffusion loss of the interpolation U-Net on clips of F = (K - 1) m + 1 frames.
-
-  The condition comes from the clip's keyframes (every m-th frame's latents); the U-Net denoises all
-  F frames (`denoising_loss`). Same signature as `train.diffusion_loss`.
-
-  Returns:
-    (loss, {'keyframe_loss', 'inbetween_loss'}).
-  """
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
-  ic = config.interpolation
-  keys_z, keys_t, keys_n = train.split_keys(keys, 3)
-  latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
-  condition = condition_from_clip(latents, ic.factor, ic.condition)
-  context = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
-  return denoising_loss(params['unet'], latents, condition, context, keys_t, keys_n, fps=fps,
-                        unet=modules['unet'], schedule=schedule, config=config)
-
-
-def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, context: jax.Array,
-                   keys_t: jax.Array, keys_n: jax.Array, *, fps: Optional[jax.Array], unet, schedule,
-                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The loss of `interpolation_loss` given the clip latents `[B, F, h, w, c]` (the targets) and the
-  condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`), predict from noisy
-  latents | condition, loss = weighted mean over frames of the per-frame loss, keyframes weighted by
-  `config.interpolation.keyframe_loss_weight`."""
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
-  ic = config.interpolation
-  is_keyframe = keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
-  timesteps = train.train_timesteps(keys_t, schedule, config)
-  noise = train.frame_noise(keys_n, latents.shape[1:], config)
-  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  prediction = unet.apply({'params': unet_params},
-                          jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
-                          context, fps=fps)
-  target = diffusion.training_target(schedule, latents, noise, timesteps,
-                                     config.diffusion.prediction_type)
-  per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
-  keyframe_loss = jnp.mean(per_frame[:, is_keyframe])
-  inbetween_loss = jnp.mean(per_frame[:, ~is_keyframe]) if (~is_keyframe).any() else keyframe_loss
-  weights = jnp.where(jnp.asarray(is_keyframe), float(ic.get('keyframe_loss_weight', 1.0)), 1.0)
-  loss = jnp.sum(per_frame * weights) / (per_frame.shape[0] * jnp.sum(weights))
-  return loss, dict(keyframe_loss=keyframe_loss, inbetween_loss=inbetween_loss)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,16 +27,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import einops
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from magicvideo_jax.sampling import cascade
-from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import torch_layout
 
 OUTPUT_TYPES = ('uint8', 'float', 'latent')
 DEFAULT_DIFFUSERS_FRAMES = 16
@@ -50,9 +52,8 @@ def checkpoint_kind(path: str) -> Tuple[str, str]:
   """('pretrained' | 'diffusers', folder) of a checkpoint folder, a training workdir or a diffusers
   folder. Raises FileNotFoundError naming what was expected."""
   if os.path.isfile(path):
-    from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
-    if path.endswith(convert.PICKLE_SUFFIXES):
-      raise convert.ConversionError(
+    if path.endswith(torch_layout.PICKLE_SUFFIXES):
+      raise torch_layout.ConversionError(
           f'{path} is a pickle checkpoint and is never loaded (it can run arbitrary code): convert it '
           'to safetensors first (a diffusers folder, e.g. `StableDiffusionPipeline.from_single_file('
           'path).save_pretrained(out, safe_serialization=True)` in PyTorch) and pass that folder.')
@@ -76,7 +77,6 @@ def load_config(path: str, num_frames: Optional[int] = None) -> ml_collections.C
   kind, folder = checkpoint_kind(path)
   if kind == 'pretrained':
     return ckpt_lib.load_config(folder)
-  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
   return convert.model_config_from_diffusers(folder, num_frames or DEFAULT_DIFFUSERS_FRAMES)
 
 
@@ -200,7 +200,7 @@ class MagicVideoPipeline:
 
     Raises:
       FileNotFoundError: `path` is missing or not a checkpoint.
-      convert.ConversionError: a diffusers folder that does not fit (named tensor or config key).
+      torch_layout.ConversionError: a diffusers folder that does not fit (named tensor or config key).
     """
     t0 = time.time()
     path, interpolation, upscaler = cascade.resolve_folders(path, interpolation, upscaler)
@@ -210,7 +210,6 @@ class MagicVideoPipeline:
     if kind == 'pretrained':
       config, params, tokenizer = ckpt_lib.load_pretrained(folder)
     else:
-      from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
       config, params, tokenizer = convert.convert_diffusers_folder(
           folder, num_frames=num_frames or DEFAULT_DIFFUSERS_FRAMES)
     for key, value in overrides.items():

@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import convert
 
 OUTPUT_TYPES = ('float', 'uint8', 'latent')
 LATENT_CHANNELS = 4  # The U-Net input is latents (4) + low-res RGB (3).
@@ -77,47 +78,6 @@ def upsample(video: jax.Array, factor: int) -> jax.Array:
   image-to-image start of the SR sampler."""
   b, f, h, w, c = video.shape
   return jax.image.resize(video, (b, f, factor * h, factor * w, c), 'linear')
-
-
-def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
-                  config: ml_collections.ConfigDict):
-  """Diffusion loss of a (video) SR U-Net on high-resolution clips `video` `[B, F, H, W, 3]` in [-1, 1].
-
-  The target is the clip's latents (frozen VAE, `[B, F, H/f, W/f, c]` for its factor f); the low-res
-  input is the clip area-averaged by f (as large as the latents), noise-augmented under
-  `config.upscaler.noise_schedule` at a level drawn uniformly in [0, max_noise_level] per clip, which
-  the U-Net also gets as its class label (the SD x4 upscaler's conditioning). Same signature as
-  `train.diffusion_loss`.
-
-  Returns:
-    (loss, {'noise_level'}: the batch's mean augmentation level).
-  """
-  from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
-  unet, vae, text_encoder = modules['unet'], modules['vae'], modules['text_encoder']
-  if int(config.model.unet.in_channels) != LATENT_CHANNELS + 3 or not config.model.unet.get(
-      'num_class_embeds'):
-    raise ValueError('the upscaler objective needs config.model.unet.in_channels='
-                     f'{LATENT_CHANNELS + 3} and num_class_embeds (the noise level)')
-  keys_z, keys_t, keys_n, keys_level, keys_aug = train.split_keys(keys, 5)
-  video = batch['video'].astype(jnp.float32)
-  latents = train.encode_latents(vae, params['vae'], video, keys_z, config.model.vae.scaling_factor)
-  low_res = downsample(video, video.shape[2] // latents.shape[2])
-  up = config.upscaler
-  levels = jax.vmap(lambda k: jax.random.randint(k, (), 0, int(up.max_noise_level) + 1))(keys_level)
-  condition = diffusion.add_noise(diffusion.Schedule.from_config(up.noise_schedule), low_res,
-                                  train.example_normal(keys_aug, low_res.shape[1:]), levels)
-  context = text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
-  timesteps = train.train_timesteps(keys_t, schedule, config)
-  noise = train.frame_noise(keys_n, latents.shape[1:], config)
-  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
-  prediction = unet.apply({'params': params['unet']},
-                          jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
-                          context, fps=fps, class_labels=levels)
-  target = diffusion.training_target(schedule, latents, noise, timesteps,
-                                     config.diffusion.prediction_type)
-  loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
-  return loss, dict(noise_level=jnp.mean(levels.astype(jnp.float32)))
 
 
 class VideoUpscaler:
@@ -168,7 +128,6 @@ class VideoUpscaler:
     if ckpt_lib.is_pretrained_folder(path):
       config, params, tokenizer = ckpt_lib.load_pretrained(path)
     elif os.path.isfile(os.path.join(path, 'unet', 'config.json')):
-      from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
       config, params, tokenizer = convert.convert_diffusers_folder(path, num_frames=num_frames)
     else:
       raise FileNotFoundError(f'{path} is neither a magicvideo_jax checkpoint folder (config.json + '

@@ -21,13 +21,15 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from magicvideo_jax import video_io
 from magicvideo_jax.data import moving_shapes, video_folder
+from magicvideo_jax.eval import shapes
+from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
 
 
 def write_clips(output_dir: str, videos: np.ndarray, captions: Sequence[str], fps: float,
                 quality: float) -> str:
   """uint8 `[N, F, H, W, 3]` -> `clip_00000.mp4`, ... and `captions.csv`; returns the CSV path."""
-  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
   csv_path = os.path.join(output_dir, 'captions.csv')
   with open(csv_path, 'w', newline='') as f:
@@ -49,8 +51,6 @@ def shapes_clips(split: str, num_clips: int, checkpoint: Optional[str] = None):
               for e in examples]
   if checkpoint is None:
     return np.stack([e['video'] for e in examples]), captions, float(examples[0]['fps'])
-  from magicvideo_jax.eval import shapes  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.sampling.pipeline import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   videos = shapes.generate(pipe, captions)
   return videos, captions, float(pipe.config.data.get('fps', 8.0))

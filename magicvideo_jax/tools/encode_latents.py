@@ -32,8 +32,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from absl import logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import tensorflow_datasets as tfds
+
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.models import build_models
+from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 PROBE_SIZE = 2  # Frames in the probe input.
 PROBE_PROJECTIONS = 8
@@ -59,8 +67,6 @@ def probe_projections(mean: np.ndarray) -> List[float]:
 
 def vae_probe(vae, vae_params, resolution: int) -> List[float]:
   """The fingerprint of `vae_params` at `resolution` (float32)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   mean, _ = jax.jit(lambda p, x: vae.apply({'params': p}, x, method=vae.encode))(
       jax.tree.map(lambda v: v.astype('float32'), vae_params), probe_input(resolution))
   if not mean.is_fully_addressable:  # Parameters sharded over several hosts.
@@ -87,9 +93,6 @@ def make_encoder(vae, vae_params, batch_frames: int) -> Callable[[np.ndarray], T
 
   One compiled program: every call is padded to `batch_frames`, split over this host's devices.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   devices = np.array(jax.local_devices())
   if batch_frames % len(devices):
     raise ValueError(f'batch_frames={batch_frames} must divide by the {len(devices)} local devices')
@@ -191,8 +194,6 @@ class EncodedLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _load_model(self):
     if self._model is None:
-      from magicvideo_jax.weights import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-      from magicvideo_jax.models import build_models  # pylint: disable=g-import-not-at-top
       cfg = self.builder_config
       if not ckpt_lib.is_pretrained_folder(cfg.checkpoint):
         raise FileNotFoundError(f'--checkpoint {cfg.checkpoint!r} is not a pretrained folder '
@@ -238,7 +239,6 @@ class EncodedLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
   def _generate_examples(self, split: str):
-    from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     cfg = self.builder_config
     _, vae, vae_params = self._load_model()
     source = input_pipeline.load_source(cfg.source, data_dir=cfg.source_data_dir, split=split,

@@ -3,18 +3,8 @@
 Sections: mesh and models -> input pipeline -> train state (sharded init) -> update step (AOT compiled)
 -> checkpoint restore -> train loop (metrics, samples, checkpoints, SIGTERM, NaN guard) -> export.
 
-Objectives (`config.train.objective`):
-  'diffusion'  noise-prediction loss of the (video) U-Net on VAE latents, conditioned as
-               `config.model.conditioning` says (context.py: text tokens, or CLIP image / text
-               embeddings); joint image-video batches weight the appended image frames by
-               `config.train.image_loss_weight`.
-  'vae'        reconstruction (L1 + L2) + KL of the autoencoder on single frames.
-  'video_vae'  reconstruction of clips through the frozen encoder and the temporal decoder, plus a
-               temporal-difference term.
-  'clip'       contrastive (symmetric InfoNCE) training of a CLIP dual encoder on frames and captions
-               (models/clip.py).
-  'interpolation'  keyframe interpolation U-Net on clips of (K - 1) m + 1 frames (interpolation.py).
-  'upscaler'   video super-resolution U-Net on high-resolution clips (upscaler.py).
+The objective is `config.train.objective`, a key of `losses.LOSSES` (diffusion, vae, video_vae, clip,
+interpolation, upscaler).
 Which parameters train is `config.train.trainable`: regexes over paths such as
 `unet/down_blocks_0/attentions_0/transformer_blocks_0/temporal_attn/to_q/kernel`.
 """
@@ -27,24 +17,31 @@ import signal
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from clu import metric_writers, periodic_actions
 import einops
+from flax import traverse_util
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
-from jax.sharding import Mesh
 
-from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
-from magicvideo_jax.sampling import interpolation
+from magicvideo_jax import losses
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
-from magicvideo_jax.sampling import upscaler
+from magicvideo_jax import tokenizer as tok_lib
+from magicvideo_jax import video_io
+from magicvideo_jax.data import input_pipeline
+from magicvideo_jax.sampling import pipeline as pipeline_lib
+from magicvideo_jax.tools import encode_latents as latents_dataset
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import surgery
 
 Params = Dict[str, Any]
 
@@ -113,122 +110,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTra
 # gradient-accumulation micro-batches).
 
 
-def example_normal(keys: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-  """Standard normal `[B, *shape]`, row i drawn from keys[i]."""
-  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
-
-
-def split_keys(keys: jax.Array, num: int) -> Tuple[jax.Array, ...]:
-  """`[B]` keys -> `num` independent `[B]` key arrays."""
-  split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
-  return tuple(split[:, i] for i in range(num))
-
-
-def train_timesteps(keys: jax.Array, schedule, config: ml_collections.ConfigDict) -> jax.Array:
-  """Training timesteps `[B]`, one per example key, by `config.train.timestep_sampling`."""
-  tc = config.get('train', None) or {}
-  return diffusion.sample_timesteps(keys, schedule.num_train_timesteps,
-                                    tc.get('timestep_sampling', 'uniform'),
-                                    tc.get('timestep_logit_mean', 0.0),
-                                    tc.get('timestep_logit_std', 1.0))
-
-
-def frame_noise(keys: jax.Array, shape, config: ml_collections.ConfigDict,
-                frame_mask: Optional[jax.Array] = None) -> jax.Array:
-  """Diffusion noise `[B, *shape]` (shape = `[F, h, w, c]`), row i from keys[i]; its frames correlate
-  by `config.diffusion.frame_noise_correlation` (0: i.i.d., the draws of `example_normal`)."""
-  noise = example_normal(keys, shape)
-  correlation = float(config.diffusion.get('frame_noise_correlation', 0.0))
-  if not correlation:
-    return noise
-  shared_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-  shared = example_normal(shared_keys, (1,) + tuple(shape[1:]))
-  return diffusion.mix_frame_noise(noise, shared, correlation, frame_mask)
-
-
-def encode_latents(vae, vae_params, video: jax.Array, keys: jax.Array, scaling_factor: float) -> jax.Array:
-  """Video `[B, F, H, W, 3]` in [-1, 1] -> scaled posterior samples `[B, F, h, w, c]` (no gradient)."""
-  b = video.shape[0]
-  frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
-  mean, logvar = vae.apply({'params': vae_params}, frames, method=vae.encode)
-  mean, logvar = (einops.rearrange(x, '(b f) h w c -> b f h w c', b=b) for x in (mean, logvar))
-  z = mean + jnp.exp(0.5 * logvar) * example_normal(keys, mean.shape[1:], mean.dtype)
-  return jax.lax.stop_gradient(z * scaling_factor)
-
-
-def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
-                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """Noise-prediction loss over a `[B, F, H, W, 3]` video batch.
-
-  Or from precomputed latents: the VAE posterior (`latent_mean`, `latent_std`, sampled here as the
-  encoder path samples it) or final `latents` (pixel-space models).
-  """
-  unet, vae = modules['unet'], modules['vae']
-  keys_z, keys_t, keys_n = split_keys(keys, 3)
-  if 'latent_mean' in batch:
-    mean = batch['latent_mean'].astype(jnp.float32)
-    z = mean + batch['latent_std'].astype(jnp.float32) * example_normal(keys_z, mean.shape[1:])
-    latents = jax.lax.stop_gradient(z * config.model.vae.scaling_factor)
-  elif 'latents' in batch:
-    latents = batch['latents'].astype(jnp.float32)
-  else:
-    latents = encode_latents(vae, params['vae'], batch['video'], keys_z,
-                             config.model.vae.scaling_factor)
-  b, f = latents.shape[:2]
-  frame_mask = batch.get('frame_mask', jnp.ones((b, f), bool))
-  context = context_lib.training_context(params, batch, keys, modules=modules, config=config)
-  timesteps = train_timesteps(keys_t, schedule, config)
-  noise = frame_noise(keys_n, latents.shape[1:], config, frame_mask)
-  noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
-  prediction = unet.apply({'params': params['unet']}, noisy, timesteps, context, fps=fps,
-                          frame_mask=frame_mask)
-  target = diffusion.training_target(schedule, latents, noise, timesteps,
-                                     config.diffusion.prediction_type)
-  per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
-  video_w = frame_mask.astype(jnp.float32)
-  image_w = 1.0 - video_w
-  video_loss = jnp.sum(per_frame * video_w) / jnp.maximum(jnp.sum(video_w), 1.0)
-  image_loss = jnp.sum(per_frame * image_w) / jnp.maximum(jnp.sum(image_w), 1.0)
-  loss = video_loss + config.train.image_loss_weight * image_loss
-  return loss, dict(video_loss=video_loss, image_loss=image_loss)
-
-
-def vae_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
-             config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """L1 + L2 reconstruction and KL of the autoencoder on the batch's frames."""
-  del schedule
-  vae = modules['vae']
-  b = batch['video'].shape[0]
-  frames = einops.rearrange(batch['video'], 'b f h w c -> (b f) h w c')
-  mean, logvar = vae.apply({'params': params['vae']}, frames, method=vae.encode)
-  eps = example_normal(keys, (mean.shape[0] // b,) + mean.shape[1:], mean.dtype)
-  z = mean + jnp.exp(0.5 * logvar) * einops.rearrange(eps, 'b f h w c -> (b f) h w c')
-  recon = vae.apply({'params': params['vae']}, z, method=vae.decode).astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - frames))
-  l2 = jnp.mean(jnp.square(recon - frames))
-  kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-  loss = l1 + l2 + config.train.kl_weight * kl
-  return loss, dict(l1=l1, l2=l2, kl=kl)
-
-
-def video_vae_loss(*args, **kwargs):
-  """Clip reconstruction through the frozen encoder and the temporal decoder (models/video_vae.py)."""
-  from magicvideo_jax.models import video_vae  # pylint: disable=g-import-not-at-top
-  return video_vae.video_vae_loss(*args, **kwargs)
-
-
-def clip_loss(*args, **kwargs):
-  """Contrastive training of a CLIP dual encoder on (frame, caption) pairs (models/clip.py)."""
-  from magicvideo_jax.models import clip  # pylint: disable=g-import-not-at-top
-  return clip.clip_loss(*args, **kwargs)
-
-
-LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss,
-          'clip': clip_loss, 'interpolation': interpolation.interpolation_loss,
-          'upscaler': upscaler.upscaler_loss}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Train step.
 
@@ -237,9 +118,9 @@ def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr
                     mask: Dict[str, bool]) -> Callable:
   """(state, batch) -> (state, metrics). Gradient accumulation over `config.train.grad_accum_steps`."""
   objective = config.train.objective
-  if objective not in LOSSES:
-    raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(LOSSES)}')
-  loss_fn = functools.partial(LOSSES[objective], modules=modules, schedule=schedule, config=config)
+  if objective not in losses.LOSSES:
+    raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(losses.LOSSES)}')
+  loss_fn = functools.partial(losses.LOSSES[objective], modules=modules, schedule=schedule, config=config)
   accum = config.train.grad_accum_steps
   base_key = jax.random.key(config.seed)
 
@@ -320,51 +201,17 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
   return context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
 
 
-def load_init_checkpoint(params: Params, folder: str, include=('.*',)) -> Params:
-  """Weight reuse: leaves of a pretrained folder replace ours where their path matches `include`.
-
-  Leaves absent from the checkpoint keep their init (logged); a shape mismatch is an error unless
-  `interpolation.grow_weight` grows the leaf (U-Net input channels, frame-adaptor rows).
-  """
-  loaded = traverse_util.flatten_dict(ckpt_lib.load_params(folder), sep='/')
-  patterns = [re.compile(p) for p in include]
-  flat = traverse_util.flatten_dict(params, sep='/')
-  kept, grown = [], []
-  for path, value in flat.items():
-    if not any(p.search(path) for p in patterns):
-      continue
-    if path not in loaded:
-      kept.append(path)
-      continue
-    leaf = loaded[path]
-    if tuple(leaf.shape) != tuple(value.shape):
-      leaf = interpolation.grow_weight(path, leaf, value.shape)
-      if leaf is None:
-        raise ValueError(f'config.train.init_from={folder}: {path} has shape {loaded[path].shape}, '
-                         f'the model expects {value.shape}')
-      grown.append(f'{path} {tuple(loaded[path].shape)} -> {tuple(value.shape)}')
-    flat[path] = jnp.asarray(leaf, value.dtype)
-  if grown:
-    logging.info('init_from %s: %d leaves grown, e.g. %s', folder, len(grown), grown[:3])
-  if kept:
-    groups = sorted({re.sub(r'_\d+', '_N', p) for p in kept})
-    logging.info('init_from %s: %d leaves keep their init, e.g. %s', folder, len(kept), groups[:6])
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
 DEVICE_KEYS = ('video', 'latents', 'latent_mean', 'latent_std', 'input_ids', 'fps', 'frame_mask',
                'image_input_ids')
 
 
 def make_iterator(config: ml_collections.ConfigDict, tokenizer):
   """This process's slice of the training stream (`config.data`)."""
-  from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1 and config.data.get('prepare', False):
     # One process builds a missing (generated) dataset; the others wait, then read it.
     if jax.process_index() == 0:
       input_pipeline.load_source(config.data.dataset, data_dir=config.data.get('data_dir'),
                                  split=config.data.get('split', 'train'), prepare=True)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('dataset prepared')
   return input_pipeline.create_iterator(
       config.data, tokenize_fn=tokenizer, process_index=jax.process_index(),
@@ -378,7 +225,6 @@ def device_batch(batch: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 def build_tokenizer(config: ml_collections.ConfigDict):
   """The tokenizer named by `config.tokenizer`."""
-  from magicvideo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   tc = config.tokenizer
   max_length = config.model.text_encoder.max_position_embeddings
   if tc.kind == 'clip':
@@ -422,7 +268,6 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   tc = config.train
@@ -509,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if tc.get('init_from') or context_lib.uses_clip_embedding(config.model):
       params = jax.device_get(state.params)
       if tc.get('init_from'):
-        params = load_init_checkpoint(params, tc.init_from, tc.get('init_from_include', ('.*',)))
+        params = surgery.load_init_checkpoint(params, tc.init_from, tc.get('init_from_include', ('.*',)))
       params = context_lib.load_frozen_encoder(params, config)  # conditioning.clip_dir, if set.
       params = jax.device_put(params, param_shardings)
       trainable, _ = split_params(params, mask)
@@ -580,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: int = 4) -> float:
   """1 / std of posterior samples over a few batches: latents of unit variance, as SD's 0.18215."""
-  encode = jax.jit(lambda p, x, k: encode_latents(vae, p, x, jax.random.split(k, x.shape[0]), 1.0))
+  encode = jax.jit(lambda p, x, k: losses.encode_latents(vae, p, x, jax.random.split(k, x.shape[0]), 1.0))
   values = []
   for i in range(num_batches):
     video = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)['video']
@@ -613,13 +458,11 @@ def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any
   """Metadata of a precomputed-latents dataset ({} unless config.data.precomputed_latents)."""
   if not config.data.get('precomputed_latents', False):
     return {}
-  from magicvideo_jax.data import input_pipeline
-  from magicvideo_jax.tools import encode_latents  # pylint: disable=g-import-not-at-top
   if config.train.objective != 'diffusion':
     raise ValueError(f'config.train.objective={config.train.objective!r} trains on pixels; '
                      'config.data.precomputed_latents=True only feeds the diffusion objective.')
   directory = input_pipeline.prepared_directory(config.data.dataset, config.data.get('data_dir'))
-  metadata = encode_latents.read_metadata(directory) if directory else {}
+  metadata = latents_dataset.read_metadata(directory) if directory else {}
   if 'vae_probe' not in metadata:
     raise ValueError(f'config.data.dataset={config.data.dataset!r} carries no VAE fingerprint: '
                      'build it with `python -m magicvideo_jax.tools.encode_latents`.')
@@ -632,9 +475,8 @@ def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any
 def check_latents_vae(config: ml_collections.ConfigDict, metadata: Dict[str, Any], vae,
                       vae_params) -> None:
   """Refuses precomputed latents that another VAE produced (their fingerprints differ)."""
-  from magicvideo_jax.tools import encode_latents  # pylint: disable=g-import-not-at-top
-  encode_latents.check_probe(metadata['vae_probe'],
-                              encode_latents.vae_probe(vae, vae_params, config.data.resolution),
+  latents_dataset.check_probe(metadata['vae_probe'],
+                              latents_dataset.vae_probe(vae, vae_params, config.data.resolution),
                               f'config.data.dataset={config.data.dataset!r}')
 
 
@@ -664,8 +506,6 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
   """Writes a GIF of a few prompts sampled with the EMA params every `config.train.sample_every` steps."""
   if config.train.objective != 'diffusion':
     return None
-  from magicvideo_jax.sampling import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import video_io  # pylint: disable=g-import-not-at-top
   prompts = list(config.train.sample_prompts)
   out_dir = os.path.join(workdir, 'samples')
 

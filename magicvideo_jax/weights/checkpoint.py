@@ -7,15 +7,20 @@ sample CLI load) holds:
   tokenizer/    tokenizer files (CLIP vocab.json + merges.txt, or words_tokenizer.json)
 """
 
+import argparse
 import json
 import logging
 import os
+import re
 from typing import Any, Optional, Tuple
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from magicvideo_jax.tokenizer import load_tokenizer as _load
 
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
@@ -77,7 +82,6 @@ def load_params(folder: str, abstract_params: Optional[Any] = None) -> Any:
 
 
 def load_tokenizer(folder: str, config: ml_collections.ConfigDict):
-  from magicvideo_jax.tokenizer import load_tokenizer as _load  # pylint: disable=g-import-not-at-top
   max_length = config.model.text_encoder.max_position_embeddings
   return _load(os.path.join(folder, TOKENIZER_DIR), max_length)
 
@@ -100,8 +104,6 @@ def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/
   """Writes `output`: `base` with the parameters matching the regex `params` and the config
   sections `config_keys` (dotted paths) taken from `other`, e.g. a separately trained VideoVAE put
   into a text-to-video model. The tokenizer is base's."""
-  import re  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   config, base_params, tokenizer = load_pretrained(base)
   other_config, other_params, _ = load_pretrained(other)
   pattern = re.compile(params)
@@ -126,7 +128,6 @@ def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/
 def main(argv=None) -> int:
   """`python -m magicvideo_jax.weights.checkpoint merge --base DIR --other DIR --output DIR [--params RE]
   [--config_keys model.vae,model.video_vae]`: see `merge_pretrained`."""
-  import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.weights.checkpoint', description=main.__doc__)
   parser.add_argument('command', choices=('merge',))
   parser.add_argument('--base', required=True)

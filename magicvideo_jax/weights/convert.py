@@ -17,260 +17,32 @@ with `weight` -> `kernel` (transposed), `scale` (norms) or `embedding`, and `bia
 transformers 5 writes CLIPTextModel without SD's `text_model.` prefix; both styles import.
 Video-only parameters (a path component containing 'temporal' or 'adaptor', or starting with 'fps_',
 or the `embedding_to_context` layer of models conditioned on CLIP embeddings, context.py) do not exist
-in image checkpoints and are not exported: `grow_video_params` initialises the U-Net's and VAE's
+in image checkpoints and are not exported: `surgery.grow_video_params` initialises the U-Net's and VAE's
 (identity at init) in one small jitted `apply`, so the converted video model equals the image model
 frame by frame.
 Pickle checkpoints (.ckpt, .bin, .pt, .pth) are never loaded; a missing, unexpected or mis-shaped tensor
 is a `ConversionError` naming it.
 """
 
+import json
 import os
-import re
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+import shutil
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import ml_collections
 import numpy as np
-from flax import traverse_util
 
-VIDEO_ONLY_PATTERN = re.compile(
-    r'(^|/)([^/]*(temporal|adaptor)[^/]*|fps_[^/]*|embedding_to_context)(/|$)')
-PICKLE_SUFFIXES = ('.ckpt', '.bin', '.pt', '.pth', '.pkl', '.pickle')
-# Non-parameter buffers that some PyTorch checkpoints carry.
-IGNORED_TORCH_KEYS = re.compile(r'(position_ids|num_batches_tracked)$')
+from magicvideo_jax import config as common
+from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
+from magicvideo_jax import tokenizer as tok_lib
+from magicvideo_jax.weights import surgery
+from magicvideo_jax.weights.torch_layout import (PICKLE_SUFFIXES, ConversionError, load_safetensors_folder,
+                                                 params_to_state_dict, save_safetensors,
+                                                 state_dict_to_params)
+
 
 Params = Dict[str, Any]
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the model: names the offending tensor."""
-
-
-def is_video_only(path: str) -> bool:
-  """True for parameters that image checkpoints do not have (adaptors, temporal layers, fps embedding,
-  the embedding-to-context layer of CLIP-embedding conditioning)."""
-  return VIDEO_ONLY_PATTERN.search(path) is not None
-
-
-def torch_key_to_path(key: str) -> Tuple[Tuple[str, ...], str]:
-  """'a.b.0.c.weight' -> (('a', 'b_0', 'c'), 'weight')."""
-  parts = key.split('.')
-  module: list = []
-  for part in parts[:-1]:
-    if part.isdigit() and module:
-      module[-1] = f'{module[-1]}_{part}'
-    else:
-      module.append(part)
-  return tuple(module), parts[-1]
-
-
-def _to_flax(leaf: str, value: np.ndarray, target_shape: Tuple[int, ...]) -> np.ndarray:
-  if leaf == 'kernel':
-    if value.ndim == 4 and len(target_shape) == 4:  # Conv2d [O, I, kh, kw] -> [kh, kw, I, O]
-      return np.transpose(value, (2, 3, 1, 0))
-    if value.ndim == 4 and len(target_shape) == 2:  # 1x1 conv into a Dense
-      if value.shape[2:] != (1, 1):
-        raise ConversionError(f'cannot map conv weight {value.shape} to a Dense kernel')
-      return value[:, :, 0, 0].T
-    if value.ndim == 2 and len(target_shape) == 4:  # Linear into a 1x1 conv
-      return value.T[None, None]
-    if value.ndim == 2:
-      return value.T
-  return value
-
-
-def _to_torch(leaf: str, value: np.ndarray, torch_ndim: Optional[int]) -> np.ndarray:
-  if leaf == 'kernel':
-    if value.ndim == 4 and torch_ndim in (None, 4):
-      return np.transpose(value, (3, 2, 0, 1))
-    if value.ndim == 4 and torch_ndim == 2:
-      return value[0, 0].T
-    if value.ndim == 2 and torch_ndim == 4:
-      return value.T[:, :, None, None]
-    if value.ndim == 2:
-      return value.T
-  return value
-
-
-def _leaf_candidates(torch_leaf: str) -> Tuple[str, ...]:
-  if torch_leaf == 'weight':
-    return ('kernel', 'scale', 'embedding')
-  return (torch_leaf,)
-
-
-def state_dict_to_params(
-    state_dict: Mapping[str, np.ndarray],
-    params_template: Any,
-    keep_init: Optional[Any] = None,
-    prefix: str = '',
-    allow_missing_video: bool = False,
-) -> Params:
-  """Maps a PyTorch state dict onto a Flax params tree.
-
-  Args:
-    state_dict: torch key -> numpy array (e.g. `safetensors.numpy.load_file`).
-    params_template: a params tree (arrays or `jax.ShapeDtypeStruct`, boxed or not) fixing names and shapes.
-    keep_init: optional params tree of the same structure whose video-only leaves are used as they are
-      (their identity init); without it, video-only leaves missing from `state_dict` raise.
-    prefix: prepended to every torch key's path (e.g. `text_model` for a transformers 5 CLIPTextModel
-      file, which lacks the `text_model.` prefix of SD's files).
-    allow_missing_video: leave video-only leaves missing from `state_dict` (and `keep_init`) out of the
-      result instead of raising (`grow_params` then initialises them).
-
-  Returns:
-    A nested dict of numpy arrays with the template's structure and dtypes.
-
-  Raises:
-    ConversionError: naming an unexpected, missing or mis-shaped tensor.
-  """
-  import flax.linen as nn  # Local: keeps `python -m magicvideo_jax.convert --help` fast.
-  template = traverse_util.flatten_dict(nn.unbox(params_template), sep='/')
-  init = traverse_util.flatten_dict(nn.unbox(keep_init), sep='/') if keep_init is not None else {}
-  out: Dict[str, np.ndarray] = {}
-  for key, value in state_dict.items():
-    if IGNORED_TORCH_KEYS.search(key):
-      continue
-    module, leaf = torch_key_to_path(key)
-    base = '/'.join(((prefix,) if prefix else ()) + module)
-    path = next((f'{base}/{c}' for c in _leaf_candidates(leaf) if f'{base}/{c}' in template), None)
-    if path is None:
-      raise ConversionError(
-          f'checkpoint tensor {key!r} {tuple(value.shape)} has no counterpart in the model '
-          f'(looked for {base}/{{{",".join(_leaf_candidates(leaf))}}}): wrong model config?')
-    target = template[path]
-    array = _to_flax(path.rsplit('/', 1)[-1], np.asarray(value), tuple(target.shape))
-    if tuple(array.shape) != tuple(target.shape):
-      raise ConversionError(
-          f'checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model expects '
-          f'{tuple(target.shape)} at {path}')
-    out[path] = array.astype(target.dtype)
-  for path in template:
-    if path not in out and is_video_only(path) and path in init:
-      out[path] = np.asarray(init[path])
-  missing = [p for p in template if p not in out and not (allow_missing_video and is_video_only(p))]
-  if missing:
-    strip = len(prefix) + 1 if prefix else 0
-    shown = ', '.join(f'{flax_path_to_torch_key(p)[strip:]!r} ({p})' for p in missing[:8])
-    raise ConversionError(f'{len(missing)} tensors the model needs are missing from the checkpoint: '
-                          f'{shown}{" ..." if len(missing) > 8 else ""}')
-  return traverse_util.unflatten_dict(out, sep='/')
-
-
-def flax_path_to_torch_key(path: str) -> str:
-  """'down_blocks_0/resnets_1/conv1/kernel' -> 'down_blocks.0.resnets.1.conv1.weight'."""
-  parts = path.split('/')
-  module = []
-  for part in parts[:-1]:
-    match = re.fullmatch(r'(.+?)_(\d+)', part)
-    if match and match.group(1) in _TORCH_CONTAINERS:
-      module.extend([match.group(1), match.group(2)])
-    else:
-      module.append(part)
-  leaf = parts[-1]
-  leaf = 'weight' if leaf in ('kernel', 'scale', 'embedding') else leaf
-  return '.'.join(module + [leaf])
-
-
-# PyTorch ModuleList / Sequential attributes in the SD and CLIP models (indexed as `name.N`).
-_TORCH_CONTAINERS = frozenset({
-    'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'downsamplers',
-    'upsamplers', 'to_out', 'net', 'layers',
-})
-
-
-def params_to_state_dict(
-    params: Any,
-    torch_ndims: Optional[Mapping[str, int]] = None,
-    include_video: bool = False,
-) -> Dict[str, np.ndarray]:
-  """Exports a Flax params tree to PyTorch names and layouts (the inverse of `state_dict_to_params`).
-
-  Args:
-    params: a params tree (boxed or not).
-    torch_ndims: optional torch key -> ndim of the target checkpoint, to resolve Dense <-> 1x1-conv layouts
-      (e.g. SD's `proj_in` is a 1x1 conv in torch); without it a Dense kernel exports as a Linear.
-    include_video: also export video-only parameters (no diffusers model reads them).
-  """
-  import flax.linen as nn
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep='/')
-  out = {}
-  for path, value in flat.items():
-    if is_video_only(path) and not include_video:
-      continue
-    key = flax_path_to_torch_key(path)
-    ndim = torch_ndims.get(key) if torch_ndims else None
-    out[key] = np.ascontiguousarray(_to_torch(path.rsplit('/', 1)[-1], np.asarray(value), ndim))
-  return out
-
-
-def refuse_pickles(folder: str) -> None:
-  """Raises if a model folder holds only pickle weights (never loaded: arbitrary code execution)."""
-  names = os.listdir(folder)
-  if any(n.endswith('.safetensors') for n in names):
-    return
-  pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-  if pickles:
-    raise ConversionError(
-        f'{folder} holds only pickle weights ({", ".join(sorted(pickles))}); they are never loaded. '
-        'Convert them to safetensors first, e.g. in PyTorch: '
-        '`Model.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`.')
-  raise ConversionError(f'no *.safetensors weights in {folder}')
-
-
-def load_safetensors_folder(folder: str) -> Dict[str, np.ndarray]:
-  """Reads every `*.safetensors` file of a model folder (sharded checkpoints included)."""
-  from safetensors.numpy import load_file
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'model folder not found: {folder}')
-  refuse_pickles(folder)
-  files = sorted(n for n in os.listdir(folder) if n.endswith('.safetensors'))
-  # Variants (`name.fp16.safetensors`, `name.non_ema.safetensors`) only when there is no plain file.
-  plain = [n for n in files if n.count('.') == 1]
-  state: Dict[str, np.ndarray] = {}
-  for name in plain or files:
-    state.update(load_file(os.path.join(folder, name)))
-  return state
-
-
-def load_clip_tower(folder: str, *, weights_prefix: str, projection: str, model_class: str,
-                    read_config, abstract_params) -> Tuple[Dict[str, Any], Any]:
-  """(config, params) of one CLIP tower with its projection from a transformers folder.
-
-  The folder holds `{model_class}WithProjection` or a whole `CLIPModel`, whose tensors under
-  `weights_prefix` (e.g. 'text_model.') and `projection` (e.g. 'text_projection') are selected.
-  `read_config(config.json dict)` gives our config, `abstract_params(config)` the target tree.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'no config.json in {folder}: expected a transformers CLIPModel or '
-                            f'{model_class}WithProjection folder (save_pretrained).')
-  with open(path) as f:
-    config = read_config(json.load(f))
-  state = {k: v for k, v in load_safetensors_folder(folder).items()
-           if k.startswith((weights_prefix, projection + '.'))}
-  if not any(k.startswith(projection + '.') for k in state):
-    raise ConversionError(
-        f'{folder} has no `{projection}.weight`: embeddings need a CLIPModel or '
-        f'{model_class}WithProjection checkpoint (a bare {model_class} stops before the projection).')
-  try:
-    params = state_dict_to_params(state, abstract_params(config))
-  except ConversionError as e:
-    raise ConversionError(f'{folder}: {e}') from None
-  return config, params
-
-
-def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  from safetensors.numpy import save_file
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
-
-
-def torch_ndims_of(state_dict: Mapping[str, np.ndarray]) -> Dict[str, int]:
-  return {k: v.ndim for k, v in state_dict.items()}
-
-
-def iter_paths(params: Any) -> Iterable[str]:
-  import flax.linen as nn
-  return traverse_util.flatten_dict(nn.unbox(params), sep='/').keys()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,7 +88,6 @@ MODEL_FILES = {'unet': 'diffusion_pytorch_model.safetensors',
 
 
 def _read_json(path: str) -> Dict[str, Any]:
-  import json  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} not found')
   with open(path) as f:
@@ -334,7 +105,6 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], num_frames: int = 16) -> 
       continue  # Some SD 1.x configs spell the head count twice.
     if value != required:
       raise ConversionError(f'unet/config.json: {key}={value!r} is not supported (needs {required!r})')
-  from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
   out = common.unet_sd15().to_dict()
   out.update({k: cfg[k] for k in _UNET_KEYS if k in cfg})
   out['num_frames'] = num_frames
@@ -347,7 +117,6 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   if bad or cfg.get('use_quant_conv', True) is False or cfg.get('use_post_quant_conv', True) is False \
       or cfg.get('mid_block_add_attention', True) is False or cfg.get('act_fn', 'silu') != 'silu':
     raise ConversionError(f'vae/config.json: unsupported autoencoder variant ({bad or dict(cfg)})')
-  from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
   out = common.vae_sd15().to_dict()
   out.update({k: cfg[k] for k in _VAE_KEYS if k in cfg and cfg[k] is not None})
   return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
@@ -355,7 +124,6 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 def text_config_from_transformers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
   cfg = dict(cfg.get('text_config', cfg))
-  from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
   out = common.text_encoder_sd15().to_dict()
   out.update({k: cfg[k] for k in _TEXT_KEYS if k in cfg})
   return out
@@ -407,7 +175,6 @@ def upscaler_config_from_diffusers(src: str) -> Optional[Dict[str, Any]]:
   path = os.path.join(src, 'low_res_scheduler', 'scheduler_config.json')
   if not os.path.isfile(path):
     return None
-  from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
   low_res = _read_json(path)
   schedule = scheduler_config_from_diffusers(low_res)[0]
   if schedule['beta_schedule'] not in diffusion.BETA_SCHEDULES:
@@ -423,7 +190,6 @@ def upscaler_config_from_diffusers(src: str) -> Optional[Dict[str, Any]]:
 def model_config_from_diffusers(src: str, num_frames: int = 16):
   """Our full config (model, diffusion, sampling, tokenizer, data) for a diffusers pipeline folder,
   plus an `upscaler` section for an upscale pipeline folder."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   unet_cfg = _read_json(os.path.join(src, 'unet', 'config.json'))
   vae_cfg = _read_json(os.path.join(src, 'vae', 'config.json'))
   text_cfg = _read_json(os.path.join(src, 'text_encoder', 'config.json'))
@@ -431,7 +197,6 @@ def model_config_from_diffusers(src: str, num_frames: int = 16):
   if os.path.isfile(sched_path):
     diffusion_cfg, sampling = scheduler_config_from_diffusers(_read_json(sched_path))
   else:  # No scheduler folder: SD 1.x's schedule.
-    from magicvideo_jax import config as common  # pylint: disable=g-import-not-at-top
     diffusion_cfg = common.diffusion_sd15().to_dict()
     sampling = scheduler_config_from_diffusers({})[1]
   unet = unet_config_from_diffusers(unet_cfg, num_frames)
@@ -451,89 +216,6 @@ def model_config_from_diffusers(src: str, num_frames: int = 16):
     sampling.update(num_inference_steps=_UPSCALER_DEFAULTS['num_inference_steps'],
                     guidance_scale=_UPSCALER_DEFAULTS['guidance_scale'])
   return ml_collections.ConfigDict(sections)
-
-
-def dummy_inputs(config) -> Dict[str, Any]:
-  """Smallest inputs that create every parameter (parameter shapes do not depend on input sizes)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  mc = config.model
-  vae_factor = 2 ** (len(mc.vae.block_out_channels) - 1)
-  latent = 2 ** (len(mc.unet.block_out_channels) - 1)
-  return dict(
-      input_ids=jnp.zeros((1, 1), jnp.int32),
-      image=jnp.zeros((1, latent * vae_factor, latent * vae_factor, mc.vae.in_channels), jnp.float32),
-      latents=jnp.zeros((1, 1, latent, latent, mc.unet.in_channels), jnp.float32),
-      timesteps=jnp.zeros((1,), jnp.int32),
-      context=jnp.zeros((1, 1, mc.unet.cross_attention_dim), jnp.float32),
-      fps=jnp.ones((1,), jnp.float32),
-      class_labels=jnp.zeros((1,), jnp.int32),
-  )
-
-
-def _unet_kwargs(config, x: Mapping[str, Any]) -> Dict[str, Any]:
-  """Keyword inputs of `UNet.__call__` that create every parameter: fps, and class labels when the
-  U-Net has a class embedding (the upscaler's noise level)."""
-  kwargs = dict(fps=x['fps'])
-  if config.model.unet.get('num_class_embeds'):
-    kwargs['class_labels'] = x['class_labels']
-  return kwargs
-
-
-def abstract_params_for(config, modules: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Unboxed ShapeDtypeStructs of {'text_encoder', 'vae', 'unet'} (nothing allocated or compiled)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  modules = modules or models_lib.build_models(config.model)
-  x = dummy_inputs(config)
-  key = jax.random.key(0)
-  shapes = lambda f: nn.unbox(jax.eval_shape(f, key)['params'])
-  return dict(
-      text_encoder=shapes(lambda k: modules['text_encoder'].init(k, x['input_ids'])),
-      vae=shapes(lambda k: modules['vae'].init(k, x['image'])),
-      unet=shapes(lambda k: modules['unet'].init(k, x['latents'], x['timesteps'], x['context'],
-                                                 **_unet_kwargs(config, x))),
-  )
-
-
-def grow_params(module, params: Any, *args, seed: int = 0, method: Any = None, **kwargs) -> Params:
-  """`params` completed with `module`'s init of the leaves they lack (the video-only ones).
-
-  Runs `module.apply(..., *args, mutable=['params'])` once under `jax.jit`: only the missing leaves are
-  drawn (a full `init` compiles every image parameter's initialiser too, several times slower).
-  `args`/`kwargs` are example inputs that reach every missing parameter. Returns numpy arrays, unboxed.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
-  def grow(p, key):
-    _, variables = module.apply({'params': p}, *args, rngs={'params': key}, mutable=['params'],
-                                method=method, **kwargs)
-    return nn.unbox(variables['params'])
-
-  grown = jax.jit(grow)(params, jax.random.key(seed))
-  return jax.tree.map(np.asarray, grown)
-
-
-def grow_video_params(config, params: Mapping[str, Any], modules: Optional[Mapping[str, Any]] = None,
-                      seed: int = 0) -> Dict[str, Any]:
-  """Initialises the video-only leaves (U-Net adaptors, temporal layers, fps embedding; VideoVAE
-  temporal layers) that `params` {'text_encoder', 'vae', 'unet'} lack, at their identity init."""
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  modules = modules or models_lib.build_models(config.model)
-  template = abstract_params_for(config, modules)
-  x = dummy_inputs(config)
-  out = dict(params)
-  for name in ('unet', 'vae'):
-    have = set(iter_paths(params[name]))
-    if all(p in have for p in iter_paths(template[name])):
-      continue
-    if name == 'unet':
-      out[name] = grow_params(modules['unet'], params['unet'], x['latents'], x['timesteps'],
-                              x['context'], seed=seed, **_unet_kwargs(config, x))
-    else:
-      out[name] = grow_params(modules['vae'], params['vae'], x['image'], seed=seed)
-  return out
 
 
 def load_model_state(folder: str, name: str) -> Tuple[Dict[str, np.ndarray], str]:
@@ -556,8 +238,6 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
     ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
       mis-shaped tensor (named in the message).
   """
-  from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
                           'code). Convert it to a diffusers folder with safetensors weights first, '
@@ -567,7 +247,7 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
   config = model_config_from_diffusers(src, num_frames)
   modules = models_lib.build_models(config.model)
-  template = abstract_params_for(config, modules)
+  template = surgery.abstract_params_for(config, modules)
   params = {}
   for name in MODEL_FILES:
     state, prefix = load_model_state(os.path.join(src, name), name)
@@ -576,7 +256,7 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
                                           allow_missing_video=True)
     except ConversionError as e:
       raise ConversionError(f'{os.path.join(src, name)}: {e}') from None
-  params = grow_video_params(config, params, modules, seed)
+  params = surgery.grow_video_params(config, params, modules, seed)
   tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
                                      config.model.text_encoder.max_position_embeddings)
   return config, params, tokenizer
@@ -592,8 +272,6 @@ def export_diffusers(params: Mapping[str, Any], config, dst: str,
   `text_model.`); otherwise configs are written from ours and CLIP keys carry SD's `text_model.` prefix.
   Video-only parameters are not exported (no diffusers model has them).
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   os.makedirs(dst, exist_ok=True)
   for name, filename in MODEL_FILES.items():
     ndims = None
@@ -659,10 +337,3 @@ def _diffusers_config(name: str, config, tokenizer: Any = None) -> Dict[str, Any
   return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def refuse_pickle_args(*paths: Optional[str]) -> None:
-  for path in paths:
-    if path and os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
-      raise ConversionError(f'{path} is a pickle checkpoint and is never loaded (it can run arbitrary '
-                            'code): convert it to safetensors first, e.g. in PyTorch with diffusers '
-                            '`StableDiffusionPipeline.from_single_file(path).save_pretrained(out, '
-                            'safe_serialization=True)`, then pass that folder.')
