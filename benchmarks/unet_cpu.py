@@ -73,7 +73,7 @@ def unet_fields(widths: List[int], video: bool) -> Dict:
 def bench_image(rows: List[List[str]]) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax.weights import torch_layout
   from magicvideo_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
   widths = [int(w) for w in _WIDTHS.value]
   b, s = _BATCH.value, _LATENT.value
@@ -89,7 +89,7 @@ def bench_image(rows: List[List[str]]) -> None:
   ctx = rng.standard_normal((b, _CONTEXT_LEN.value, _CONTEXT_DIM.value)).astype(np.float32)
   fields = unet_fields(widths, video=False)
   template = jax.eval_shape(UNet(**fields).init, jax.random.key(0), x[:, :, :8, :8], t, ctx)['params']
-  params32 = convert.state_dict_to_params(state, template)
+  params32 = torch_layout.state_dict_to_params(state, template)
   outputs = {}
   for dtype in _DTYPES.value:
     jdt = jnp.dtype(dtype)
