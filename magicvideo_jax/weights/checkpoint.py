@@ -12,10 +12,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Optional, Tuple
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
+from etils import epath
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,6 +28,7 @@ from magicvideo_jax.tokenizer import load_tokenizer as _load
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 TOKENIZER_DIR = 'tokenizer'
+EXPORT_DIR = 'model'  # A training workdir's exported pretrained folder.
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -41,6 +45,15 @@ def _tuplify(tree: Any) -> Any:
   if isinstance(tree, list):
     return tuple(_tuplify(v) for v in tree)
   return tree
+
+
+def model_folder(path: str) -> Optional[str]:
+  """The pretrained folder a path names: the folder itself, or a training workdir's exported `model/`
+  (None when neither holds one). The one place that rule lives."""
+  for candidate in (path, os.path.join(path, EXPORT_DIR)):
+    if is_pretrained_folder(candidate):
+      return candidate
+  return None
 
 
 def is_pretrained_folder(folder: str) -> bool:
@@ -157,17 +170,158 @@ def make_manager(workdir: str, keep: int, save_interval_steps: int,
   )
 
 
+class CheckpointError(RuntimeError):
+  """No usable training checkpoint, or one that does not fit this run: a one-line message."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """The state about to be saved holds NaN or inf: it is not saved."""
+
+
+CORRUPT_DIR = 'checkpoints_corrupt'  # Where unreadable checkpoints are moved (never deleted).
+# Config keys whose change makes a checkpoint's state unusable for this run.
+STRUCTURAL_KEYS = ('model', 'train.objective', 'train.trainable')
+
+
+def _bits_sum(x: jax.Array) -> jax.Array:
+  """Checksum of a leaf: the wrap-around uint32 sum of its bit patterns times odd position weights
+  (odd numbers are invertible mod 2**32, so any one changed element changes it)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(leaves):
+  sums = jnp.stack([_bits_sum(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
+  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sums, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def state_fingerprint(state: Any) -> Tuple[List[int], bool]:
+  """(per-leaf checksums, every float finite) of a (sharded) state, reduced on its devices."""
+  sums, finite = _fingerprint(jax.tree.leaves(state))
+  return [int(v) for v in np.asarray(jax.device_get(sums))], bool(jax.device_get(finite))
+
+
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
                      config: ml_collections.ConfigDict, force: bool = False) -> bool:
+  """Saves at the manager's interval (or when forced) with the state's checksums beside it.
+
+  Raises:
+    NonFiniteStateError: the state holds NaN / inf; nothing is written, the last good checkpoint
+      stays the newest.
+  """
+  if not (force or manager.should_save(step)):
+    return False
+  checksums, finite = state_fingerprint(state)
+  if not finite:
+    manager.wait_until_finished()
+    raise NonFiniteStateError(
+        f'the state at step {step} holds NaN or inf: not saved (the last good checkpoint is step '
+        f'{manager.latest_step()})')
   return manager.save(
       step,
       args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=ocp.args.JsonSave(data_state),
           config=ocp.args.JsonSave(json.loads(config_to_json(config))),
+          integrity=ocp.args.JsonSave(dict(leaf_checksums=checksums)),
       ),
       force=force,
   )
+
+
+def _flat_keys(tree: Any, prefix: str = '') -> Dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat_keys(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_differences(stored: Dict[str, Any], config: ml_collections.ConfigDict) -> List[str]:
+  """`STRUCTURAL_KEYS` whose values differ between a checkpoint's config and this run's."""
+  current = json.loads(config_to_json(config))
+  differences = []
+  for key in STRUCTURAL_KEYS:
+    a, b = stored, current
+    for part in key.split('.'):
+      a = a.get(part) if isinstance(a, dict) else None
+      b = b.get(part) if isinstance(b, dict) else None
+    flat_a, flat_b = _flat_keys(a, f'{key}.'), _flat_keys(b, f'{key}.')
+    for k in sorted(set(flat_a) | set(flat_b)):
+      if flat_a.get(k) != flat_b.get(k):
+        differences.append(f'{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}')
+  return differences
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
+  folder = epath.Path(manager.directory) / str(step)
+  aside = epath.Path(manager.directory).parent / CORRUPT_DIR
+  aside.mkdir(parents=True, exist_ok=True)
+  target = aside / f'{step}.{time.strftime("%Y%m%d-%H%M%S")}'
+  if folder.exists():
+    folder.rename(target)
+  logging.warning('checkpoint step %d is unusable (%s): moved to %s; trying the previous one.', step,
+                  reason, target)
+  manager.reload()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   config: ml_collections.ConfigDict, allow_config_change: bool = False
+                   ) -> Optional[Tuple[int, Any, Any]]:
+  """(step, state, data_state) of the newest usable checkpoint, or None when there is none.
+
+  A checkpoint that fails to restore or whose checksums differ from the stored ones is moved to
+  `CORRUPT_DIR` beside `checkpoints/` (never deleted) with one warning, and the previous one is tried.
+
+  Raises:
+    CheckpointError: checkpoints exist but none is usable, or the newest readable one was written with
+      a different model (`STRUCTURAL_KEYS`; `allow_config_change` skips that check), before any state
+      is restored.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  for step in steps:
+    try:
+      stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    except Exception as e:  # pylint: disable=broad-except  # Unreadable: fall back below.
+      _move_aside(manager, step, f'its config does not read: {type(e).__name__}')
+      continue
+    differences = config_differences(stored, config)
+    if differences and not allow_config_change:
+      raise CheckpointError(
+          f'{manager.directory}/{step} was written with another model config ({len(differences)} '
+          f'keys differ: {"; ".join(differences[:4])}{"; ..." if len(differences) > 4 else ""}): '
+          'use a new workdir, or set config.train.allow_config_change=True to restore anyway.')
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      _move_aside(manager, step, f'{type(e).__name__}: {" ".join(str(e).split())[:200]}')
+      continue
+    try:
+      expected = manager.restore(step, args=ocp.args.Composite(
+          integrity=ocp.args.JsonRestore()))['integrity']['leaf_checksums']
+    except Exception:  # pylint: disable=broad-except  # Written before checksums existed.
+      logging.info('checkpoint step %d has no checksums: restored unverified', step)
+      return step, restored['state'], restored['data']
+    checksums, _ = state_fingerprint(restored['state'])
+    if checksums != expected:
+      bad = sum(a != b for a, b in zip(checksums, expected)) + abs(len(checksums) - len(expected))
+      _move_aside(manager, step, f'{bad} arrays differ from their checksums')
+      continue
+    return step, restored['state'], restored['data']
+  raise CheckpointError(f'no usable checkpoint in {manager.directory}: every one failed to restore '
+                        f'and was moved to {CORRUPT_DIR}/; start a new workdir or restore one by hand')
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Tuple[Any, Any]:
