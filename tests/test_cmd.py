@@ -524,3 +524,23 @@ def test_builders():
   with pytest.raises(ValueError, match='positions'):
     bad = cmd.build_cmd_autoencoder(dict(AE, positions='rope'))
     bad.init(jax.random.key(0), np.zeros((1, 2, 4, 4, 4), np.float32))
+
+
+def count(tree):
+  return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(nn.unbox(tree)))
+
+
+def test_full_size_block_parameter_counts():
+  """At the released sizes a DiT block has 18 d^2 + 15 d parameters (attention 4 d^2 + 4 d, MLP ratio 4
+  8 d^2 + 5 d, adaLN 6 d^2 + 6 d, norms without affine) and a space-time block 20 d^2 + 23 d (two
+  attentions, GEGLU 12 d^2 + 9 d, three affine norms)."""
+  d = cmd.DIT_SIZES['XL']['hidden_size']
+  dit = cmd.build_motion_dit({'size': 'XL'})
+  shapes = jax.eval_shape(dit.init, jax.random.key(0), jnp.zeros((1, 16, 32, 8)), jnp.zeros((1,)),
+                          jnp.zeros((1, 32, 32, 4)), jnp.zeros((1, 768)))['params']
+  assert len([k for k in shapes if k.startswith('transformer_blocks_')]) == 28
+  assert count(shapes['transformer_blocks_0']) == 18 * d * d + 15 * d
+  w = 384
+  block = jax.eval_shape(cmd.SpaceTimeBlock(8).init, jax.random.key(0),
+                         jnp.zeros((1, 16, 16, 16, w)))['params']
+  assert count(block) == 20 * w * w + 23 * w

@@ -118,7 +118,7 @@ def reconstruction_loss(reconstruction: jax.Array, x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
+class SelfAttention(nn.Module):
   """Multi-head self-attention with biased q, k, v and output: `[B, T, C]` -> `[B, T, C]`.
 
   Head dim C / heads; parameter names as diffusers' `Attention` (to_q, to_k, to_v, to_out_0).
@@ -209,7 +209,7 @@ class SpaceTimeBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     _, _, rows, cols, _ = x.shape
     norm = lambda name: layers.layer_norm(epsilon=self.norm_eps, name=name, **kw)
-    attn = lambda name: Attention(self.heads, attention_impl=self.attention_impl, name=name, **kw)
+    attn = lambda name: SelfAttention(self.heads, attention_impl=self.attention_impl, name=name, **kw)
     t = einops.rearrange(norm('norm_time')(x), 'b l h w c -> (b h w) l c')
     t = attn('attn_time')(t)
     x = x + einops.rearrange(t, '(b h w) l c -> b l h w c', h=rows, w=cols)
@@ -220,8 +220,8 @@ class SpaceTimeBlock(nn.Module):
     return layers.constrain(x, CLIP_AXES)
 
 
-class _Fields(nn.Module):
-  """Fields shared by the encoder, the decoder and the autoencoder."""
+class _TokenStack(nn.Module):
+  """The encoder's and decoder's shared fields and their block stack (positions, then blocks)."""
   width: int = 384
   depth: int = 8
   heads: int = 8
@@ -243,7 +243,7 @@ class _Fields(nn.Module):
     return h
 
 
-class CMDEncoder(_Fields):
+class CMDEncoder(_TokenStack):
   """Clip `[B, L, H, W, C]` -> (z_c `[B, H, W, C]`, z_m `[B, L, W' + H', D]`)."""
   content_frame: str = 'learned'
 
@@ -266,7 +266,7 @@ class CMDEncoder(_Fields):
     return content, motion
 
 
-class CMDDecoder(_Fields):
+class CMDDecoder(_TokenStack):
   """(z_c `[B, H, W, C]`, z_m `[B, L, W' + H', D]`) -> clip `[B, L, H, W, C]`."""
 
   @nn.compact
@@ -407,7 +407,7 @@ class DiTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = Modulation(
         6, name='norm1', **kw)(cond)
-    h = Attention(self.heads, attention_impl=self.attention_impl, name='attn1', **kw)(
+    h = SelfAttention(self.heads, attention_impl=self.attention_impl, name='attn1', **kw)(
         _modulate(_plain_norm(x), shift_msa, scale_msa))
     x = x + gate_msa[:, None] * h
     h = GELUFeedForward(self.mlp_ratio, name='ff', **kw)(_modulate(_plain_norm(x), shift_mlp, scale_mlp))
