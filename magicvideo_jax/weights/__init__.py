@@ -1,0 +1,1 @@
+"""Converters of third-party network weights (evaluation networks) to safetensors."""
