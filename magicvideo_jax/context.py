@@ -146,13 +146,13 @@ def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, A
 
 def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
   """config.model.clip of a dual encoder folder, without loading its weights."""
-  for candidate in (folder, os.path.join(folder, 'model')):
-    if ckpt_lib.is_pretrained_folder(candidate):
-      clip_config = ckpt_lib.load_config(candidate).model.get('clip')
-      if not clip_config:
-        raise ValueError(f'config.model.conditioning.clip_dir={folder} holds no dual encoder '
-                         '(its config has no model.clip).')
-      return clip_config.to_dict()
+  candidate = ckpt_lib.model_folder(folder)
+  if candidate is not None:
+    clip_config = ckpt_lib.load_config(candidate).model.get('clip')
+    if not clip_config:
+      raise ValueError(f'config.model.conditioning.clip_dir={folder} holds no dual encoder '
+                       '(its config has no model.clip).')
+    return clip_config.to_dict()
   path = os.path.join(folder, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config.model.conditioning.clip_dir={folder}: no dual encoder there '

@@ -40,10 +40,7 @@ def main(argv=None) -> None:
       config, params, tokenizer = convert_diffusers_folder(args.diffusers_dir, args.num_frames)
       ckpt_lib.save_pretrained(args.output, config, params, tokenizer)
     else:
-      folder = args.export_from
-      if not ckpt_lib.is_pretrained_folder(folder) and ckpt_lib.is_pretrained_folder(
-          os.path.join(folder, 'model')):  # A training workdir: its exported model.
-        folder = os.path.join(folder, 'model')
+      folder = ckpt_lib.model_folder(args.export_from) or args.export_from
       config, params, tokenizer = ckpt_lib.load_pretrained(folder)
       export_diffusers(params, config, args.output, args.reference_dir, tokenizer)
     print(os.path.abspath(args.output))

@@ -14,6 +14,7 @@ import time
 
 from magicvideo_jax import video_io
 from magicvideo_jax.eval import judge
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'shapes')
@@ -39,13 +40,9 @@ def main(argv=None) -> int:
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  cfg = pipe.config
-  res = int(cfg.data.resolution)
-  videos = pipe(prompts, num_frames=int(cfg.data.num_frames), height=res, width=res,
-                num_inference_steps=args.steps or int(cfg.sampling.num_inference_steps),
-                guidance_scale=float(cfg.sampling.guidance_scale), seed=args.seed)
+  videos = pipe(prompts, num_inference_steps=args.steps, seed=args.seed)  # The checkpoint's defaults.
   os.makedirs(args.output_dir, exist_ok=True)
-  fps = float(cfg.data.get('fps', 8.0))
+  fps = request_lib.resolve(pipe.config).fps
   scores = judge.score(videos, prompts)
   print(f'\n{"prompt":34s} {"judge sees":34s} consistency')
   for i, (prompt, seen) in enumerate(zip(prompts, scores['judgements'])):

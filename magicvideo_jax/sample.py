@@ -25,7 +25,7 @@ from magicvideo_jax.sampling import cascade
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.weights import torch_layout
 
-VIDEO_EXTENSIONS = ('.mp4', '.gif', '.webm', '.mov', '.mkv')
+VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
 SAMPLERS = ('ddim', 'dpmsolver++')  # = diffusion.SAMPLERS; repeated so --help needs no jax import.
 SIGMA_SPACINGS = ('karras', 'lu_lambdas')
 
@@ -94,28 +94,13 @@ def output_paths(output: str, count: int, separate: bool) -> List[str]:
   return [f'{stem}_{i}{ext}' for i in range(count)]
 
 
-def resolve(args: argparse.Namespace, config) -> dict:
-  """Pipeline keyword arguments: the flags, with defaults from the checkpoint's config."""
-  sampling = config.get('sampling', None) or {}
-  data = config.get('data', None) or {}
-  pick = lambda value, section, key, default: value if value is not None else section.get(key, default)
-  resolution = data.get('resolution', 256)
-  kwargs = dict(
-      num_frames=pick(args.num_frames, data, 'num_frames', 16),
-      height=args.height if args.height is not None else resolution,
-      width=args.width if args.width is not None else resolution,
-      num_inference_steps=pick(args.steps, sampling, 'num_inference_steps', 50),
-      guidance_scale=float(pick(args.guidance_scale, sampling, 'guidance_scale', 7.5)),
-      sampler=pick(args.sampler, sampling, 'sampler', 'ddim'),
-      eta=float(pick(args.eta, sampling, 'eta', 0.0)),
-      fps=float(pick(args.fps, data, 'fps', 8.0)),
-      seed=args.seed,
-      negative_prompt=args.negative_prompt,
-      sigma_spacing=args.sigma_spacing,
-  )
-  if kwargs['sampler'] != 'ddim' and args.eta is None:
-    kwargs['eta'] = 0.0  # A DDIM eta from the config does not apply to another sampler.
-  return kwargs
+def request_settings(args: argparse.Namespace) -> dict:
+  """The sampling flags as pipeline keyword arguments; a flag left out stays None, so the pipeline
+  takes the checkpoint's default exactly as `pipe(prompt)` does (sampling/request.py)."""
+  return dict(num_frames=args.num_frames, height=args.height, width=args.width,
+              num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+              sampler=args.sampler, eta=args.eta, fps=args.fps, seed=args.seed,
+              sigma_spacing=args.sigma_spacing)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -126,6 +111,15 @@ def check_flags(args: argparse.Namespace) -> None:
   if ext not in VIDEO_EXTENSIONS:
     raise UserError(f'--output {args.output}: unsupported extension {ext or "(none)"!r}; use one of '
                     f'{", ".join(VIDEO_EXTENSIONS)}')
+  if os.path.isdir(args.output):
+    raise UserError(f'--output {args.output} is a directory; give a file name such as '
+                    f'{os.path.join(args.output, "video" + (ext or ".mp4"))}')
+  parent = os.path.dirname(os.path.abspath(args.output))
+  existing = parent
+  while not os.path.exists(existing):  # The folders to be created must be creatable.
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--output {args.output}: cannot write into {existing} (not a writable folder)')
   if args.upscale < 1:
     raise UserError(f'--upscale={args.upscale} must be >= 1')
   if args.fps is not None and args.fps <= 0:
@@ -148,30 +142,27 @@ def run(args: argparse.Namespace) -> List[str]:
     base, interpolation, upscaler = cascade.resolve_folders(args.checkpoint, args.interpolation,
                                                             args.upscaler)
     config = pipeline_lib.load_config(base, args.num_frames_model)
-    kwargs = resolve(args, config)
-    pipeline_lib.validate_request(
-        config, **{k: kwargs[k] for k in ('num_frames', 'height', 'width', 'num_inference_steps',
-                                          'sampler', 'eta', 'guidance_scale', 'sigma_spacing')})
+    kwargs = request_settings(args)
+    req = pipeline_lib.validate_request(config, **kwargs)
     interpolation_config, upscaler_config = cascade.stage_configs(interpolation, upscaler)
     cascade.check_configs(config, interpolation_config, upscaler_config,
-                          num_frames=kwargs['num_frames'], height=kwargs['height'],
-                          width=kwargs['width'], noise_level=args.noise_level,
-                          upscale_strength=args.upscale_strength)
+                          num_frames=req.num_frames, height=req.height, width=req.width,
+                          noise_level=args.noise_level, upscale_strength=args.upscale_strength)
     pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
         base, num_frames=args.num_frames_model, verbose=True, interpolation=interpolation,
         upscaler=upscaler)
   except (ValueError, FileNotFoundError, torch_layout.ConversionError) as e:
     raise UserError(str(e)) from None
-  kwargs.update(interpolation_steps=args.interpolation_steps,
+  kwargs.update(negative_prompt=args.negative_prompt, interpolation_steps=args.interpolation_steps,
                 interpolation_guidance_scale=args.interpolation_guidance_scale,
                 upscale_steps=args.upscale_steps, upscale_guidance_scale=args.upscale_guidance_scale,
                 noise_level=args.noise_level, upscale_strength=args.upscale_strength)
-  file_fps = kwargs['fps'] * (pipe.interpolator.factor if pipe.interpolator else 1)
+  file_fps = req.fps * (pipe.interpolator.factor if pipe.interpolator else 1)
   stages = ''.join(f' -> {name}' for name, stage in (('interpolation', pipe.interpolator),
                                                       ('super-resolution', pipe.upscaler)) if stage)
-  print(f'sampling {len(args.prompt)} prompt(s): {kwargs["num_frames"]} frames of '
-        f'{kwargs["height"]}x{kwargs["width"]}, {kwargs["num_inference_steps"]} {kwargs["sampler"]} '
-        f'steps, guidance {kwargs["guidance_scale"]}, seed {kwargs["seed"]}{stages}', file=sys.stderr)
+  print(f'sampling {len(args.prompt)} prompt(s): {req.num_frames} frames of {req.height}x{req.width}, '
+        f'{req.num_inference_steps} {req.sampler} steps, guidance {req.guidance_scale}, seed '
+        f'{req.seed}{stages}', file=sys.stderr)
   videos = pipe(args.prompt, **kwargs)  # [B, F, H, W, 3] uint8
   videos = video_io.upscale_nearest(videos, args.upscale)
   paths = output_paths(args.output, len(args.prompt), args.separate)
@@ -191,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except UserError as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2
+  except video_io.VideoWriteError as e:  # After the sampling work: the disk, not the flags.
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 1
   for path in paths:
     print(os.path.abspath(path))
   return 0

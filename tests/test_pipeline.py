@@ -22,7 +22,7 @@ diffusers = pytest.importorskip('diffusers')
 from magicvideo_jax import MagicVideoPipeline  # The lazy package-level import.
 from magicvideo_jax.weights import convert
 from magicvideo_jax.weights import torch_layout
-from magicvideo_jax.sampling import pipeline as pipeline_lib
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax import sample
 from magicvideo_jax import video_io
 from magicvideo_jax.models import video_vae
@@ -257,3 +257,19 @@ def test_cli_bad_input(tiny_converted_dir, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     sample.main(base + ['--checkpoint', tiny_converted_dir, '--sampler', 'euler'])
   assert e.value.code == 2 and "invalid choice: 'euler'" in capsys.readouterr().err
+
+
+def test_pipe_and_cli_sample_the_same_video(tiny_converted_dir, tmp_path, monkeypatch):
+  """Settings left out mean the same in `pipe(prompt)` and the CLI: the checkpoint's defaults."""
+  written = {}
+  monkeypatch.setattr(video_io, 'write_video',
+                      lambda path, frames, fps=8.0, **kw: written.update(frames=frames, fps=fps))
+  assert sample.main(['--checkpoint', tiny_converted_dir, '--prompt', PROMPTS[0], '--output',
+                      str(tmp_path / 'x.mp4'), '--seed', '5']) == 0
+  pipe = MagicVideoPipeline.from_pretrained(tiny_converted_dir)
+  video = pipe(PROMPTS[0], seed=5)
+  req = request_lib.resolve(pipe.config, geometry=True)
+  assert video.shape == (1, req.num_frames, req.height, req.width, 3)
+  assert req.num_inference_steps == pipe.config.sampling.num_inference_steps
+  np.testing.assert_array_equal(written['frames'], video[0])
+  assert written['fps'] == pipe.config.data.fps

@@ -29,6 +29,7 @@ import numpy as np
 
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.sampling import cascade
 from magicvideo_jax.sampling import upscaler
 from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
@@ -52,18 +53,13 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
   """Runs base -> stages for every prompt (`batch_size` per call). Returns stacked numpy arrays:
   'keyframe_latents', 'keyframes' (decoded by the base, float [0, 1]), and what the stages gave
   ('latents', 'frames', 'upscaled')."""
-  cfg = pipe.config
-  num_frames = num_frames or int(cfg.data.num_frames)
-  res = int(cfg.data.resolution)
-  steps = steps or int(cfg.sampling.num_inference_steps)
-  guidance_scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
-  fps = float(cfg.data.get('fps', 8.0))
+  fps = request_lib.resolve(pipe.config).fps
   batch_size = min(batch_size, len(prompts))
   parts: Dict[str, List[np.ndarray]] = {}
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-    z0 = pipe(padded, num_frames=num_frames, height=res, width=res, num_inference_steps=steps,
+    z0 = pipe(padded, num_frames=num_frames, num_inference_steps=steps,
               guidance_scale=guidance_scale, seed=seed + start, fps=fps, output_type='latent',
               interpolate=False, upscale=False)
     out = cascade.run_stages(pipe, z0, padded, [''] * len(padded), seed=seed + start, fps=fps,

@@ -14,7 +14,6 @@ teach the video model about motion has to come from elsewhere. The checkpoint is
 
 import argparse
 import json
-import os
 import sys
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -36,8 +35,7 @@ def load_encoder(checkpoint: str) -> Tuple[Callable, Callable]:
   Both return L2-normalised embeddings `[N, D]` as numpy arrays. `checkpoint` is a pretrained folder
   or a workdir holding one in `model/`.
   """
-  folder = checkpoint if ckpt_lib.is_pretrained_folder(checkpoint) else os.path.join(
-      checkpoint, 'model')
+  folder = ckpt_lib.model_folder(checkpoint) or checkpoint
   config = ckpt_lib.load_config(folder)
   clip_config, params = clip_weights.load_dual_encoder(folder)
   tokenizer = ckpt_lib.load_tokenizer(folder, config)

@@ -35,17 +35,13 @@ def split_prompts(split: str, num_prompts: int, seed: int = 0) -> List[str]:
 def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: Optional[int] = None,
              steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
              sampler: str = 'ddim', video_vae: bool = True) -> np.ndarray:
-  """`[N, F, H, W, 3]` uint8 videos, `batch_size` prompts per call (one compile)."""
-  cfg = pipe.config
-  num_frames = num_frames or int(cfg.data.num_frames)
-  res = int(cfg.data.resolution)
-  steps = steps or int(cfg.sampling.num_inference_steps)
-  guidance_scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+  """`[N, F, H, W, 3]` uint8 videos, `batch_size` prompts per call (one compile); settings left None
+  take the checkpoint's defaults (sampling/request.py)."""
   videos = []
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
-    out = pipe(chunk + chunk[-1:] * pad, num_frames=num_frames, height=res, width=res,
+    out = pipe(chunk + chunk[-1:] * pad, num_frames=num_frames,
                num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + start,
                sampler=sampler, **({} if video_vae else {'use_video_vae': False}))
     videos.append(out[:len(chunk)])

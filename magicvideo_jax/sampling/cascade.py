@@ -46,10 +46,9 @@ def is_cascade_folder(path: str) -> bool:
 
 def _model_folder(path: str) -> str:
   """A checkpoint folder, or the `model/` export of a training workdir."""
-  if ckpt_lib.is_pretrained_folder(path):
-    return path
-  if ckpt_lib.is_pretrained_folder(os.path.join(path, 'model')):
-    return os.path.join(path, 'model')
+  folder = ckpt_lib.model_folder(path)
+  if folder is not None:
+    return folder
   raise FileNotFoundError(f'{path} is not a checkpoint folder (config.json + params/) nor a training '
                           'workdir with an exported model/')
 
@@ -176,7 +175,7 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
         guidance_scale=interpolation_guidance_scale, seed=seed + 1, fps=fps * interpolator.factor)
     out['frames'] = interpolator.decode(out['latents'])
     out['fps'] = fps * interpolator.factor
-    pipe._log(f'interpolated {keyframes.shape[1]} -> {out["frames"].shape[1]} frames in '
+    pipe.log(f'interpolated {keyframes.shape[1]} -> {out["frames"].shape[1]} frames in '
               f'{time.time() - t0:.1f} s')
   else:
     out['frames'] = pipe.decode(keyframe_latents, use_video_vae=use_video_vae)
@@ -190,6 +189,6 @@ def run_stages(pipe, keyframe_latents: np.ndarray, prompts: Sequence[str], negat
     out['upscaled_latents'] = upscaler(low_res, list(prompts), list(negatives),
                                        output_type='latent', **kwargs)
     out['upscaled'] = upscaler.decode(out['upscaled_latents'])
-    pipe._log(f'super-resolved {low_res.shape[2]}x{low_res.shape[3]} -> '
+    pipe.log(f'super-resolved {low_res.shape[2]}x{low_res.shape[3]} -> '
               f'{out["upscaled"].shape[2]}x{out["upscaled"].shape[3]} in {time.time() - t0:.1f} s')
   return out

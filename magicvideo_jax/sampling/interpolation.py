@@ -34,7 +34,6 @@ over the text only (both halves see the same condition). `KeyframeInterpolator` 
 """
 
 import logging
-import os
 from typing import Any, Dict, Optional, Sequence, Union
 
 import einops
@@ -45,10 +44,10 @@ import numpy as np
 
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 CONDITION_MODES = ('nearest', 'zeros')
-OUTPUT_TYPES = ('latent', 'float', 'uint8')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -224,8 +223,8 @@ class KeyframeInterpolator:
   @classmethod
   def from_pretrained(cls, path: str) -> 'KeyframeInterpolator':
     """From an exported folder (or a training workdir holding `model/`)."""
-    folder = path if ckpt_lib.is_pretrained_folder(path) else os.path.join(path, 'model')
-    if not ckpt_lib.is_pretrained_folder(folder):
+    folder = ckpt_lib.model_folder(path)
+    if folder is None:
       raise FileNotFoundError(f'{path} is not an interpolation checkpoint folder (config.json + params/)')
     config, params, tokenizer = ckpt_lib.load_pretrained(folder)
     return cls(config, params, tokenizer)
@@ -272,30 +271,25 @@ class KeyframeInterpolator:
                negative_prompt: Union[None, str, Sequence[str]] = None, *,
                num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                seed: int = 0, latents: Optional[Any] = None, fps: Optional[float] = None,
-               sampler: Optional[str] = None, sigma_spacing: Optional[str] = None, eta: float = 0.0,
-               output_type: str = 'latent') -> np.ndarray:
+               sampler: Optional[str] = None, sigma_spacing: Optional[str] = None,
+               eta: Optional[float] = None, output_type: str = 'latent') -> np.ndarray:
     """Interpolates keyframe latents `[B, K, h, w, c]` (scaled) by the model's factor m.
 
     Args:
       keyframe_latents: `[B, K, h, w, c]`, in this model's latent space (scaled).
       prompt: one prompt for every clip or one per clip; negative_prompt likewise (default "").
-      num_inference_steps, guidance_scale, sampler, sigma_spacing: default config.sampling;
-        guidance_scale <= 1: the conditional model only.
+      num_inference_steps, guidance_scale, sampler, sigma_spacing, eta: default config.sampling
+        (`sampling/request.py`); guidance_scale <= 1: the conditional model only.
       seed: seeds the initial noise (unless `latents`) and DDIM's noise for eta > 0.
       latents: initial unit noise `[B, (K - 1) m + 1, h, w, c]`.
       fps: frame rate of the output clip (fps conditioning); default config.data.fps.
       output_type: 'latent' `[B, F, h, w, c]`, 'float' (decoded, `[B, F, H, W, 3]` in [0, 1]) or
         'uint8'.
     """
-    sampling = self.config.get('sampling', None) or {}
-    sampler = sampler or sampling.get('sampler', 'ddim')
-    if sigma_spacing is None and sampler == 'dpmsolver++':
-      sigma_spacing = sampling.get('sigma_spacing', None)
-    steps = int(num_inference_steps or sampling.get('num_inference_steps', 25))
-    guidance_scale = float(sampling.get('guidance_scale', 1.0) if guidance_scale is None
-                           else guidance_scale)
-    if output_type not in OUTPUT_TYPES:
-      raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
+    req = request_lib.resolve(self.config, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+                              sigma_spacing=sigma_spacing, fps=fps, seed=seed,
+                              output_type=output_type)
     keyframe_latents = jnp.asarray(keyframe_latents, jnp.float32)
     channels = int(self.config.model.vae.latent_channels)
     if keyframe_latents.ndim != 5 or keyframe_latents.shape[-1] != channels:
@@ -303,11 +297,10 @@ class KeyframeInterpolator:
     batch, num_keyframes = keyframe_latents.shape[:2]
     frames = num_target_frames(num_keyframes, self.factor)
     check_unet(self.config, frames)
-    prompts = _per_clip(prompt, batch, 'prompt')
-    negatives = _per_clip('' if negative_prompt is None else negative_prompt, batch,
-                          'negative_prompt')
+    prompts = request_lib.per_clip(prompt, batch, 'prompt')
+    negatives = request_lib.per_clip(negative_prompt, batch)
     shape = (batch, frames) + tuple(keyframe_latents.shape[2:])
-    noise_key, loop_key = jax.random.split(jax.random.key(seed))
+    noise_key, loop_key = jax.random.split(jax.random.key(req.seed))
     if latents is None:
       latents = diffusion.initial_noise(noise_key, shape, float(
           self.config.diffusion.get('frame_noise_correlation', 0.0)))
@@ -315,32 +308,14 @@ class KeyframeInterpolator:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != shape:
         raise ValueError(f'latents have shape {latents.shape}; expected {shape}')
-    data = self.config.get('data', None) or {}
-    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
-    clip_sample = bool(sampling.get('clip_sample', False)) and sampler == 'ddim'
-    static = dict(num_inference_steps=steps, sampler=sampler, eta=float(eta),
-                  do_cfg=bool(guidance_scale > 1.0), clip_sample=clip_sample,
-                  sigma_spacing=sigma_spacing,
-                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'))
+    static = dict(req.static_options(), clip_sample=req.clip_sample)
     out = self._sample(self.params, jnp.asarray(self.tokenizer(prompts)),
                        jnp.asarray(self.tokenizer(negatives)), keyframe_latents, latents,
-                       jnp.full((batch,), fps_value, jnp.float32), jnp.float32(guidance_scale),
+                       jnp.full((batch,), req.fps, jnp.float32), jnp.float32(req.guidance_scale),
                        loop_key, **static)
     if output_type == 'latent':
       return np.asarray(out)
-    decoded = self.decode(out)
-    if output_type == 'float':
-      return decoded
-    return np.round(decoded * 255.0).astype(np.uint8)
-
-
-def _per_clip(value: Union[str, Sequence[str]], batch: int, name: str):
-  values = [value] if isinstance(value, str) else list(value)
-  if len(values) == 1:
-    values = values * batch
-  if len(values) != batch or not all(isinstance(v, str) for v in values):
-    raise ValueError(f'`{name}` must be a string or {batch} strings, got {value!r}')
-  return values
+    return request_lib.to_output(self.decode(out), output_type)
 
 
 def _image_vae(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import einops
 import jax
@@ -36,11 +36,11 @@ from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import convert
 from magicvideo_jax.weights import torch_layout
 
-OUTPUT_TYPES = ('uint8', 'float', 'latent')
 DEFAULT_DIFFUSERS_FRAMES = 16
 
 
@@ -61,10 +61,9 @@ def checkpoint_kind(path: str) -> Tuple[str, str]:
                             'or a diffusers folder (unet/, vae/, text_encoder/, tokenizer/)')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'checkpoint folder not found: {path}')
-  if ckpt_lib.is_pretrained_folder(path):
-    return 'pretrained', path
-  if ckpt_lib.is_pretrained_folder(os.path.join(path, 'model')):
-    return 'pretrained', os.path.join(path, 'model')
+  folder = ckpt_lib.model_folder(path)
+  if folder is not None:
+    return 'pretrained', folder
   if os.path.isfile(os.path.join(path, 'unet', 'config.json')):
     return 'diffusers', path
   raise FileNotFoundError(
@@ -103,39 +102,20 @@ def size_multiple(config: ml_collections.ConfigDict) -> Tuple[int, int]:
   return vae_factor, vae_factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
 
 
-def validate_request(config: ml_collections.ConfigDict, *, num_frames: int, height: int, width: int,
-                     num_inference_steps: int, sampler: str, eta: float = 0.0,
-                     guidance_scale: float = 7.5, output_type: str = 'uint8',
-                     sigma_spacing: Optional[str] = None) -> None:
-  """Raises a ValueError naming the offending argument (and what the model supports)."""
+def validate_request(config: ml_collections.ConfigDict, **settings) -> request_lib.Request:
+  """The base stage's request (`request.resolve` with the clip size) checked against the model: a
+  ValueError names the offending argument and what the model supports."""
+  req = request_lib.resolve(config, geometry=True, **settings)
   limit = max_frames(config)
-  if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
-    raise ValueError(f'num_frames={num_frames!r} must be an integer >= 1')
-  if limit is not None and num_frames > limit:
-    raise ValueError(f'num_frames={num_frames} is more than this model supports ({limit}, '
+  if limit is not None and req.num_frames > limit:
+    raise ValueError(f'num_frames={req.num_frames} is more than this model supports ({limit}, '
                      'config.model.unet.num_frames)')
   vae_factor, multiple = size_multiple(config)
-  for name, size in (('height', height), ('width', width)):
-    if not isinstance(size, (int, np.integer)) or size <= 0 or size % multiple:
+  for name, size in (('height', req.height), ('width', req.width)):
+    if size % multiple:
       raise ValueError(f'{name}={size!r} must be a positive multiple of {multiple} (VAE downsampling '
                        f'factor {vae_factor} x U-Net downsampling factor {multiple // vae_factor})')
-  if sampler not in diffusion.SAMPLERS:
-    raise ValueError(f'unknown sampler {sampler!r}; valid: {", ".join(diffusion.SAMPLERS)}')
-  if sigma_spacing is not None:
-    if sampler != 'dpmsolver++':
-      raise ValueError(f'sigma_spacing={sigma_spacing!r} needs sampler="dpmsolver++"')
-    if sigma_spacing not in diffusion.SIGMA_SPACINGS:
-      raise ValueError(f'unknown sigma_spacing {sigma_spacing!r}; valid: '
-                       f'{", ".join(diffusion.SIGMA_SPACINGS)}')
-  if output_type not in OUTPUT_TYPES:
-    raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
-  total = int(config.diffusion.num_train_timesteps)
-  if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= total:
-    raise ValueError(f'num_inference_steps={num_inference_steps!r} must be an integer in [1, {total}]')
-  if eta < 0 or (eta > 0 and sampler != 'ddim'):
-    raise ValueError(f'eta={eta}: must be >= 0, and > 0 only with sampler="ddim"')
-  if guidance_scale < 0:
-    raise ValueError(f'guidance_scale={guidance_scale} must be >= 0 (1 or less: no guidance)')
+  return req
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +199,7 @@ class MagicVideoPipeline:
                upscaler=upscaler)
     stages = [name for name, folder in (('interpolation', interpolation), ('upscaler', upscaler))
               if folder]
-    pipe._log(f'loaded {path} ({kind}){" + " + ", ".join(stages) if stages else ""} in '
+    pipe.log(f'loaded {path} ({kind}){" + " + ", ".join(stages) if stages else ""} in '
               f'{time.time() - t0:.1f} s')
     return pipe
 
@@ -282,12 +262,13 @@ class MagicVideoPipeline:
   # The call.
 
   def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str,
-               Sequence[str]] = None, num_frames: int = 16, height: int = 256, width: int = 256,
-               num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
-               fps: Optional[float] = None, seed: int = 0, latents: Optional[np.ndarray] = None,
-               sampler: str = 'ddim', output_type: str = 'uint8',
-               sigma_spacing: Optional[str] = None, use_video_vae: bool = True,
-               interpolate: bool = True, upscale: bool = True,
+               Sequence[str]] = None, num_frames: Optional[int] = None,
+               height: Optional[int] = None, width: Optional[int] = None,
+               num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+               eta: Optional[float] = None, fps: Optional[float] = None, seed: int = 0,
+               latents: Optional[np.ndarray] = None, sampler: Optional[str] = None,
+               output_type: str = 'uint8', sigma_spacing: Optional[str] = None,
+               use_video_vae: bool = True, interpolate: bool = True, upscale: bool = True,
                interpolation_steps: Optional[int] = None,
                interpolation_guidance_scale: Optional[float] = None,
                upscale_steps: Optional[int] = None, upscale_guidance_scale: Optional[float] = None,
@@ -299,20 +280,22 @@ class MagicVideoPipeline:
       prompt: a prompt or a non-empty list of prompts (B videos). "" is the unconditional prompt.
       negative_prompt: one for all prompts or one per prompt; None: "" (as diffusers). Used only
         with guidance_scale > 1.
+      Every setting left None takes the checkpoint's default (`sampling/request.py`): the sampler
+      settings from config.sampling, the clip size and fps from config.data.
       num_frames, height, width: the clip size; height and width multiples of the VAE factor times
         the U-Net's (`size_multiple`), num_frames at most the model's `max_frames`.
       num_inference_steps: sampler steps.
       guidance_scale: classifier-free guidance weight w in uncond + w (cond - uncond); <= 1 runs
         the conditional model only.
-      eta: DDIM stochasticity (0: deterministic DDIM).
-      fps: frame-rate conditioning (models with an fps embedding); None: config.data.fps.
+      eta: DDIM stochasticity (0: deterministic DDIM; other samplers: 0).
+      fps: frame-rate conditioning (models with an fps embedding).
       seed: seeds the initial noise (unless `latents` is given) and DDIM's noise for eta > 0.
       latents: initial unit noise `[B, num_frames, height/f, width/f, latent_channels]`.
       sampler: 'ddim' or 'dpmsolver++' (DPM-Solver++(2M)).
       output_type: 'uint8' `[B, F, H, W, 3]`, 'float' (same, in [0, 1]) or 'latent' (the denoised
         latents `[B, F, h, w, c]`, scaled; of the last stage run).
-      sigma_spacing: DPM-Solver++ only: None (the schedule's timesteps), 'karras' or 'lu_lambdas';
-        defaults to config.sampling.sigma_spacing.
+      sigma_spacing: DPM-Solver++ only: 'karras' or 'lu_lambdas' (None in the config: the
+        schedule's timesteps).
       use_video_vae: with a VideoVAE checkpoint, False decodes frame by frame with the image decoder.
       interpolate, upscale: False skips the interpolation / super-resolution stage (when loaded).
       interpolation_steps, interpolation_guidance_scale: the interpolation stage's sampler steps and
@@ -325,28 +308,23 @@ class MagicVideoPipeline:
       numpy `[B, F, H, W, 3]` (see `output_type`); after interpolation by m, F = (num_frames - 1) m + 1;
       after super-resolution by s, s H x s W.
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-      raise ValueError('prompt must be a string or a non-empty list of strings')
-    sampling = self.config.get('sampling', None) or {}
-    if sigma_spacing is None and sampler == 'dpmsolver++':
-      sigma_spacing = sampling.get('sigma_spacing', None)
-    validate_request(self.config, num_frames=num_frames, height=height, width=width,
-                     num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
-                     guidance_scale=guidance_scale, output_type=output_type,
-                     sigma_spacing=sigma_spacing)
-    negatives = self._negatives(negative_prompt, len(prompts))
+    prompts = request_lib.prompt_list(prompt)
+    req = validate_request(self.config, num_frames=num_frames, height=height, width=width,
+                           num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
+                           guidance_scale=guidance_scale, output_type=output_type,
+                           sigma_spacing=sigma_spacing, fps=fps, seed=seed)
+    negatives = request_lib.per_clip(negative_prompt, len(prompts))
     b = len(prompts)
     interpolator = self.interpolator if interpolate else None
     upscaler = self.upscaler if upscale else None
     if interpolator is not None or upscaler is not None:
       cascade.check_configs(self.config, interpolator and interpolator.config,
-                            upscaler and upscaler.config, num_frames=num_frames, height=height,
-                            width=width, noise_level=noise_level,
+                            upscaler and upscaler.config, num_frames=req.num_frames,
+                            height=req.height, width=req.width, noise_level=noise_level,
                             upscale_strength=upscale_strength)
-    latent_shape = (b, num_frames, height // self.vae_factor, width // self.vae_factor,
+    latent_shape = (b, req.num_frames, req.height // self.vae_factor, req.width // self.vae_factor,
                     self.latent_channels)
-    noise_key, loop_key = jax.random.split(jax.random.key(seed))
+    noise_key, loop_key = jax.random.split(jax.random.key(req.seed))
     if latents is None:
       latents = diffusion.initial_noise(noise_key, latent_shape, float(
           self.config.diffusion.get('frame_noise_correlation', 0.0)))
@@ -356,8 +334,7 @@ class MagicVideoPipeline:
         raise ValueError(f'latents have shape {latents.shape}; expected {latent_shape} '
                          f'[B, num_frames, height/{self.vae_factor}, width/{self.vae_factor}, '
                          'latent channels]')
-    data = self.config.get('data', None) or {}
-    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
+    fps_value = req.fps
 
     # Shard the prompt batch over the mesh: pad it to a multiple of the device count.
     pad = (-b) % self.mesh.size
@@ -368,26 +345,21 @@ class MagicVideoPipeline:
     shard = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
     input_ids, uncond_ids, latents, fps_array = (
         shard(jnp.asarray(x)) for x in (input_ids, uncond_ids, latents, fps_array))
-    clip = sampling.get('clip_sample', False) and sampler == 'ddim'
-    static = dict(num_inference_steps=int(num_inference_steps), sampler=sampler, eta=float(eta),
-                  do_cfg=bool(guidance_scale > 1.0),
+    static = dict(req.static_options(),
                   use_fps=bool(self.config.model.unet.get('fps_embedding', False)),
-                  show_progress=self.verbose, sigma_spacing=sigma_spacing,
-                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'),
-                  clip_sample=float(sampling.get('clip_sample_range', 1.0)) if clip else None)
-    if static['clip_sample'] not in (None, 1.0):
-      raise ValueError('config.sampling.clip_sample_range other than 1.0 is not supported')
+                  show_progress=self.verbose, clip_sample=1.0 if req.clip_sample else None)
     dynamic = (self.params, input_ids, uncond_ids, latents, loop_key, fps_array,
-               jnp.float32(guidance_scale))
+               jnp.float32(req.guidance_scale))
     denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items()))),
                             lambda: self._denoise.lower(*dynamic, **static))
-    self._steps_done, self._steps_total, self._t_start = 0, num_inference_steps, time.time()
+    self._steps_done, self._steps_total = 0, req.num_inference_steps
+    self._t_start = time.time()
     z0 = jax.block_until_ready(denoise(*dynamic))
-    self._log(f'denoised {b} x {num_frames} frames, {num_inference_steps} {sampler} steps in '
-              f'{time.time() - self._t_start:.1f} s')
+    self.log(f'denoised {b} x {req.num_frames} frames, {req.num_inference_steps} {req.sampler} '
+             f'steps in {time.time() - self._t_start:.1f} s')
     if interpolator is not None or upscaler is not None:
       stages = cascade.run_stages(
-          self, np.asarray(z0)[:b], prompts, negatives, seed=seed, fps=fps_value,
+          self, np.asarray(z0)[:b], prompts, negatives, seed=req.seed, fps=fps_value,
           interpolate=interpolate, upscale=upscale, interpolation_steps=interpolation_steps,
           interpolation_guidance_scale=interpolation_guidance_scale, upscale_steps=upscale_steps,
           upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
@@ -399,9 +371,7 @@ class MagicVideoPipeline:
       return np.asarray(z0)[:b]
     else:
       frames = self.decode(z0, use_video_vae)[:b]
-    if output_type == 'float':
-      return frames
-    return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+    return request_lib.to_output(frames, output_type)
 
   def decode(self, latents: Any, use_video_vae: bool = True) -> np.ndarray:
     """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` float in [0, 1] (batch sharded
@@ -415,24 +385,11 @@ class MagicVideoPipeline:
                            lambda: self._decode.lower(self.params, z, use_video_vae))
     t0 = time.time()
     frames = np.asarray(jax.block_until_ready(decode(self.params, z)))[:b]
-    self._log(f'decoded {b * latents.shape[1]} frames in {time.time() - t0:.1f} s')
+    self.log(f'decoded {b * latents.shape[1]} frames in {time.time() - t0:.1f} s')
     return frames
 
   # ------------------------------------------------------------------------------------------------
   # Helpers.
-
-  @staticmethod
-  def _negatives(negative_prompt, batch: int) -> List[str]:
-    if negative_prompt is None:
-      return [''] * batch  # As diffusers: the empty prompt is the unconditional one.
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if not all(isinstance(n, str) for n in negatives):
-      raise ValueError('negative_prompt must be a string or a list of strings')
-    if len(negatives) == 1:
-      negatives = negatives * batch
-    if len(negatives) != batch:
-      raise ValueError(f'{len(negatives)} negative prompts for {batch} prompts')
-    return negatives
 
   @staticmethod
   def _pad(x, pad: int):
@@ -443,10 +400,10 @@ class MagicVideoPipeline:
 
   def _compile(self, cache_key, lower):
     if cache_key not in self.compiled:
-      self._log(f'compiling {cache_key[0]} for {cache_key[1]} ...')
+      self.log(f'compiling {cache_key[0]} for {cache_key[1]} ...')
       t0 = time.time()
       self.compiled[cache_key] = lower().compile()
-      self._log(f'compiled {cache_key[0]} in {time.time() - t0:.1f} s')
+      self.log(f'compiled {cache_key[0]} in {time.time() - t0:.1f} s')
     return self.compiled[cache_key]
 
   def _on_step(self, t):
@@ -461,7 +418,8 @@ class MagicVideoPipeline:
     if self._steps_done == self._steps_total:
       print('', file=sys.stderr, flush=True)
 
-  def _log(self, message: str) -> None:
+  def log(self, message: str) -> None:
+    """Progress: logged, and printed to stderr when the pipeline is verbose."""
     logging.info(message)
     if self.verbose:
       print(message, file=sys.stderr, flush=True)

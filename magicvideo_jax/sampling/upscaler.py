@@ -39,10 +39,10 @@ import numpy as np
 
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import convert
 
-OUTPUT_TYPES = ('float', 'uint8', 'latent')
 LATENT_CHANNELS = 4  # The U-Net input is latents (4) + low-res RGB (3).
 
 
@@ -206,7 +206,7 @@ class VideoUpscaler:
                negative_prompt: Union[None, str, Sequence[str]] = None, *,
                context: Optional[Any] = None, negative_context: Optional[Any] = None,
                noise_level: Optional[int] = None, guidance_scale: Optional[float] = None,
-               num_inference_steps: Optional[int] = None, eta: float = 0.0, seed: int = 0,
+               num_inference_steps: Optional[int] = None, eta: Optional[float] = None, seed: int = 0,
                latents: Optional[Any] = None, noise: Optional[Any] = None,
                fps: Optional[float] = None, sampler: Optional[str] = None,
                sigma_spacing: Optional[str] = None, strength: Optional[float] = None,
@@ -239,53 +239,37 @@ class VideoUpscaler:
     Returns:
       numpy frames (see `output_type`).
     """
-    sampling = self.config.get('sampling', None) or {}
+    req = request_lib.resolve(self.config, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+                              sigma_spacing=sigma_spacing, fps=fps, seed=seed,
+                              output_type=output_type)
     upscaler = self.config.upscaler
     noise_level = int(upscaler.noise_level if noise_level is None else noise_level)
-    guidance_scale = float(sampling.get('guidance_scale', 9.0) if guidance_scale is None
-                           else guidance_scale)
-    num_inference_steps = int(num_inference_steps or sampling.get('num_inference_steps', 75))
     strength = float(upscaler.get('strength', 1.0) if strength is None else strength)
-    start_step = diffusion.strength_start_step(num_inference_steps, strength)
-    sampler = sampler or sampling.get('sampler', 'ddim')
-    if sigma_spacing is None and sampler == 'dpmsolver++':
-      sigma_spacing = sampling.get('sigma_spacing', None)
+    start_step = diffusion.strength_start_step(req.num_inference_steps, strength)
     low_res = jnp.asarray(low_res, jnp.float32)
     self._validate(low_res, noise_level, output_type)
     batch, frames, height, width, _ = low_res.shape
-    do_cfg = guidance_scale > 1.0
     context = self._context(prompt, context, batch, 'prompt')
-    if do_cfg:
+    if req.do_cfg:
       if negative_context is None and negative_prompt is None:
         negative_prompt = ''
       negative_context = self._context(negative_prompt, negative_context, batch, 'negative_prompt')
     else:
       negative_context = context  # Unused.
 
-    latent_key, noise_key, loop_key = jax.random.split(jax.random.key(seed), 3)
+    latent_key, noise_key, loop_key = jax.random.split(jax.random.key(req.seed), 3)
     latent_shape = (batch, frames, height, width, LATENT_CHANNELS)
     correlation = float(self.config.diffusion.get('frame_noise_correlation', 0.0))
     latents = self._array_or_draw(latents, latent_key, latent_shape, 'latents', correlation)
     noise = self._array_or_draw(noise, noise_key, low_res.shape, 'noise')
-    data = self.config.get('data', None) or {}
-    fps_value = float(fps if fps is not None else data.get('fps', 8.0))
-    clip_sample = bool(sampling.get('clip_sample', False)) and sampler == 'ddim'
-    if clip_sample and float(sampling.get('clip_sample_range', 1.0)) != 1.0:
-      raise ValueError('config.sampling.clip_sample_range other than 1.0 is not supported')
-    static = dict(num_inference_steps=num_inference_steps, sampler=sampler, eta=float(eta),
-                  do_cfg=bool(do_cfg), clip_sample=clip_sample,
-                  sigma_spacing=sigma_spacing,
-                  final_sigmas_type=sampling.get('final_sigmas_type', 'zero'),
-                  start_step=start_step)
+    static = dict(req.static_options(), clip_sample=req.clip_sample, start_step=start_step)
     z0 = self._denoise(self.params, latents, low_res, noise, context, negative_context,
-                       jnp.int32(noise_level), jnp.float32(guidance_scale),
-                       jnp.full((batch,), fps_value, jnp.float32), loop_key, **static)
+                       jnp.int32(noise_level), jnp.float32(req.guidance_scale),
+                       jnp.full((batch,), req.fps, jnp.float32), loop_key, **static)
     if output_type == 'latent':
       return np.asarray(z0)
-    images = self.decode(z0)
-    if output_type == 'float':
-      return images
-    return np.round(images * 255.0).astype(np.uint8)
+    return request_lib.to_output(self.decode(z0), output_type)
 
   # ------------------------------------------------------------------------------------------------
   # Helpers.
@@ -301,8 +285,6 @@ class VideoUpscaler:
     if not 0 <= noise_level <= limit:
       raise ValueError(f'noise_level={noise_level} must be in [0, {limit}] '
                        '(config.upscaler.max_noise_level)')
-    if output_type not in OUTPUT_TYPES:
-      raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
     unet = self.config.model.unet
     if unet.get('frame_adaptor', False) and low_res.shape[1] > int(unet.num_frames):
       raise ValueError(f'{low_res.shape[1]} frames; this video SR U-Net supports at most '

@@ -411,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---------------------------------------------------------------------------------- export
   if tc.export:
-    export_dir = os.path.join(workdir, 'model')
+    export_dir = os.path.join(workdir, ckpt_lib.EXPORT_DIR)
     params = merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
     export_config = _export_config(config)
     if tc.objective == 'vae':

@@ -159,16 +159,16 @@ def load_dual_encoder(folder: str) -> Tuple[Dict[str, Any], Any]:
     ConversionError: a transformers folder that is not a CLIPModel, or a tensor is missing,
       unexpected or mis-shaped; ours without a dual encoder.
   """
-  for candidate in (folder, os.path.join(folder, 'model')):
-    if ckpt_lib.is_pretrained_folder(candidate):
-      config = ckpt_lib.load_config(candidate)
-      if not config.model.get('clip'):
-        raise ConversionError(
-            f'{candidate} holds no CLIP dual encoder (config.model.clip is not set): point '
-            'config.model.conditioning.clip_dir at the export of a configs/shapes_unsupervised.py:'
-            'clip run or at a transformers CLIPModel folder.')
-      params = ckpt_lib.load_params(candidate)
-      return config.model.clip.to_dict(), jax.tree.map(np.asarray, params['clip'])
+  candidate = ckpt_lib.model_folder(folder)
+  if candidate is not None:
+    config = ckpt_lib.load_config(candidate)
+    if not config.model.get('clip'):
+      raise ConversionError(
+          f'{candidate} holds no CLIP dual encoder (config.model.clip is not set): point '
+          'config.model.conditioning.clip_dir at the export of a configs/shapes_unsupervised.py:'
+          'clip run or at a transformers CLIPModel folder.')
+    params = ckpt_lib.load_params(candidate)
+    return config.model.clip.to_dict(), jax.tree.map(np.asarray, params['clip'])
   path = os.path.join(folder, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{folder}: no CLIP dual encoder there (expected a transformers '
