@@ -13,6 +13,12 @@ import warnings
 import numpy as np
 
 WORDS_FILE = 'words_tokenizer.json'
+SHOWN_CHARS = 80  # Prompts in warnings are cut to this many characters.
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+  """A prompt as a warning shows it: quoted, cut with its length when long."""
+  return repr(text) if len(text) <= limit else f'{text[:limit]!r}... ({len(text)} characters)'
 
 
 class WordTokenizer:
@@ -43,10 +49,16 @@ class WordTokenizer:
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
     ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
     for row, text in enumerate(texts):
-      tokens = [self.vocab.get(w, self.unk_id) for w in self.split(text)]
+      words = self.split(text)
+      tokens = [self.vocab.get(w, self.unk_id) for w in words]
+      unknown = sorted({w for w in words if w not in self.vocab})
+      if unknown:
+        shown = ', '.join(repr(w) for w in unknown[:5]) + (', ...' if len(unknown) > 5 else '')
+        warnings.warn(f'{len(unknown)} of the prompt\'s {len(words)} words are not in the model\'s '
+                      f'vocabulary ({shown}) and read as <unk>: {shorten(text)}', stacklevel=2)
       if len(tokens) > self.max_length - 2:
-        warnings.warn(f'prompt has {len(tokens)} words; truncated to {self.max_length - 2}: {text!r}',
-                      stacklevel=2)
+        warnings.warn(f'prompt has {len(tokens)} words; truncated to {self.max_length - 2}: '
+                      f'{shorten(text)}', stacklevel=2)
         tokens = tokens[:self.max_length - 2]
       seq = [self.bos_id] + tokens + [self.eos_id]
       ids[row, :len(seq)] = seq
@@ -84,7 +96,7 @@ class CLIPTokenizer:
     for text, ids in zip(texts, full):
       if len(ids) > self.max_length:
         warnings.warn(f'prompt has {len(ids)} tokens; truncated to {self.max_length} (the text '
-                      f'encoder\'s maximum): {text!r}', stacklevel=2)
+                      f'encoder\'s maximum): {shorten(text)}', stacklevel=2)
     out = self.tokenizer(list(texts), padding='max_length', truncation=True,
                          max_length=self.max_length, return_tensors='np')['input_ids']
     return out.astype(np.int32)
