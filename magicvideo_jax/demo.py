@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                 num_inference_steps=args.steps or int(cfg.sampling.num_inference_steps),
                 guidance_scale=float(cfg.sampling.guidance_scale), seed=args.seed)
   os.makedirs(args.output_dir, exist_ok=True)
-  fps = float(cfg.data.get('fps', 8.0))
+  fps = float(cfg.data.fps)
   scores = judge.score(videos, prompts)
   print(f'\n{"prompt":34s} {"judge sees":34s} consistency')
   for i, (prompt, seen) in enumerate(zip(prompts, scores['judgements'])):

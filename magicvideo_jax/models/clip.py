@@ -105,10 +105,8 @@ def build_clip(model_config: Any) -> CLIPModel:
   return CLIPModel(
       text=flax.core.FrozenDict(_plain(clip.text)), vision=flax.core.FrozenDict(_plain(clip.vision)),
       projection_dim=int(clip.projection_dim),
-      logit_scale_init_value=float(clip.get('logit_scale_init_value', LOGIT_SCALE_INIT)),
-      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
-      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
-      attention_impl=model_config.get('attention_impl', None))
+      logit_scale_init_value=float(clip.logit_scale_init_value),
+      **layers.config_dtypes(model_config), attention_impl=model_config.attention_impl)
 
 
 def dummy_inputs(clip_config: Any) -> Tuple[jax.Array, jax.Array]:
