@@ -10,8 +10,8 @@ import argparse
 import os
 
 from magicvideo_jax.weights import checkpoint as ckpt_lib
-from magicvideo_jax.weights.convert import (ConversionError, convert_diffusers_folder, export_diffusers,
-                                            refuse_pickle_args)
+from magicvideo_jax.weights.convert import ConversionError, convert_diffusers_folder, export_diffusers
+from magicvideo_jax.weights.torch_layout import refuse_pickle_args
 
 
 def main(argv=None) -> None:
