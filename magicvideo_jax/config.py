@@ -264,7 +264,7 @@ def _fill(target: ml_collections.ConfigDict, defaults: Dict[str, Any], path: str
   train.init_from) arrives with its type."""
   for key, value in defaults.items():
     dotted = f'{path}{key}'
-    if dotted in skip:
+    if dotted in skip and isinstance(value, dict):  # None (model.clip's "no encoder") is filled.
       continue
     if key not in target:
       target[key] = copy.deepcopy(value)
