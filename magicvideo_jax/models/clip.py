@@ -106,7 +106,10 @@ def build_clip(model_config: Any) -> CLIPModel:
       text=flax.core.FrozenDict(_plain(clip.text)), vision=flax.core.FrozenDict(_plain(clip.vision)),
       projection_dim=int(clip.projection_dim),
       logit_scale_init_value=float(clip.logit_scale_init_value),
-      **layers.config_dtypes(model_config), attention_impl=model_config.attention_impl)
+      # A model section of its own: eval/clip_zero_shot.py and abstract_params pass {clip} only.
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
+      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
+      attention_impl=model_config.get('attention_impl', None))
 
 
 def dummy_inputs(clip_config: Any) -> Tuple[jax.Array, jax.Array]:
