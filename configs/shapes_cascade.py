@@ -90,7 +90,7 @@ def get_config(arg: str = 'interpolation') -> ml_collections.ConfigDict:
                              temporal_mask='none')
     config.data.update(dataset='moving_shapes/frames46', num_frames=frames,
                        resolution=int(loaded.data.resolution), global_batch_size=2,
-                       fps=FACTOR * float(loaded.data.get('fps', 8.0)))  # Sampling default: 24.
+                       fps=FACTOR * float(loaded.data.fps))  # Sampling default: 24.
     config.train.update(objective='interpolation', num_steps=1500, learning_rate=5e-4)
     config.sampling.guidance_scale = 2.0  # The keyframes carry the content; text guides lightly.
   elif stage == 'upscaler':

@@ -1,13 +1,24 @@
-"""Pieces shared by every config: model defaults at SD 1.x sizes, diffusion, sharding.
+"""Every config section's defaults, written once: model at SD 1.x sizes, diffusion, sharding, ...
 
-Each `configs/X.py` starts from these and overrides what differs. Keys of the model sections are the
-field names of the Linen modules (and, where they exist, of the diffusers / transformers configs).
+Each `configs/X.py` starts from `base_config()` and overrides what differs. Keys of the model sections
+are the field names of the Linen modules (and, where they exist, of the diffusers / transformers
+configs). `fill_defaults(config)` completes a config written before a key existed (an old
+checkpoint's config.json, a hand-built section), so library code reads keys without restating
+defaults. The optional sections (`OPTIONAL`) are completed only where a config has them.
+
+This module sits below weights/checkpoint (whose `load_config` fills): it imports no module that
+imports the checkpoint code, which is why the conditioning, interpolation and upscaler defaults live
+here rather than in context.py / sampling/.
 """
+
+import copy
+from typing import Any, Callable, Dict, Tuple
 
 import ml_collections
 
 from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.models import clip as clip_lib
 
 
 def text_encoder_sd15() -> ml_collections.ConfigDict:
@@ -62,6 +73,8 @@ def unet_sd15() -> ml_collections.ConfigDict:
       temporal_mask='causal',  # 'causal' (additive), 'causal_post_softmax' (paper), 'none'.
       temporal_position='none',  # 'none' or 'rope' (LaVie: RoPE on the first 32 dims of a head).
       fps_embedding=True,
+      num_class_embeds=None,  # The SD x4 upscaler's noise-level embedding (sampling/upscaler.py).
+      only_cross_attention=False,
   ))
 
 
@@ -92,6 +105,42 @@ def diffusion_sd15() -> ml_collections.ConfigDict:
       # mixed prior; each frame stays N(0, I)), in training and in sampling. 0: i.i.d. frames.
       frame_noise_correlation=0.0,
   ))
+
+
+def conditioning_defaults() -> ml_collections.ConfigDict:
+  """`config.model.conditioning`: the U-Net's context (keys in magicvideo_jax/context.py)."""
+  return ml_collections.ConfigDict(dict(kind='text_tokens', source='text', num_tokens=4,
+                                        clip_dir='', image_dropout=0.1, image_noise=0.0))
+
+
+def video_vae_defaults() -> ml_collections.ConfigDict:
+  """`config.model.video_vae`: MagicVideo v2's VideoVAE, the SD decoder plus temporal layers
+  (models/video_vae.py)."""
+  return ml_collections.ConfigDict(dict(enabled=False, num_frames=16, temporal_conv=True,
+                                        temporal_attention=True))
+
+
+def clip_defaults() -> ml_collections.ConfigDict:
+  """The keys of `config.model.clip` (a CLIP dual encoder, models/clip.py) that have a default; its
+  `text`, `vision` and `projection_dim` describe one encoder and have none."""
+  return ml_collections.ConfigDict(dict(logit_scale_init_value=clip_lib.LOGIT_SCALE_INIT))
+
+
+def interpolation_defaults() -> ml_collections.ConfigDict:
+  """`config.interpolation` (sampling/interpolation.py): factor m, condition layout, loss weight of
+  the keyframes."""
+  return ml_collections.ConfigDict(dict(factor=3, condition='nearest', keyframe_loss_weight=1.0))
+
+
+def upscaler_defaults() -> ml_collections.ConfigDict:
+  """`config.upscaler` as the SD x4 upscaler's (sampling/upscaler.py): its low-res DDPM schedule
+  (linear betas 1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling, and sampling from
+  pure noise (`strength` 1; below 1 the sampler starts from the upsampled input)."""
+  schedule = dict(num_train_timesteps=1000, beta_schedule='linear', beta_start=0.0001,
+                  beta_end=0.02, prediction_type='epsilon', timestep_spacing='leading',
+                  steps_offset=0, set_alpha_to_one=True)
+  return ml_collections.ConfigDict(dict(noise_schedule=schedule, max_noise_level=350,
+                                        noise_level=20, strength=1.0))
 
 
 def logical_axis_rules():
@@ -131,13 +180,11 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',
       attention_impl=placeholder(str),  # None (XLA), 'xla' or 'cudnn'.
       remat=False,
-      # MagicVideo v2's VideoVAE: the SD decoder plus temporal layers (models/video_vae.py).
-      video_vae=dict(enabled=False, num_frames=16, temporal_conv=True, temporal_attention=True),
+      video_vae=video_vae_defaults(),
       # The U-Net's context (magicvideo_jax/context.py): 'text_tokens' (SD), or 'clip_embedding'
       # (unsupervised pre-training: a frozen CLIP dual encoder's image (stage 1) or text (stage 2)
       # embedding -> num_tokens context tokens).
-      conditioning=dict(kind='text_tokens', source='text', num_tokens=4, clip_dir='',
-                        image_dropout=0.1),
+      conditioning=conditioning_defaults(),
       clip=None,  # A CLIP dual encoder's architecture (models/clip.py); set from conditioning.clip_dir.
   ))
   config.tokenizer = ml_collections.ConfigDict(dict(kind='clip', path='', words=()))
@@ -146,7 +193,9 @@ def base_config() -> ml_collections.ConfigDict:
       sampler='ddim', num_inference_steps=50, guidance_scale=7.5, eta=0.0,
       # DPM-Solver++ with log-SNR-uniform steps matches DDIM-50 in 15-20 steps (tests/test_diffusion.py);
       # diffusers' default spacing does not.
-      sigma_spacing='lu_lambdas'))
+      sigma_spacing='lu_lambdas',
+      # DDIM's x0 clipping and DPM-Solver++'s last sigma: as diffusers' schedulers (weights/convert.py).
+      clip_sample=False, clip_sample_range=1.0, final_sigmas_type='zero'))
   config.data = input_pipeline.default_config()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
@@ -187,3 +236,51 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=logical_axis_rules()))
   return config
+
+
+# Sections completed only where a config has them (a dotted path -> its defaults). A VDM config
+# (configs/vdm_64.py) has neither the SD VAE nor the MagicVideo U-Net.
+OPTIONAL: Dict[str, Callable[[], ml_collections.ConfigDict]] = {
+    'model.vae': vae_sd15,
+    'model.unet': unet_sd15,
+    'model.clip': clip_defaults,
+    'model.video_vae': video_vae_defaults,
+    'interpolation': interpolation_defaults,
+    'upscaler': upscaler_defaults,
+}
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str):
+  for name in dotted.split('.'):
+    if not isinstance(config, ml_collections.ConfigDict) or name not in config:
+      return None
+    config = config[name]
+  return config
+
+
+def _fill(target: ml_collections.ConfigDict, defaults: Dict[str, Any], path: str,
+          skip: Tuple[str, ...]) -> None:
+  """`defaults`: a `to_dict(preserve_field_references=True)`, so that a placeholder (e.g.
+  train.init_from) arrives with its type."""
+  for key, value in defaults.items():
+    dotted = f'{path}{key}'
+    if dotted in skip and isinstance(value, dict):  # None (model.clip's "no encoder") is filled.
+      continue
+    if key not in target:
+      target[key] = copy.deepcopy(value)
+    elif isinstance(value, dict) and isinstance(target[key], ml_collections.ConfigDict):
+      _fill(target[key], value, dotted + '.', skip)
+
+
+def fill_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every missing key of every section filled from `base_config()` and,
+  where the config has them, of the `OPTIONAL` sections. Set values and unknown keys are kept; the
+  copy keeps the config's lock. Idempotent."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    _fill(out, base_config().to_dict(preserve_field_references=True), '', tuple(OPTIONAL))
+    for dotted, defaults in OPTIONAL.items():
+      section = _lookup(out, dotted)
+      if isinstance(section, ml_collections.ConfigDict):
+        _fill(section, defaults().to_dict(preserve_field_references=True), dotted + '.', ())
+  return out

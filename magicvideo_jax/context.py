@@ -20,7 +20,7 @@ kind='clip_embedding': MagicVideo's unsupervised pre-training. A frozen CLIP dua
   a caption with no tokens is dropped: the input pipeline's caption dropout ("") in training, the
   empty negative prompt when sampling.
 
-`config.model.conditioning` keys:
+`config.model.conditioning` keys (defaults: `magicvideo_jax.config.conditioning_defaults()`):
   kind           'text_tokens' | 'clip_embedding'
   source         'image' | 'text' (clip_embedding, training only; sampling always uses text)
   num_tokens     context tokens per embedding
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax.models import clip as clip_lib
 from magicvideo_jax.models import clip_vision
 from magicvideo_jax.models import conditioning
@@ -62,33 +63,37 @@ _DROP_STREAM = 0x64726f  # 'dro'
 _NOISE_STREAM = 0x6e6f69  # 'noi'
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.model.conditioning` section with its defaults (module docstring)."""
-  return ml_collections.ConfigDict(dict(kind='text_tokens', source='text', num_tokens=4,
-                                        clip_dir='', image_dropout=0.1, image_noise=0.0))
-
-
-def _section(model_config: Any) -> Dict[str, Any]:
-  """The conditioning section with defaults filled in (configs written before it existed)."""
-  section = default_config().to_dict()
-  given = model_config.get('conditioning', None)
-  if given:
-    section.update(given.to_dict() if hasattr(given, 'to_dict') else dict(given))
-  return section
-
-
 def uses_clip_embedding(model_config: Any) -> bool:
-  return _section(model_config)['kind'] == 'clip_embedding'
+  return model_config.conditioning.kind == 'clip_embedding'
 
 
 # ----------------------------------------------------------------------------------------------------
 # Set-up: config, parameters.
 
 
+def resolve_derived(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A filled copy of `config` (`config_lib.fill_defaults`) with the values that come from other
+  folders, computed once and logged; `config` itself is not changed:
+    model.vae.scaling_factor  from `train.init_from`'s checkpoint (it belongs to the VAE weights)
+    model.clip                the frozen dual encoder's architecture (`prepare_config`)
+  """
+  config = config_lib.fill_defaults(config)
+  if config.train.init_from:
+    factor = ckpt_lib.load_config(config.train.init_from).model.vae.scaling_factor
+    if factor != config.model.vae.scaling_factor:
+      logging.info('model.vae.scaling_factor=%s from %s', factor, config.train.init_from)
+      with config.unlocked():
+        config.model.vae.scaling_factor = factor
+  prepare_config(config)
+  if uses_clip_embedding(config.model):
+    logging.info('model.clip from %s', config.model.conditioning.clip_dir or config.train.init_from)
+  return config_lib.fill_defaults(config)  # model.clip as set: its defaulted keys.
+
+
 def prepare_config(config: ml_collections.ConfigDict) -> None:
   """Checks `config.model.conditioning` and, for 'clip_embedding', sets `config.model.clip` (the
   frozen dual encoder's architecture) from `clip_dir` or from `config.train.init_from`."""
-  section = _section(config.model)
+  section = config.model.conditioning
   if section['kind'] not in KINDS:
     raise ValueError(f'config.model.conditioning.kind={section["kind"]!r}; valid: {KINDS}')
   if section['kind'] != 'clip_embedding':
@@ -103,7 +108,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
   if float(section['image_noise']) < 0.0:
     raise ValueError(f'config.model.conditioning.image_noise={section["image_noise"]} must be '
                      '>= 0.')
-  if section['source'] == 'image' and config.data.get('precomputed_latents', False):
+  if section['source'] == 'image' and config.data.precomputed_latents:
     raise ValueError("config.model.conditioning.source='image' embeds the clip's frames: it needs "
                      'pixels, not config.data.precomputed_latents=True.')
   clip_config = _dual_encoder_config(config, section)
@@ -112,7 +117,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
   length = config.model.text_encoder.max_position_embeddings  # The tokenizer pads to it.
   if config.model.clip.text.max_position_embeddings < length:
     raise ValueError(
-        f'The dual encoder of {section["clip_dir"] or config.train.get("init_from")} reads at most '
+        f'The dual encoder of {section["clip_dir"] or config.train.init_from} reads at most '
         f'{config.model.clip.text.max_position_embeddings} tokens; the tokenizer pads to '
         f'config.model.text_encoder.max_position_embeddings={length}.')
   probe = 'unet/embedding_to_context/proj/kernel'
@@ -121,20 +126,20 @@ def prepare_config(config: ml_collections.ConfigDict) -> None:
                     'layer keeps its random init.', tuple(config.train.trainable), probe)
 
 
-def _dual_encoder_config(config: ml_collections.ConfigDict, section: Dict[str, Any]) -> Dict[str, Any]:
+def _dual_encoder_config(config: ml_collections.ConfigDict, section: Any) -> Dict[str, Any]:
   if section['clip_dir']:
     return _read_dual_encoder_config(section['clip_dir'])
-  init_from = config.train.get('init_from')
+  init_from = config.train.init_from
   if init_from:
-    inherited = ckpt_lib.load_config(init_from).model.get('clip')
+    inherited = ckpt_lib.load_config(init_from).model.clip
     if inherited:  # Its weights come with init_from's: they must be among those taken.
-      include = tuple(config.train.get('init_from_include', ('.*',)))
+      include = tuple(config.train.init_from_include)
       if not any(re.search(p, 'clip/logit_scale') for p in include):
         raise ValueError(f'The dual encoder comes from config.train.init_from={init_from}, but '
                          f'config.train.init_from_include={include} does not take clip/: add '
                          "'^clip/' or set config.model.conditioning.clip_dir.")
       return inherited.to_dict()
-  if config.model.get('clip'):  # A config that names the architecture only: random weights.
+  if config.model.clip:  # A config that names the architecture only: random weights.
     clip_lib.check_config(config.model.clip)
     logging.warning('config.model.clip is set but neither config.model.conditioning.clip_dir nor '
                     'config.train.init_from provides its weights: the frozen dual encoder is random.')
@@ -148,7 +153,7 @@ def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
   """config.model.clip of a dual encoder folder, without loading its weights."""
   candidate = ckpt_lib.model_folder(folder)
   if candidate is not None:
-    clip_config = ckpt_lib.load_config(candidate).model.get('clip')
+    clip_config = ckpt_lib.load_config(candidate).model.clip
     if not clip_config:
       raise ValueError(f'config.model.conditioning.clip_dir={folder} holds no dual encoder '
                        '(its config has no model.clip).')
@@ -163,7 +168,7 @@ def _read_dual_encoder_config(folder: str) -> Dict[str, Any]:
 
 def embedding_to_context(model_config: Any) -> conditioning.EmbeddingToContext:
   return conditioning.EmbeddingToContext(
-      num_tokens=int(_section(model_config)['num_tokens']),
+      num_tokens=int(model_config.conditioning.num_tokens),
       cross_attention_dim=int(model_config.unet.cross_attention_dim),
       **layers.config_dtypes(model_config))
 
@@ -177,7 +182,7 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array,
     params['clip'] = modules['clip'].init(jax.random.fold_in(key, 1),
                                           *clip_lib.dummy_inputs(config.model.clip))['params']
   if uses_clip_embedding(config.model):
-    if not config.model.get('clip'):
+    if not config.model.clip:
       raise ValueError("config.model.conditioning.kind='clip_embedding' but config.model.clip is not "
                        'set: call context.prepare_config(config) first (it reads the dual '
                        "encoder's architecture from config.model.conditioning.clip_dir).")
@@ -190,7 +195,7 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array,
 def load_frozen_encoder(params: Dict[str, Any], config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """`params` (host arrays) with `params['clip']` read from `conditioning.clip_dir` (unchanged
   without one). Shapes must match the architecture `prepare_config` set."""
-  folder = _section(config.model)['clip_dir']
+  folder = config.model.conditioning.clip_dir
   if not (uses_clip_embedding(config.model) and folder):
     return params
   _, loaded = clip_weights.load_dual_encoder(folder)
@@ -272,7 +277,7 @@ def image_context(model_config: Any, modules, params: Dict[str, Any], video: jax
                                   clip_config.vision.image_size)
   clip = modules['clip']
   out = clip.apply({'params': params['clip']}, None, pixels.astype(clip.dtype))
-  section = _section(model_config)
+  section = model_config.conditioning
   embeds = out.image_embeds
   if float(section['image_noise']) > 0.0:
     embeds = perturb_embeddings(embeds, keys, float(section['image_noise']))
@@ -288,7 +293,7 @@ def training_context(params: Dict[str, Any], batch: Dict[str, jax.Array], keys: 
   `keys` are the per-example keys `[B]` of the step (the frame choice and the stage-1 dropout
   derive their own streams from them).
   """
-  section = _section(config.model)
+  section = config.model.conditioning
   if section['kind'] == 'clip_embedding' and section['source'] == 'image':
     return image_context(config.model, modules, params, batch['video'], keys,
                          config.data.num_frames)
@@ -297,7 +302,7 @@ def training_context(params: Dict[str, Any], batch: Dict[str, jax.Array], keys: 
 
 def describe(model_config: Any) -> str:
   """One line for logs."""
-  section = _section(model_config)
+  section = model_config.conditioning
   if section['kind'] != 'clip_embedding':
     return 'text tokens'
   clip = model_config.clip

@@ -54,11 +54,9 @@ def split_keys(keys: jax.Array, num: int) -> Tuple[jax.Array, ...]:
 
 def train_timesteps(keys: jax.Array, schedule, config: ml_collections.ConfigDict) -> jax.Array:
   """Training timesteps `[B]`, one per example key, by `config.train.timestep_sampling`."""
-  tc = config.get('train', None) or {}
-  return diffusion.sample_timesteps(keys, schedule.num_train_timesteps,
-                                    tc.get('timestep_sampling', 'uniform'),
-                                    tc.get('timestep_logit_mean', 0.0),
-                                    tc.get('timestep_logit_std', 1.0))
+  tc = config.train
+  return diffusion.sample_timesteps(keys, schedule.num_train_timesteps, tc.timestep_sampling,
+                                    tc.timestep_logit_mean, tc.timestep_logit_std)
 
 
 def frame_noise(keys: jax.Array, shape, config: ml_collections.ConfigDict,
@@ -66,7 +64,7 @@ def frame_noise(keys: jax.Array, shape, config: ml_collections.ConfigDict,
   """Diffusion noise `[B, *shape]` (shape = `[F, h, w, c]`), row i from keys[i]; its frames correlate
   by `config.diffusion.frame_noise_correlation` (0: i.i.d., the draws of `example_normal`)."""
   noise = example_normal(keys, shape)
-  correlation = float(config.diffusion.get('frame_noise_correlation', 0.0))
+  correlation = float(config.diffusion.frame_noise_correlation)
   if not correlation:
     return noise
   shared_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
@@ -112,7 +110,7 @@ def diffusion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array,
   timesteps = train_timesteps(keys_t, schedule, config)
   noise = frame_noise(keys_n, latents.shape[1:], config, frame_mask)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  fps = batch.get('fps') if config.model.unet.fps_embedding else None
   prediction = unet.apply({'params': params['unet']}, noisy, timesteps, context, fps=fps,
                           frame_mask=frame_mask)
   target = diffusion.training_target(schedule, latents, noise, timesteps,
@@ -170,7 +168,7 @@ def video_vae_loss(params: Dict[str, Any], batch: Dict[str, jax.Array], key: jax
   video = batch['video'].astype(jnp.float32)
   frames = einops.rearrange(video, 'b f h w c -> (b f) h w c')
   mean, logvar = jax.lax.stop_gradient(vae.apply(variables, frames, method=vae.encode))
-  if config.train.get('video_vae_sample_posterior', True):
+  if config.train.video_vae_sample_posterior:
     # One key per clip (`key` [B]): samples do not depend on how the batch is split.
     eps = jax.vmap(lambda k: jax.random.normal(k, (video.shape[1],) + mean.shape[1:], mean.dtype))(
         key if key.ndim else jax.random.split(key, video.shape[0]))
@@ -185,7 +183,7 @@ def video_vae_loss(params: Dict[str, Any], batch: Dict[str, jax.Array], key: jax
     temporal = jnp.mean(jnp.abs(jnp.diff(recon, axis=1) - jnp.diff(video, axis=1)))
   else:
     temporal = jnp.zeros((), jnp.float32)
-  loss = l1 + l2 + config.train.get('temporal_loss_weight', 1.0) * temporal
+  loss = l1 + l2 + config.train.temporal_loss_weight * temporal
   return loss, dict(l1=l1, l2=l2, temporal=temporal)
 
 
@@ -272,7 +270,7 @@ def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, 
   latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
   condition = interpolation.condition_from_clip(latents, ic.factor, ic.condition)
   context = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  fps = batch.get('fps') if config.model.unet.fps_embedding else None
   return denoising_loss(params['unet'], latents, condition, context, keys_t, keys_n, fps=fps,
                         unet=modules['unet'], schedule=schedule, config=config)
 
@@ -297,7 +295,7 @@ def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, contex
   per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
   keyframe_loss = jnp.mean(per_frame[:, is_keyframe])
   inbetween_loss = jnp.mean(per_frame[:, ~is_keyframe]) if (~is_keyframe).any() else keyframe_loss
-  weights = jnp.where(jnp.asarray(is_keyframe), float(ic.get('keyframe_loss_weight', 1.0)), 1.0)
+  weights = jnp.where(jnp.asarray(is_keyframe), float(ic.keyframe_loss_weight), 1.0)
   loss = jnp.sum(per_frame * weights) / (per_frame.shape[0] * jnp.sum(weights))
   return loss, dict(keyframe_loss=keyframe_loss, inbetween_loss=inbetween_loss)
 
@@ -316,8 +314,8 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
     (loss, {'noise_level'}: the batch's mean augmentation level).
   """
   unet, vae, text_model = modules['unet'], modules['vae'], modules['text_encoder']
-  if int(config.model.unet.in_channels) != upscaler.LATENT_CHANNELS + 3 or not config.model.unet.get(
-      'num_class_embeds'):
+  unet_config = config.model.unet
+  if int(unet_config.in_channels) != upscaler.LATENT_CHANNELS + 3 or not unet_config.num_class_embeds:
     raise ValueError('the upscaler objective needs config.model.unet.in_channels='
                      f'{upscaler.LATENT_CHANNELS + 3} and num_class_embeds (the noise level)')
   keys_z, keys_t, keys_n, keys_level, keys_aug = split_keys(keys, 5)
@@ -332,7 +330,7 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
   timesteps = train_timesteps(keys_t, schedule, config)
   noise = frame_noise(keys_n, latents.shape[1:], config)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
-  fps = batch.get('fps') if config.model.unet.get('fps_embedding', False) else None
+  fps = batch.get('fps') if config.model.unet.fps_embedding else None
   prediction = unet.apply({'params': params['unet']},
                           jnp.concatenate([noisy, condition], axis=-1).astype(unet.dtype), timesteps,
                           context, fps=fps, class_labels=levels)

@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
@@ -51,6 +52,8 @@ def setup_logging() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Keys a config file leaves out are at their defaults before anything reads the config.
+  config = config_lib.fill_defaults(_CONFIG.value)
   setup_logging()
   multi_process = bool(_COORDINATOR.value or _DISTRIBUTED.value)
   cache_dir = _CACHE_DIR.value
@@ -71,7 +74,7 @@ def main(argv):
   logging.info('process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -330,13 +330,13 @@ def test_clip_objective_learns_a_fixed_batch():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics
 
-  losses = []
+  history = []
   for _ in range(60):
     params, opt_state, loss, metrics = step(params, opt_state)
-    losses.append(float(loss))
-  print(f'clip objective on a fixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}, '
+    history.append(float(loss))
+  print(f'clip objective on a fixed batch: loss {history[0]:.3f} -> {history[-1]:.3f}, '
         f'i2t accuracy {float(metrics["i2t_accuracy"]):.2f}')
-  assert losses[-1] < 0.5 * losses[0]
+  assert history[-1] < 0.5 * history[0]
   assert float(metrics['i2t_accuracy']) == 1.0
 
 

@@ -15,6 +15,7 @@ from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.eval import flicker as flicker_lib
 from magicvideo_jax.models import vae
 from magicvideo_jax.models import video_vae
+from magicvideo_jax import config as config_lib
 from magicvideo_jax import losses
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
@@ -149,7 +150,7 @@ def test_too_long_clip_is_rejected(setup):
 
 def test_loss_under_jit_and_grad(setup):
   model = setup['video_model']
-  config = ml_collections.ConfigDict(dict(train=dict(temporal_loss_weight=0.5)))
+  config = config_lib.fill_defaults(ml_collections.ConfigDict(dict(train=dict(temporal_loss_weight=0.5))))
   video = jax.random.uniform(jax.random.key(6), (1, FRAMES, SIZE, SIZE, 3), minval=-1, maxval=1)
   params = {'vae': _perturbed_temporal(setup['loaded'], scale=0.05)}
 
@@ -231,5 +232,5 @@ def test_build_from_config():
   assert model.num_frames == config.model.unet.num_frames
   assert tuple(model.block_out_channels) == (16, 32)
   config.model.video_vae = ml_collections.ConfigDict(dict(num_frames=4, temporal_conv=False))
-  model = video_vae.build_video_vae(config.model)
+  model = video_vae.build_video_vae(config_lib.fill_defaults(config).model)
   assert (model.num_frames, model.temporal_conv, model.temporal_attention) == (4, False, True)

@@ -579,34 +579,32 @@ def create_iterator(config: ml_collections.ConfigDict, *, tokenize_fn: Optional[
                     process_index: Optional[int] = None,
                     process_count: Optional[int] = None) -> VideoIterator:
   """The iterator described by a `config.data` section (keys: module docstring)."""
-  prepare = config.get('prepare', False)
-  source = load_source(config.dataset, data_dir=config.get('data_dir'),
-                       split=config.get('split', 'train'), prepare=prepare)
-  fraction = float(config.get('caption_fraction', 1.0))
-  if fraction < 1.0 or config.get('captioned_only', False):
-    source = CaptionSubset(source, fraction, config.get('caption_seed', 0),
-                           config.get('captioned_only', False))
+  prepare = config.prepare
+  source = load_source(config.dataset, data_dir=config.data_dir, split=config.split,
+                       prepare=prepare)
+  fraction = float(config.caption_fraction)
+  if fraction < 1.0 or config.captioned_only:
+    source = CaptionSubset(source, fraction, config.caption_seed, config.captioned_only)
   has_latents = 'latent_mean' in source[0]
-  if has_latents != bool(config.get('precomputed_latents', False)):
+  if has_latents != bool(config.precomputed_latents):
     raise ValueError(
         f'config.data.dataset={config.dataset!r} holds {"latents" if has_latents else "pixels"} but '
-        f'config.data.precomputed_latents={config.get("precomputed_latents", False)}: '
+        f'config.data.precomputed_latents={config.precomputed_latents}: '
         f'set it to {has_latents}.')
   image_source = None
-  if config.get('num_image_frames', 0):
-    if not config.get('image_dataset'):
+  if config.num_image_frames:
+    if not config.image_dataset:
       raise ValueError('config.data.num_image_frames > 0 needs config.data.image_dataset.')
-    image_source = load_source(config.image_dataset, data_dir=config.get('data_dir'),
-                               split=config.get('image_split', 'train'), prepare=prepare)
+    image_source = load_source(config.image_dataset, data_dir=config.data_dir,
+                               split=config.image_split, prepare=prepare)
   return make_iterator(
       source, global_batch_size=config.global_batch_size, num_frames=config.num_frames,
-      frame_stride_range=tuple(config.get('frame_stride_range', (1, 1))),
-      resolution=config.resolution, random_crop=config.get('random_crop', False),
-      caption_dropout=config.get('caption_dropout', 0.0), tokenize_fn=tokenize_fn,
-      num_image_frames=config.get('num_image_frames', 0), image_source=image_source,
-      seed=config.get('seed', 0), process_index=process_index, process_count=process_count,
-      shuffle=config.get('shuffle', True), num_epochs=config.get('num_epochs'),
-      num_threads=config.get('num_threads', 1), prefetch=config.get('prefetch', 0))
+      frame_stride_range=tuple(config.frame_stride_range), resolution=config.resolution,
+      random_crop=config.random_crop, caption_dropout=config.caption_dropout,
+      tokenize_fn=tokenize_fn, num_image_frames=config.num_image_frames, image_source=image_source,
+      seed=config.seed, process_index=process_index, process_count=process_count,
+      shuffle=config.shuffle, num_epochs=config.num_epochs, num_threads=config.num_threads,
+      prefetch=config.prefetch)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from magicvideo_jax.models.video_vae import build_video_vae
 def build_text_encoder(model_config: Any):
   return CLIPTextModel(**layers.config_fields(model_config.text_encoder),
                        **layers.config_dtypes(model_config),
-                       attention_impl=model_config.get('attention_impl', None))
+                       attention_impl=model_config.attention_impl)
 
 
 def uses_video_vae(model_config: Any) -> bool:
-  return bool(model_config.get('video_vae') and model_config.video_vae.get('enabled', False))
+  return 'video_vae' in model_config and bool(model_config.video_vae.enabled)
 
 
 def build_vae(model_config: Any):
@@ -31,7 +31,7 @@ def build_vae(model_config: Any):
     return build_video_vae(model_config)
   return AutoencoderKL(**layers.config_fields(model_config.vae),
                        **layers.config_dtypes(model_config),
-                       attention_impl=model_config.get('attention_impl', None))
+                       attention_impl=model_config.attention_impl)
 
 
 def encode_frames(vae, vae_params, frames, scaling_factor: float):
@@ -44,8 +44,8 @@ def encode_frames(vae, vae_params, frames, scaling_factor: float):
 
 def build_unet(model_config: Any):
   return UNet(**layers.config_fields(model_config.unet), **layers.config_dtypes(model_config),
-              attention_impl=model_config.get('attention_impl', None),
-              remat=model_config.get('remat', False))
+              attention_impl=model_config.attention_impl,
+              remat=model_config.remat)
 
 
 def build_models(model_config: Any) -> Dict[str, Any]:
@@ -56,6 +56,6 @@ def build_models(model_config: Any) -> Dict[str, Any]:
       vae=build_vae(model_config),
       unet=build_unet(model_config),
   )
-  if model_config.get('clip', None):
+  if model_config.clip is not None:
     modules['clip'] = build_clip(model_config)
   return modules

@@ -105,7 +105,8 @@ def build_clip(model_config: Any) -> CLIPModel:
   return CLIPModel(
       text=flax.core.FrozenDict(_plain(clip.text)), vision=flax.core.FrozenDict(_plain(clip.vision)),
       projection_dim=int(clip.projection_dim),
-      logit_scale_init_value=float(clip.get('logit_scale_init_value', LOGIT_SCALE_INIT)),
+      logit_scale_init_value=float(clip.logit_scale_init_value),
+      # A model section of its own: eval/clip_zero_shot.py and abstract_params pass {clip} only.
       dtype=jnp.dtype(model_config.get('dtype', 'float32')),
       param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
       attention_impl=model_config.get('attention_impl', None))

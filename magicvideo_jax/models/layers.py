@@ -162,6 +162,6 @@ def config_fields(section: Any) -> Dict[str, Any]:
 
 def config_dtypes(model_config: Any) -> Dict[str, Any]:
   return dict(
-      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
-      param_dtype=jnp.dtype(model_config.get('param_dtype', 'float32')),
+      dtype=jnp.dtype(model_config.dtype),
+      param_dtype=jnp.dtype(model_config.param_dtype),
   )

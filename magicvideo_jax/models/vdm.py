@@ -278,5 +278,5 @@ class VDMUNet(nn.Module):
 def build_vdm(model_config: Any) -> VDMUNet:
   """`VDMUNet` from a config's `model` section (`model.vdm` fields + dtypes, attention_impl, remat)."""
   return VDMUNet(**layers.config_fields(model_config.vdm), **layers.config_dtypes(model_config),
-                 attention_impl=model_config.get('attention_impl', None),
-                 remat=model_config.get('remat', False))
+                 attention_impl=model_config.attention_impl,
+                 remat=model_config.remat)

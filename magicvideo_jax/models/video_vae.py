@@ -264,17 +264,13 @@ class VideoAutoencoderKL(vae_lib.AutoencoderKL):
 
 
 def build_video_vae(model_config: Any) -> VideoAutoencoderKL:
-  """The VideoVAE of a config's `model` section: `model.vae` fields plus `model.video_vae`.
-
-  `model.video_vae` (optional) holds `num_frames`, `temporal_conv`, `temporal_attention`; a missing
-  `num_frames` falls back to `model.unet.num_frames`.
-  """
-  extra = dict(model_config.get('video_vae', None) or {})
-  extra.pop('enabled', None)
-  if 'num_frames' not in extra and 'unet' in model_config:
-    extra['num_frames'] = model_config.unet.num_frames
-  return VideoAutoencoderKL(**layers.config_fields(model_config.vae), **extra,
+  """The VideoVAE of a config's `model` section: `model.vae` fields plus `model.video_vae`'s
+  `num_frames`, `temporal_conv`, `temporal_attention` (defaults: config.video_vae_defaults())."""
+  video = model_config.video_vae
+  return VideoAutoencoderKL(**layers.config_fields(model_config.vae), num_frames=video.num_frames,
+                            temporal_conv=video.temporal_conv,
+                            temporal_attention=video.temporal_attention,
                             **layers.config_dtypes(model_config),
-                            attention_impl=model_config.get('attention_impl', None))
+                            attention_impl=model_config.attention_impl)
 
 

@@ -53,7 +53,7 @@ def shapes_clips(split: str, num_clips: int, checkpoint: Optional[str] = None):
     return np.stack([e['video'] for e in examples]), captions, float(examples[0]['fps'])
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   videos = shapes.generate(pipe, captions)
-  return videos, captions, float(pipe.config.data.get('fps', 8.0))
+  return videos, captions, float(pipe.config.data.fps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -270,10 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  config = context_lib.resolve_derived(config)
   tc = config.train
-  if tc.get('init_from'):
-    _inherit_scaling_factor(config, tc.init_from)
-  context_lib.prepare_config(config)
 
   # ---------------------------------------------------------------------------------- mesh, models
   mesh = sharding_lib.create_mesh(config.mesh)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax.tokenizer import load_tokenizer as _load
 
 CONFIG_FILE = 'config.json'
@@ -78,11 +79,12 @@ def save_pretrained(folder: str, config: ml_collections.ConfigDict, params: Any,
 
 
 def load_config(folder: str) -> ml_collections.ConfigDict:
+  """The folder's config.json, with the keys added since it was written at their defaults."""
   path = os.path.join(folder, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} not found: {folder} is not a magicvideo_jax checkpoint folder')
   with open(path) as f:
-    return config_from_json(f.read())
+    return config_lib.fill_defaults(config_from_json(f.read()))
 
 
 def load_params(folder: str, abstract_params: Optional[Any] = None) -> Any:

@@ -162,7 +162,7 @@ def load_dual_encoder(folder: str) -> Tuple[Dict[str, Any], Any]:
   candidate = ckpt_lib.model_folder(folder)
   if candidate is not None:
     config = ckpt_lib.load_config(candidate)
-    if not config.model.get('clip'):
+    if not config.model.clip:
       raise ConversionError(
           f'{candidate} holds no CLIP dual encoder (config.model.clip is not set): point '
           'config.model.conditioning.clip_dir at the export of a configs/shapes_unsupervised.py:'

@@ -215,7 +215,7 @@ def model_config_from_diffusers(src: str, num_frames: int = 16):
     sections['upscaler'] = upscaler
     sampling.update(num_inference_steps=_UPSCALER_DEFAULTS['num_inference_steps'],
                     guidance_scale=_UPSCALER_DEFAULTS['guidance_scale'])
-  return ml_collections.ConfigDict(sections)
+  return common.fill_defaults(ml_collections.ConfigDict(sections))
 
 
 def load_model_state(folder: str, name: str) -> Tuple[Dict[str, np.ndarray], str]:
@@ -304,10 +304,10 @@ def export_diffusers(params: Mapping[str, Any], config, dst: str,
   os.makedirs(os.path.join(dst, 'scheduler'), exist_ok=True)
   with open(os.path.join(dst, 'scheduler', 'scheduler_config.json'), 'w') as f:
     sched = {k: list(v) if isinstance(v, tuple) else v for k, v in config.diffusion.to_dict().items()}
-    json.dump(dict(sched, _class_name='DDIMScheduler', clip_sample=bool(
-        config.get('sampling', {}).get('clip_sample', False))), f, indent=1)
-  upscaler = config.get('upscaler', None)
-  if upscaler is not None:  # An upscale pipeline: its low-res noise schedule (DDPM add_noise).
+    json.dump(dict(sched, _class_name='DDIMScheduler', clip_sample=bool(config.sampling.clip_sample)),
+              f, indent=1)
+  if 'upscaler' in config:
+    upscaler = config.upscaler  # An upscale pipeline: its low-res noise schedule (DDPM add_noise).
     os.makedirs(os.path.join(dst, 'low_res_scheduler'), exist_ok=True)
     with open(os.path.join(dst, 'low_res_scheduler', 'scheduler_config.json'), 'w') as f:
       low_res = {k: list(v) if isinstance(v, tuple) else v

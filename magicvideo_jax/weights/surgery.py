@@ -107,7 +107,7 @@ def _unet_kwargs(config, x: Mapping[str, Any]) -> Dict[str, Any]:
   """Keyword inputs of `UNet.__call__` that create every parameter: fps, and class labels when the
   U-Net has a class embedding (the upscaler's noise level)."""
   kwargs = dict(fps=x['fps'])
-  if config.model.unet.get('num_class_embeds'):
+  if config.model.unet.num_class_embeds:
     kwargs['class_labels'] = x['class_labels']
   return kwargs
 
