@@ -16,8 +16,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import ml_collections
 
-from magicvideo_jax.data import input_pipeline
-from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.data import shapes_vocabulary
 from magicvideo_jax.models import clip as clip_lib
 
 
@@ -162,10 +161,38 @@ def logical_axis_rules():
   )
 
 
+def data_defaults() -> ml_collections.ConfigDict:
+  """The `config.data` section (keys described in magicvideo_jax/data/input_pipeline.py)."""
+  return ml_collections.ConfigDict(dict(
+      dataset='',
+      data_dir=ml_collections.config_dict.placeholder(str),
+      precomputed_latents=False,
+      split='train',
+      prepare=True,
+      global_batch_size=8,
+      num_frames=16,
+      frame_stride_range=(1, 1),
+      resolution=256,
+      random_crop=False,
+      caption_dropout=0.1,
+      caption_fraction=1.0,
+      caption_seed=0,
+      captioned_only=False,
+      num_image_frames=0,
+      image_dataset=ml_collections.config_dict.placeholder(str),
+      image_split='train',
+      seed=0,
+      shuffle=True,
+      num_epochs=ml_collections.config_dict.placeholder(int),
+      num_threads=4,
+      prefetch=2,
+  ))
+
+
 def shapes_tokenizer() -> ml_collections.ConfigDict:
   """Word-level tokenizer over the moving_shapes caption vocabulary."""
-  words = ('a', 'moving') + tuple(moving_shapes.COLOUR_NAMES) + tuple(moving_shapes.SHAPES) + tuple(
-      moving_shapes.MOTIONS)
+  words = ('a', 'moving') + tuple(shapes_vocabulary.COLOUR_NAMES) + tuple(shapes_vocabulary.SHAPES) + tuple(
+      shapes_vocabulary.MOTIONS)
   return ml_collections.ConfigDict(dict(kind='words', words=words, path=''))
 
 
@@ -196,7 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
       sigma_spacing='lu_lambdas',
       # DDIM's x0 clipping and DPM-Solver++'s last sigma: as diffusers' schedulers (weights/convert.py).
       clip_sample=False, clip_sample_range=1.0, final_sigmas_type='zero'))
-  config.data = input_pipeline.default_config()
+  config.data = data_defaults()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
       objective='diffusion',  # A key of losses.LOSSES: 'diffusion', 'vae', 'video_vae', 'clip',

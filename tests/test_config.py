@@ -38,6 +38,7 @@ VARIANTS = dict(
     tiny=('video', 'image', 'all', 'vae'),
     sd15_256=('video', 'all', 'lavie'),
     vdm_64=('',),
+    cmd=('sd21_512x1024', 'sd15_512'),
     vdm_256=('same', 'absolute'),
     shapes=shapes.STAGES + tuple(f'{s},quick' for s in shapes.QUICK_STAGES),
     shapes_cascade=shapes_cascade.STAGES,

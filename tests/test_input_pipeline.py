@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.data import video_folder
 
@@ -239,7 +240,7 @@ def built_dataset(tmp_path_factory):
 
 
 def test_create_iterator_from_config_on_a_built_video_folder(built_dataset):
-  config = input_pipeline.default_config()
+  config = config_lib.data_defaults()
   config.dataset = 'video_folder/' + built_dataset.builder_config.name
   config.data_dir = str(built_dataset.data_dir).split('/video_folder/')[0]
   config.update(global_batch_size=4, num_frames=4, frame_stride_range=(1, 3), resolution=16,

@@ -71,7 +71,7 @@ import importlib
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -90,34 +90,6 @@ _PERMUTATION_STREAM = 0
 _EXAMPLE_STREAM = 1
 _CAPTION_STREAM = 2
 _STATE_VERSION = 1
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.data` section with its defaults (see the module docstring)."""
-  return ml_collections.ConfigDict(dict(
-      dataset='',
-      data_dir=ml_collections.config_dict.placeholder(str),
-      precomputed_latents=False,
-      split='train',
-      prepare=True,
-      global_batch_size=8,
-      num_frames=16,
-      frame_stride_range=(1, 1),
-      resolution=256,
-      random_crop=False,
-      caption_dropout=0.1,
-      caption_fraction=1.0,
-      caption_seed=0,
-      captioned_only=False,
-      num_image_frames=0,
-      image_dataset=ml_collections.config_dict.placeholder(str),
-      image_split='train',
-      seed=0,
-      shuffle=True,
-      num_epochs=ml_collections.config_dict.placeholder(int),
-      num_threads=4,
-      prefetch=2,
-  ))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,20 +41,12 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from magicvideo_jax.data import shapes_vocabulary
+
 # Far apart from each other (min pairwise RGB distance ~140) and from the dark background.
-COLOURS: Dict[str, Tuple[int, int, int]] = {
-    'red': (220, 40, 40),
-    'green': (40, 200, 60),
-    'blue': (40, 70, 250),
-    'yellow': (235, 215, 40),
-    'cyan': (40, 210, 225),
-    'magenta': (215, 60, 215),
-    'white': (235, 235, 235),
-}
-SHAPES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'star')
-MOTIONS: Tuple[str, ...] = ('left', 'right', 'up', 'down', 'growing')
-COLOUR_NAMES: Tuple[str, ...] = tuple(COLOURS)
-SPLITS: Tuple[str, ...] = ('train', 'validation', 'test')
+# The world the captions describe (shapes_vocabulary: no TFDS needed to read it).
+COLOURS, SHAPES, MOTIONS = shapes_vocabulary.COLOURS, shapes_vocabulary.SHAPES, shapes_vocabulary.MOTIONS
+COLOUR_NAMES, SPLITS = shapes_vocabulary.COLOUR_NAMES, shapes_vocabulary.SPLITS
 
 # Unit direction (dx, dy) in image coordinates (y points down).
 _DIRECTIONS = {'left': (-1.0, 0.0), 'right': (1.0, 0.0), 'up': (0.0, -1.0), 'down': (0.0, 1.0)}

@@ -14,7 +14,12 @@ The Fréchet distance is computed in float64 with numpy alone.
 import functools
 from typing import Any, Iterable, Mapping, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from magicvideo_jax.models import i3d
+from magicvideo_jax.weights import i3d as i3d_weights
 
 NUM_FRAMES = 16
 RESOLUTION = 224
@@ -68,8 +73,6 @@ def preprocess(videos: Any, num_frames: int = NUM_FRAMES, resolution: int = RESO
   Bilinear with half-pixel centres and no antialiasing (as the module docstring); T must be
   `num_frames`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if videos.ndim != 5 or videos.shape[-1] != 3:
     raise ValueError(f'expected videos [B, T, H, W, 3], got shape {videos.shape}')
   if videos.shape[1] != num_frames:
@@ -86,8 +89,6 @@ def preprocess(videos: Any, num_frames: int = NUM_FRAMES, resolution: int = RESO
 @functools.lru_cache(maxsize=None)
 def _logits_fn(num_frames: int, resolution: int):
   """Jitted `(variables, videos) -> logits [B, 400]`, built on first use (keeps imports light)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import i3d  # pylint: disable=g-import-not-at-top
   model = i3d.InceptionI3d()
   return jax.jit(lambda variables, videos: model.apply(
       variables, preprocess(videos, num_frames, resolution)))
@@ -122,5 +123,4 @@ def i3d_features(videos: Union[np.ndarray, Iterable[np.ndarray]], variables: Map
 
 def load_i3d(path: str) -> Mapping[str, Any]:
   """I3D variables from safetensors (ours or the PyTorch layout; `magicvideo_jax.weights.i3d`)."""
-  from magicvideo_jax.weights import i3d as i3d_weights  # pylint: disable=g-import-not-at-top
   return i3d_weights.load_variables(path)

@@ -19,7 +19,6 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from magicvideo_jax import video_io
 from magicvideo_jax.data import moving_shapes, video_folder

@@ -23,9 +23,17 @@ import pickle
 import sys
 from typing import Any, Callable, Dict, Mapping, Tuple
 
+from etils import epath
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load
+from safetensors.numpy import save
 
-from magicvideo_jax.convert import PICKLE_SUFFIXES, ConversionError
+from magicvideo_jax.models import i3d
+from magicvideo_jax.weights.torch_layout import PICKLE_SUFFIXES, ConversionError
 
 Variables = Dict[str, Any]
 
@@ -90,7 +98,6 @@ def read_numpy_pickle(path: str) -> Any:
   Raises:
     UnsafePickleError: the pickle names any other global (e.g. `os.system`); it is never called.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   data = epath.Path(path).read_bytes()
   return _NumpyArrayUnpickler(io.BytesIO(data)).load()
 
@@ -101,16 +108,11 @@ def abstract_variables() -> Variables:
 
   Cached: a read-only template.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from magicvideo_jax.models import i3d  # pylint: disable=g-import-not-at-top
   clip = jnp.zeros((1, 16, 32, 32, 3), jnp.float32)  # Shapes do not depend on the clip size.
   return nn.unbox(jax.eval_shape(lambda: i3d.InceptionI3d().init(jax.random.key(0), clip)))
 
 
 def _flat(tree: Mapping[str, Any]) -> Dict[Tuple[str, ...], Any]:
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   return traverse_util.flatten_dict(dict(tree))
 
 
@@ -134,7 +136,6 @@ def check_variables(flat: Mapping[Tuple[str, ...], np.ndarray], source: str,
   Raises:
     ConversionError: naming a missing, unexpected or mis-shaped tensor.
   """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   template = _flat(abstract_variables())
   unexpected = sorted(name(k) for k in flat if k not in template)
   if unexpected:
@@ -180,9 +181,9 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray], source: str = 'stat
   conv3d.weight `[O, I, kt, kh, kw]` -> kernel `[kt, kh, kw, I, O]`; bn.bias / running_mean /
   running_var -> bias / mean / var. Our batch norm has no scale (the TF model has none): a `bn.weight`
   gamma is folded in exactly, gamma (x - m) / sqrt(v + eps) = s (x' - m') / sqrt(v' + eps) with
-  s = sign(gamma) applied to the kernel (x' = s x) and mean (m' = s m), v' = (v + eps) / gamma^2 - eps.
+  s = sign(gamma) applied to the kernel (x' = s x) and mean (m' = s m), v' = (v + eps) / gamma^2 - eps
+  (eps = models.i3d.BN_EPSILON).
   """
-  from magicvideo_jax.models.i3d import BN_EPSILON as eps  # pylint: disable=g-import-not-at-top
   flat: Dict[Tuple[str, ...], np.ndarray] = {}
   gammas: Dict[Tuple[str, ...], np.ndarray] = {}
   for key, value in state_dict.items():
@@ -213,7 +214,7 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray], source: str = 'stat
     sign = np.sign(gamma)
     flat[kernel] = flat[kernel] * sign
     flat[mean] = flat[mean] * sign
-    flat[var] = (flat[var] + eps) / gamma**2 - eps
+    flat[var] = (flat[var] + i3d.BN_EPSILON) / gamma**2 - i3d.BN_EPSILON
   return check_variables(flat, source, _torch_key)
 
 
@@ -230,8 +231,6 @@ def variables_to_torch(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 
 def save_variables(variables: Mapping[str, Any], path: str) -> None:
   """Writes our variables as safetensors under flat keys `params/...`, `batch_stats/...`."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   flat = {'/'.join(k): np.ascontiguousarray(v, np.float32) for k, v in _flat(variables).items()}
   out = epath.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,8 +244,6 @@ def load_variables(path: str) -> Variables:
     ConversionError: a pickle file (never loaded here), or tensors that do not fit the I3D.
     FileNotFoundError: `path` does not exist.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
   if str(path).endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{path} is a pickle; it is not loaded here. Convert it once with '
                           f'`python -m magicvideo_jax.weights.i3d --ckpt {path} --output OUT.safetensors`')
