@@ -50,7 +50,7 @@ from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.models import vdm as vdm_lib
-from magicvideo_jax.training import train as train_lib
+from magicvideo_jax.training import state as state_lib
 
 CONVENTION = ('XLA convention: one multiply-add = 2 FLOPs (elementwise ops count 1 per element); '
               'fvcore MACs = FLOPs / 2.')
@@ -459,7 +459,7 @@ def _mesh_and_rules(config, mesh_spec: Optional[Dict[str, int]]):
 def _train_modules_and_init(config):
   """(modules, init_params(modules, config, key)) for the train state of either model kind."""
   if model_kind(config) == 'magicvideo':
-    return models_lib.build_models(config.model), train_lib.init_params
+    return models_lib.build_models(config.model), state_lib.init_params
   # No VAE: the batch carries pixel 'latents', so diffusion_loss never encodes.
   modules = dict(text_encoder=models_lib.build_text_encoder(config.model),
                  unet=build_denoiser(config), vae=None)
@@ -498,18 +498,18 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
     step_config.model.unet = ml_collections.ConfigDict(dict(fps_embedding=False))
   modules, init_params = _train_modules_and_init(config)
   schedule = diffusion.Schedule.from_config(config.diffusion)
-  tx, lr_schedule = train_lib.make_optimizer(config)
+  tx, lr_schedule = state_lib.make_optimizer(config)
   key = jax.random.key(config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(functools.partial(init_params, modules, config), key)
-  mask = train_lib.trainable_mask(nn.unbox(boxed), config.train.trainable)
+  mask = state_lib.trainable_mask(nn.unbox(boxed), config.train.trainable)
   flat = traverse_util.flatten_dict(nn.unbox(boxed), sep='/')
   n_train = sum(int(np.prod(v.shape)) for p, v in flat.items() if mask[p])
 
   def init_state(k):
     params = init_params(modules, config, k)
-    trainable, _ = train_lib.split_params(params, mask)
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    trainable, _ = state_lib.split_params(params, mask)
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(trainable), ema_params=trainable)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -532,7 +532,7 @@ def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str,
     for key in ('latent_mean', 'latent_std'):
       batch[key] = _sds((b, f, side, side, vae.latent_channels), jnp.float32, bs(5))
   batch_shardings = jax.tree.map(lambda s: s.sharding, batch)
-  step = train_lib.make_train_step(step_config, modules, schedule, tx, lr_schedule, mask)
+  step = state_lib.make_train_step(step_config, modules, schedule, tx, lr_schedule, mask)
   jit_kwargs = dict(in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
   return types.SimpleNamespace(
