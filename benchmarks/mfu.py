@@ -2,8 +2,9 @@ r"""Model FLOPs utilisation on this machine: a train step's achieved FLOP/s over
 
 1. Peak: the best dense float32 matmul rate of `jax.jit(jnp.dot)` over a few square sizes.
 2. Achieved: a real training step of `--config` (default configs/tiny.py; the state and step that
-   `train_and_evaluate` builds, via `magicvideo_jax.flops.train_setup`), FLOPs from the compiled
-   step's cost analysis (per device), divided by the median measured step time.
+   `train_and_evaluate` builds, `training.state.create_train_state`, on a random batch of the
+   structure `state.abstract_batch` gives), FLOPs from the compiled step's cost analysis (per
+   device), divided by the median measured step time.
 3. MFU = achieved / peak (per device; XLA convention, multiply-add = 2).
 
   python -m benchmarks.mfu                                   # tiny config
@@ -15,11 +16,13 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
+
+from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax.training import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config of the train step.',
                                           lock_config=False)
@@ -47,14 +50,9 @@ def matmul_peak(sizes, repeats: int, dtype=jnp.float32):
 
 def train_step_rate(config, steps: int):
   """(FLOPs per step per device, median seconds per step, compile seconds) of a real train step."""
-  from magicvideo_jax import flops  # pylint: disable=g-import-not-at-top
-  s = flops.train_setup(config)
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    t0 = time.perf_counter()
-    compiled = jax.jit(s.step, **s.jit_kwargs).lower(s.abstract_state, s.batch).compile()
-    compile_s = time.perf_counter() - t0
-    state = jax.jit(lambda k: nn.unbox(s.init_state(k)), out_shardings=s.state_shardings)(
-        jax.random.key(0))
+  setup = state_lib.create_train_state(config, sharding_lib.create_mesh(config.mesh))
+  compiled, compile_s = setup.compile()
+  state = setup.init_fn(setup.init_key)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   rng = np.random.default_rng(0)
@@ -68,7 +66,7 @@ def train_step_rate(config, steps: int):
       value = rng.uniform(-1, 1, x.shape).astype(x.dtype)
     return jax.device_put(value, x.sharding)
 
-  batch = jax.tree.map(make, s.batch)
+  batch = jax.tree.map(make, setup.batch_struct)
   state, metrics = compiled(state, batch)  # Warm-up.
   jax.block_until_ready(metrics)
   times = []
@@ -77,7 +75,7 @@ def train_step_rate(config, steps: int):
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
-  return float(cost['flops']), statistics.median(times), compile_s, int(s.mesh.size)
+  return float(cost['flops']), statistics.median(times), compile_s, int(setup.mesh.size)
 
 
 def main(argv) -> None:

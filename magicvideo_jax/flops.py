@@ -21,7 +21,7 @@ Counts:
   `config.sampling.num_inference_steps` (MagicVideo 50 DDIM, VDM 256). MagicVideo's VAE decode of the
   frames and its text encoding (prompt + negative prompt) are reported separately.
 - Memory: `compiled.memory_analysis()` per device, for one sampling forward (the batch-2 CFG forward)
-  and one training step (`train.make_train_step` on the state `train_and_evaluate` builds), under
+  and one training step (`state.create_train_state`, the state and step `train_and_evaluate` builds), under
   `--mesh`. Sharded: compiled FLOPs are per device, lowered FLOPs global; both are printed.
 
 Library: `count_flops(config, ...) -> dict`, `analytic_unet_flops`, `analytic_vdm_flops`,
@@ -38,7 +38,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 from absl import logging
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.models import vdm as vdm_lib
-from magicvideo_jax.training import train as train_lib
+from magicvideo_jax.training import state as state_lib
 
 CONVENTION = ('XLA convention: one multiply-add = 2 FLOPs (elementwise ops count 1 per element); '
               'fvcore MACs = FLOPs / 2.')
@@ -371,7 +370,11 @@ def xla_flops(fn: Callable, *abstract_args, jit_kwargs: Optional[Dict[str, Any]]
   t0 = time.time()
   lowered = jax.jit(fn, **(jit_kwargs or {})).lower(*abstract_args)
   compiled = lowered.compile()
-  out = dict(flops=float(_cost(compiled).get('flops', 0.0)), compile_seconds=time.time() - t0)
+  return _compiled_report(lowered, compiled, time.time() - t0, memory)
+
+
+def _compiled_report(lowered, compiled, compile_seconds: float, memory: bool) -> Dict[str, Any]:
+  out = dict(flops=float(_cost(compiled).get('flops', 0.0)), compile_seconds=compile_seconds)
   try:
     out['flops_global'] = float(_cost(lowered).get('flops', 0.0))
   except Exception:  # pylint: disable=broad-except
@@ -446,7 +449,8 @@ def _io_args(io, sharding=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training-step and sampling memory (the state `train.train_and_evaluate` builds).
+# Training-step and sampling memory (the train step: `state.create_train_state`, as
+# `train.train_and_evaluate` builds it).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -456,97 +460,48 @@ def _mesh_and_rules(config, mesh_spec: Optional[Dict[str, int]]):
   return mesh, rules
 
 
-def _train_modules_and_init(config):
-  """(modules, init_params(modules, config, key)) for the train state of either model kind."""
-  if model_kind(config) == 'magicvideo':
-    return models_lib.build_models(config.model), train_lib.init_params
-  # No VAE: the batch carries pixel 'latents', so diffusion_loss never encodes.
-  modules = dict(text_encoder=models_lib.build_text_encoder(config.model),
-                 unet=build_denoiser(config), vae=None)
-
-  def init_params(modules, config, key):
-    k_text, k_unet = jax.random.split(key)
-    length = config.model.text_encoder.max_position_embeddings
-    small = 2 ** (len(config.model.vdm.channel_mult) - 1)
-    return dict(
-        text_encoder=modules['text_encoder'].init(k_text, jnp.zeros((1, length), jnp.int32))['params'],
-        unet=modules['unet'].init(
-            k_unet, jnp.zeros((1, 1, small, small, config.model.vdm.in_channels)),
-            jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, length, config.model.vdm.context_dim)))['params'])
-
-  return modules, init_params
+def _vdm_init_params(modules, config, key):
+  """Boxed params of the VDM baseline's train state: text encoder and denoiser (no VAE)."""
+  k_text, k_unet = jax.random.split(key)
+  length = config.model.text_encoder.max_position_embeddings
+  small = 2 ** (len(config.model.vdm.channel_mult) - 1)
+  return dict(
+      text_encoder=modules['text_encoder'].init(k_text, jnp.zeros((1, length), jnp.int32))['params'],
+      unet=modules['unet'].init(
+          k_unet, jnp.zeros((1, 1, small, small, config.model.vdm.in_channels)),
+          jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, length, config.model.vdm.context_dim)))['params'])
 
 
 def train_setup(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str, int]] = None
-                ) -> types.SimpleNamespace:
-  """The pieces `train_and_evaluate` builds for its step, from abstract shapes only.
-
-  Returns a namespace: mesh, rules, step (the `train.make_train_step` function), init_state (key ->
-  boxed TrainState), state_shardings, abstract_state, batch (abstract, sharded), batch_shardings,
-  jit_kwargs (in/out shardings, donation) and trainable_params. The batch is
-  `config.data.global_batch_size` clips: raw `video` (MagicVideo: encoded by the frozen VAE inside
-  the step; with `config.data.precomputed_latents` the stored posterior instead) or pixel `latents`
-  (VDM: pixel-space diffusion), token ids, fps and frame mask.
+                ) -> state_lib.TrainSetup:
+  """`state.create_train_state` on the `mesh_spec` mesh (default config.mesh) and the abstract batch
+  (`state.abstract_batch`). MagicVideo: the state and step `train_and_evaluate` builds. The VDM
+  baseline (which `train_and_evaluate` does not train) passes its own models and init, and its batch
+  carries the pixel clips as 'latents' (pixel-space diffusion: `diffusion_loss` never encodes).
   """
-  mesh, rules = _mesh_and_rules(config, mesh_spec)
-  kind = model_kind(config)
-  step_config = config
-  if kind == 'vdm':
-    # diffusion_loss reads config.model.unet.fps_embedding; the VDM has no fps conditioning.
-    step_config = ml_collections.ConfigDict(config.to_dict())
-    step_config.model.unet = ml_collections.ConfigDict(dict(fps_embedding=False))
-  modules, init_params = _train_modules_and_init(config)
-  schedule = diffusion.Schedule.from_config(config.diffusion)
-  tx, lr_schedule = train_lib.make_optimizer(config)
-  key = jax.random.key(config.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(functools.partial(init_params, modules, config), key)
-  mask = train_lib.trainable_mask(nn.unbox(boxed), config.train.trainable)
-  flat = traverse_util.flatten_dict(nn.unbox(boxed), sep='/')
-  n_train = sum(int(np.prod(v.shape)) for p, v in flat.items() if mask[p])
-
-  def init_state(k):
-    params = init_params(modules, config, k)
-    trainable, _ = train_lib.split_params(params, mask)
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(trainable), ema_params=trainable)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed_state = jax.eval_shape(init_state, key)
-  state_shardings = sharding_lib.logical_shardings(boxed_state, mesh, rules)
-  abstract_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), nn.unbox(boxed_state),
-                                state_shardings)
-  b = config.data.global_batch_size
-  f, r = config.data.num_frames, config.data.resolution
-  length = config.model.text_encoder.max_position_embeddings
-  bs = lambda nd: sharding_lib.batch_sharding(mesh, nd)
-  batch = {('latents' if kind == 'vdm' else 'video'): _sds((b, f, r, r, 3), jnp.float32, bs(5)),
-           'input_ids': _sds((b, length), jnp.int32, bs(2)),
-           'fps': _sds((b,), jnp.float32, bs(1)),
-           'frame_mask': _sds((b, f), jnp.bool_, bs(2))}
-  if kind == 'magicvideo' and config.data.get('precomputed_latents', False):
-    vae = config.model.vae  # Stored posterior (magicvideo_jax/tools/encode_latents.py): no encoder in the step.
-    side = r // 2 ** (len(vae.block_out_channels) - 1)
-    del batch['video']
-    for key in ('latent_mean', 'latent_std'):
-      batch[key] = _sds((b, f, side, side, vae.latent_channels), jnp.float32, bs(5))
-  batch_shardings = jax.tree.map(lambda s: s.sharding, batch)
-  step = train_lib.make_train_step(step_config, modules, schedule, tx, lr_schedule, mask)
-  jit_kwargs = dict(in_shardings=(state_shardings, batch_shardings),
-                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  return types.SimpleNamespace(
-      mesh=mesh, rules=rules, step=step, init_state=init_state, state_shardings=state_shardings,
-      abstract_state=abstract_state, batch=batch, batch_shardings=batch_shardings,
-      jit_kwargs=jit_kwargs, trainable_params=n_train)
+  mesh = sharding_lib.create_mesh(mesh_spec or config.mesh)
+  batch = state_lib.abstract_batch(config, mesh)
+  if model_kind(config) == 'magicvideo':
+    return state_lib.create_train_state(config, mesh, batch_struct=batch)
+  # diffusion_loss reads config.model.unet.fps_embedding; the VDM has no fps conditioning.
+  step_config = ml_collections.ConfigDict(config.to_dict())
+  step_config.model.unet = ml_collections.ConfigDict(dict(fps_embedding=False))
+  modules = dict(text_encoder=models_lib.build_text_encoder(config.model),
+                 unet=build_denoiser(config), vae=None)
+  batch['latents'] = batch.pop('video')
+  return state_lib.create_train_state(step_config, mesh, modules=modules, batch_struct=batch,
+                                      init=_vdm_init_params)
 
 
 def train_step_cost(config: ml_collections.ConfigDict, mesh_spec: Optional[Dict[str, int]] = None,
                     memory: bool = True) -> Dict[str, Any]:
-  """Compiles one training step (`train_setup`) on abstract state and batch: FLOPs, memory, time."""
+  """Compiles the training step of `train_setup` (`TrainSetup.compile`) on its abstract state and
+  batch: FLOPs, memory, compile seconds."""
   s = train_setup(config, mesh_spec)
-  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-    out = xla_flops(s.step, s.abstract_state, s.batch, memory=memory, jit_kwargs=s.jit_kwargs)
+  compiled, seconds = s.compile()
+  # Lowered again for the global count (the trace is cached); seconds are those of `compile`.
+  out = _compiled_report(s.lower(), compiled, seconds, memory)
   out.update(global_batch_size=config.data.global_batch_size, devices=int(s.mesh.size),
              mesh=dict(s.mesh.shape), trainable_params=s.trainable_params)
   return out

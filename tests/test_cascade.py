@@ -31,6 +31,7 @@ from magicvideo_jax.sampling import interpolation
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax import sample
+from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax import video_io
@@ -60,7 +61,7 @@ def init(config, seed):
   """The config's modules and random numpy weights for every leaf (kernels ~ N(0, 1 / fan_in), norm
   scales ~ 1, the rest small), from `jax.eval_shape` of the init: no init program to compile."""
   modules = models_lib.build_models(config.model)
-  abstract = nn.unbox(jax.eval_shape(lambda k: train.init_params(modules, config, k),
+  abstract = nn.unbox(jax.eval_shape(lambda k: state_lib.init_params(modules, config, k),
                                      jax.random.key(0)))
   rng = np.random.default_rng(seed)
 

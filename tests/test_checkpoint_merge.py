@@ -8,12 +8,13 @@ from flax import traverse_util
 from configs import tiny
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import models as models_lib
+from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 
 
 def _folder(path, config, seed):
   modules = models_lib.build_models(config.model)
-  params = jax.jit(lambda k: nn.unbox(train.init_params(modules, config, k)))(jax.random.key(seed))
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(jax.random.key(seed))
   ckpt_lib.save_pretrained(str(path), config, params, train.build_tokenizer(config))
   return traverse_util.flatten_dict(jax.device_get(params), sep='/')
 

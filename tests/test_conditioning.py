@@ -32,6 +32,7 @@ from magicvideo_jax.data import input_pipeline  # pylint: disable=g-import-not-a
 from magicvideo_jax import context as context_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.weights import torch_layout
 from magicvideo_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+from magicvideo_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.training import train  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
 from magicvideo_jax.models import conditioning  # pylint: disable=g-import-not-at-top
@@ -177,7 +178,7 @@ def stage1_setup():
   config.model.clip = shapes_unsupervised.dual_encoder('tiny')
   context_lib.prepare_config(config)
   modules = models_lib.build_models(config.model)
-  params = jax.jit(lambda k: nn.unbox(train.init_params(modules, config, k)))(jax.random.key(0))
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(jax.random.key(0))
   return config, modules, params
 
 

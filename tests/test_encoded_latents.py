@@ -19,6 +19,8 @@ from magicvideo_jax.tools import encode_latents
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 from magicvideo_jax import losses
 
@@ -110,7 +112,7 @@ def test_latents_batch_equals_encoded_pixel_batch_and_same_loss(encoded):
     np.testing.assert_array_equal(lat[key], pix[key])
 
   modules = models_lib.build_models(pix_config.model)
-  params = jax.jit(lambda k: train.nn.unbox(train.init_params(modules, pix_config, k)))(
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, pix_config, k)))(
       jax.random.key(1))
   params['vae'] = encoded['vae_params']
   schedule = diffusion.Schedule.from_config(pix_config.diffusion)
@@ -123,6 +125,19 @@ def test_latents_batch_equals_encoded_pixel_batch_and_same_loss(encoded):
   rel = abs(values[0] - values[1]) / abs(values[0])
   print(f'loss from pixels {values[0]:.6f}, from stored latents {values[1]:.6f} (rel {rel:.1e})')
   assert rel < 1e-4
+
+
+def test_abstract_batch_of_latents_is_the_first_batch(encoded):
+  """state.abstract_batch with precomputed latents: 'latent_mean', 'latent_std' as the stream has them."""
+  config = _config(encoded, True)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  iterator = train.make_iterator(config, train.build_tokenizer(config))
+  real = train._batch_struct(config, iterator, mesh)  # pylint: disable=protected-access
+  abstract = state_lib.abstract_batch(config, mesh)
+  assert 'latent_mean' in real and 'video' not in real
+  assert abstract.keys() == real.keys()
+  for key, struct in real.items():
+    assert abstract[key] == struct, (key, abstract[key], struct)
 
 
 def test_flag_must_match_the_dataset(encoded):

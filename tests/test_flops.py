@@ -1,4 +1,5 @@
-"""FLOPs accounting: the analytic count agrees with XLA's; the CLI prints parseable JSON.
+"""FLOPs accounting: the analytic count agrees with XLA's; the CLI prints parseable JSON; the train
+step it reports is the one train_and_evaluate compiles.
 
 Nothing here runs a model: every count compiles abstract inputs.
 """
@@ -15,6 +16,8 @@ import pytest
 from configs import tiny
 from configs import vdm_64
 from magicvideo_jax import flops
+from magicvideo_jax.training import state as state_lib
+from magicvideo_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 0.05
@@ -95,3 +98,33 @@ def test_vdm_forward_analytic_matches_xla():
   _check('tiny VDM forward', r['denoiser'])
   # Attention levels follow the design resolution: both levels here, so attention FLOPs are > 0.
   assert r['denoiser']['analytic']['attention'] > 0
+
+
+def test_train_step_report_is_the_step_train_and_evaluate_compiles(shapes_data_dir, tmp_path,
+                                                                   monkeypatch):
+  """train_and_evaluate's own create_train_state arguments (real first batch) compile to the FLOPs
+  and memory that flops.train_step_cost reports from the config alone."""
+  config = tiny.get_config()
+  config.data.update(data_dir=shapes_data_dir, prefetch=0)
+  calls = []
+
+  class Stop(Exception):
+    pass
+
+  def spy(*args, **kwargs):
+    calls.append((args, kwargs))
+    raise Stop
+
+  monkeypatch.setattr(state_lib, 'create_train_state', spy)
+  with pytest.raises(Stop):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  (run_config, mesh), kwargs = calls[0]
+  assert set(kwargs) == {'modules', 'batch_struct'}
+  compiled, _ = state_lib.create_train_state(run_config, mesh, **kwargs).compile()
+  report = flops.train_step_cost(tiny.get_config())
+  print(f'train step: {report["flops"]:.6g} FLOPs per device on {report["devices"]} devices, '
+        f'memory {report["memory"]}')
+  assert report['devices'] == mesh.size
+  assert report['flops'] == float(flops._cost(compiled)['flops'])  # pylint: disable=protected-access
+  assert report['memory'] == flops._memory(compiled)  # pylint: disable=protected-access

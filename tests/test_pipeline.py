@@ -20,7 +20,6 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from magicvideo_jax import MagicVideoPipeline  # The lazy package-level import.
-from magicvideo_jax.weights import convert
 from magicvideo_jax.weights import torch_layout
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax import sample

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 from configs import tiny
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
+from magicvideo_jax import sharding as sharding_lib
+from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,15 +114,15 @@ def test_overfits_a_fixed_batch(shapes_data_dir):
   tokenizer = train.build_tokenizer(config)
   iterator = train.make_iterator(config, tokenizer)
   batch = jax.tree.map(jnp.asarray, train.device_batch(iterator.make_batch(0, 0)))
-  params = jax.jit(lambda k: train.nn.unbox(train.init_params(modules, config, k)))(
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(
       jax.random.key(0))
-  mask = train.trainable_mask(params, config.train.trainable)
-  tx, lr = train.make_optimizer(config)
-  trainable, _ = train.split_params(params, mask)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(trainable), ema_params=trainable)
-  step_fn = train.make_train_step(config, modules, diffusion.Schedule.from_config(config.diffusion),
-                                  tx, lr, mask)
+  mask = state_lib.trainable_mask(params, config.train.trainable)
+  tx, lr = state_lib.make_optimizer(config)
+  trainable, _ = state_lib.split_params(params, mask)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(trainable), ema_params=trainable)
+  step_fn = state_lib.make_train_step(
+      config, modules, diffusion.Schedule.from_config(config.diffusion), tx, lr, mask)
 
   @jax.jit
   def fixed_noise_step(state):
@@ -270,18 +273,18 @@ def test_gradient_accumulation_matches_one_big_batch(shapes_data_dir):
   modules = models_lib.build_models(config.model)
   iterator = train.make_iterator(config, train.build_tokenizer(config))
   batch = jax.tree.map(jnp.asarray, train.device_batch(iterator.make_batch(0, 0)))
-  params = jax.jit(lambda k: train.nn.unbox(train.init_params(modules, config, k)))(
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(
       jax.random.key(0))
-  mask = train.trainable_mask(params, config.train.trainable)
-  tx, lr = train.make_optimizer(config)
-  trainable, _ = train.split_params(params, mask)
-  state = train.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
-                           opt_state=tx.init(trainable), ema_params=trainable)
+  mask = state_lib.trainable_mask(params, config.train.trainable)
+  tx, lr = state_lib.make_optimizer(config)
+  trainable, _ = state_lib.split_params(params, mask)
+  state = state_lib.TrainState(step=jnp.asarray(7, jnp.int32), params=params,
+                               opt_state=tx.init(trainable), ema_params=trainable)
   schedule = diffusion.Schedule.from_config(config.diffusion)
   results = {}
   for accum in (1, 2):
     config.train.grad_accum_steps = accum
-    step = jax.jit(train.make_train_step(config, modules, schedule, tx, lr, mask))
+    step = jax.jit(state_lib.make_train_step(config, modules, schedule, tx, lr, mask))
     results[accum] = step(state, batch)
   (state_1, metrics_1), (state_2, metrics_2) = results[1], results[2]
   print(f'loss {float(metrics_1["loss"]):.6f} vs {float(metrics_2["loss"]):.6f}, grad norm '
@@ -292,3 +295,19 @@ def test_gradient_accumulation_matches_one_big_batch(shapes_data_dir):
   worst = max(float(np.max(np.abs(flat_1[k] - flat_2[k]))) for k in flat_1)
   print(f'max abs parameter difference after one step: {worst:.2e}')
   assert worst < 1e-5
+
+
+@pytest.mark.parametrize('variant', ['video', 'image', 'vae'])
+def test_abstract_batch_is_the_first_batch(shapes_data_dir, variant):
+  """state.abstract_batch (flops.py, benchmarks/mfu.py) from the config alone = the global structs
+  of the first real batch that train_and_evaluate compiles its step for."""
+  config = tiny.get_config(variant)
+  config.data.update(data_dir=shapes_data_dir, prefetch=0)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  iterator = train.make_iterator(config, train.build_tokenizer(config))
+  real = train._batch_struct(config, iterator, mesh)  # pylint: disable=protected-access
+  abstract = state_lib.abstract_batch(config, mesh)
+  print({k: (v.shape, v.dtype.name) for k, v in abstract.items()})
+  assert abstract.keys() == real.keys()
+  for key, struct in real.items():
+    assert abstract[key] == struct, (key, abstract[key], struct)

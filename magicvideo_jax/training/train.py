@@ -1,7 +1,8 @@
 """Training: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-Sections: mesh and models -> input pipeline -> train state (sharded init) -> update step (AOT compiled)
--> checkpoint restore -> train loop (metrics, samples, checkpoints, SIGTERM, NaN guard) -> export.
+Sections: mesh and models -> input pipeline -> train state (`state.create_train_state`: sharded, abstract)
+-> update step (AOT compiled) -> checkpoint restore -> train loop (metrics, samples, checkpoints,
+SIGTERM, NaN guard) -> export. The state, the step and the parameter selection live in `state.py`.
 
 The objective is `config.train.objective`, a key of `losses.LOSSES` (diffusion, vae, video_vae, clip,
 interpolation, upscaler).
@@ -9,29 +10,22 @@ Which parameters train is `config.train.trainable`: regexes over paths such as
 `unet/down_blocks_0/attentions_0/transformer_blocks_0/temporal_attn/to_q/kernel`.
 """
 
-import functools
 import logging
 import os
-import re
 import signal
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from clu import metric_writers, periodic_actions
-import einops
 from flax import traverse_util
-import flax
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import optax
 
 from magicvideo_jax import context as context_lib
-from magicvideo_jax import diffusion
 from magicvideo_jax import losses
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
@@ -40,165 +34,17 @@ from magicvideo_jax import video_io
 from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.tools import encode_latents as latents_dataset
+from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import surgery
 
-Params = Dict[str, Any]
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Params  # {'text_encoder', 'vae', 'unet'}: every parameter, frozen or not.
-  opt_state: Any  # Over the trainable subset only.
-  ema_params: Params  # EMA of the trainable subset (nested dict of those leaves only).
+# The names `_make_sample_hook` reads (the state and step live in training/state.py).
+TrainState = state_lib.TrainState
+merge_ema = state_lib.merge_ema
 
 
 # ----------------------------------------------------------------------------------------------------
-# Parameter selection.
-
-
-def trainable_mask(params: Params, patterns) -> Dict[str, bool]:
-  """Flat path -> bool: a path trains when one of the regexes matches it (re.search)."""
-  compiled = [re.compile(p) for p in patterns]
-  flat = traverse_util.flatten_dict(params, sep='/')
-  return {path: any(c.search(path) for c in compiled) for path in flat}
-
-
-def split_params(params: Params, mask: Dict[str, bool]) -> Tuple[Params, Params]:
-  flat = traverse_util.flatten_dict(params, sep='/')
-  trainable = {p: v for p, v in flat.items() if mask[p]}
-  frozen = {p: v for p, v in flat.items() if not mask[p]}
-  return (traverse_util.unflatten_dict(trainable, sep='/'),
-          traverse_util.unflatten_dict(frozen, sep='/'))
-
-
-def merge_params(*trees: Params) -> Params:
-  flat = {}
-  for tree in trees:
-    flat.update(traverse_util.flatten_dict(tree, sep='/'))
-  return traverse_util.unflatten_dict(flat, sep='/')
-
-
-def merge_ema(params: Params, ema_params: Params) -> Params:
-  """Full params with the trainable leaves replaced by their EMA (what sampling uses)."""
-  return merge_params(params, ema_params)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optimizer.
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> Tuple[optax.GradientTransformation, Callable]:
-  tc = config.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
-      decay_steps=max(tc.num_steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.end_lr_factor)
-  tx = optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip_norm),
-      optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=1e-8, weight_decay=tc.weight_decay),
-  )
-  return tx, schedule
-
-
-# ----------------------------------------------------------------------------------------------------
-# Losses.
-
-
-# Every loss takes `keys`: one PRNG key per example [B], derived from (seed, step, example index), so
-# noise, timesteps and posterior samples do not depend on how the batch is split (devices, hosts,
-# gradient-accumulation micro-batches).
-
-
-# ----------------------------------------------------------------------------------------------------
-# Train step.
-
-
-def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr_schedule,
-                    mask: Dict[str, bool]) -> Callable:
-  """(state, batch) -> (state, metrics). Gradient accumulation over `config.train.grad_accum_steps`."""
-  objective = config.train.objective
-  if objective not in losses.LOSSES:
-    raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(losses.LOSSES)}')
-  loss_fn = functools.partial(losses.LOSSES[objective], modules=modules, schedule=schedule, config=config)
-  accum = config.train.grad_accum_steps
-  base_key = jax.random.key(config.seed)
-
-  def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-    trainable, frozen = split_params(state.params, mask)
-    step_key = jax.random.fold_in(base_key, state.step)
-    batch_size = jax.tree.leaves(batch)[0].shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(batch_size))
-
-    def compute(trainable, micro_batch, micro_keys):
-      (loss, aux), grads = jax.value_and_grad(
-          lambda t: loss_fn(merge_params(frozen, t), micro_batch, micro_keys), has_aux=True)(trainable)
-      return loss, aux, grads
-
-    if accum == 1:
-      loss, aux, grads = compute(trainable, batch, keys)
-    else:  # Micro-batches in a scan: activations of one micro-batch live at a time.
-      micro = jax.tree.map(lambda x: einops.rearrange(x, '(a b) ... -> a b ...', a=accum),
-                           (batch, keys))
-
-      def body(carry, xs):
-        carry = jax.tree.map(jnp.add, carry, compute(trainable, *xs))
-        return carry, None
-
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          compute, trainable, *jax.tree.map(lambda x: x[0], micro)))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
-      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    decay = config.train.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, trainable)
-    new_state = state.replace(step=state.step + 1, params=merge_params(frozen, trainable),
-                              opt_state=opt_state, ema_params=ema)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                   learning_rate=lr_schedule(state.step), **aux)
-    return new_state, metrics
-
-  return train_step
-
-
-# ----------------------------------------------------------------------------------------------------
-# Initialisation.
-
-
-def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> Dict[str, Any]:
-  """Smallest inputs that create every parameter of the three models."""
-  mc = config.model
-  frames = config.data.num_frames
-  res = config.data.resolution
-  down = 2 ** (len(mc.vae.block_out_channels) - 1)
-  latent = res // down
-  return dict(
-      input_ids=jnp.zeros((batch, mc.text_encoder.max_position_embeddings), jnp.int32),
-      image=jnp.zeros((batch, res, res, mc.vae.in_channels), jnp.float32),
-      latents=jnp.zeros((batch, frames, latent, latent, mc.unet.in_channels), jnp.float32),
-      timesteps=jnp.zeros((batch,), jnp.int32),
-      context=jnp.zeros((batch, mc.text_encoder.max_position_embeddings, mc.unet.cross_attention_dim),
-                        jnp.float32),
-      fps=jnp.ones((batch,), jnp.float32),
-  )
-
-
-def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> Params:
-  """Boxed (logically partitioned) params of all the models (context.init_params adds the CLIP
-  dual encoder and the embedding-to-context layer where the config has them)."""
-  x = dummy_inputs(config)
-  k_text, k_vae, k_unet = jax.random.split(key, 3)
-  # An upscaler U-Net embeds the noise level of its low-res input as a class.
-  labels = jnp.zeros((1,), jnp.int32) if config.model.unet.get('num_class_embeds') else None
-  params = dict(
-      text_encoder=modules['text_encoder'].init(k_text, x['input_ids'])['params'],
-      vae=modules['vae'].init(k_vae, x['image'])['params'],
-      unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'],
-                                class_labels=labels)['params'],
-  )
-  return context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
+# Input pipeline.
 
 
 DEVICE_KEYS = ('video', 'latents', 'latent_mean', 'latent_std', 'input_ids', 'fps', 'frame_mask',
@@ -275,11 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---------------------------------------------------------------------------------- mesh, models
   mesh = sharding_lib.create_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
   logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), jax.device_count(),
                jax.process_count())
   modules = models_lib.build_models(config.model)
-  schedule = diffusion.Schedule.from_config(config.diffusion)
   tokenizer = build_tokenizer(config)
   if tc.objective == 'diffusion':
     logging.info('U-Net context: %s', context_lib.describe(config.model))
@@ -294,45 +138,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   latents_metadata = latents_dataset_metadata(config)
 
   # ---------------------------------------------------------------------------------- train state
-  tx, lr_schedule = make_optimizer(config)
-  # rbg keys compile the big init much faster than threefry; the step's keys stay threefry.
-  init_key = jax.random.key(config.seed, impl='rbg')
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(functools.partial(init_params, modules, config), init_key)
-  abstract_params = nn.unbox(boxed)
-  mask = trainable_mask(abstract_params, tc.trainable)
-  n_train = sum(int(np.prod(v.shape)) for p, v in traverse_util.flatten_dict(
-      abstract_params, sep='/').items() if mask[p])
-  n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract_params))
-  if n_train == 0:
-    raise ValueError(f'config.train.trainable={tuple(tc.trainable)} matches no parameter')
-  logging.info('parameters: %s total, %s trainable', f'{n_total:,}', f'{n_train:,}')
-
-  def init_state(key):
-    """Boxed state: the optimizer moments inherit the logical axes of their parameters."""
-    params = init_params(modules, config, key)
-    trainable, _ = split_params(params, mask)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable),
-                      ema_params=trainable)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed_state = jax.eval_shape(init_state, init_key)
-  state_shardings = sharding_lib.logical_shardings(boxed_state, mesh, rules)
-  param_shardings = state_shardings.params
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(boxed_state), state_shardings)
+  # Abstract and sharded (state.create_train_state, also what flops.py counts); allocated below.
+  setup = state_lib.create_train_state(config, mesh, modules=modules,
+                                       batch_struct=_batch_struct(config, train_iter, mesh))
 
   # ---------------------------------------------------------------------------------- update step
-  train_step = make_train_step(config, modules, schedule, tx, lr_schedule, mask)
-  batch_struct = _batch_struct(config, train_iter, mesh)
-  batch_shardings = jax.tree.map(lambda s: s.sharding, batch_struct)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                       out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                       donate_argnums=0)
-    t0 = time.time()
-    compiled_step = jit_step.lower(abstract_state, batch_struct).compile()
-  compile_seconds = time.time() - t0
+  compiled_step, compile_seconds = setup.compile()
   step_flops = _flops(compiled_step)
   logging.info('train step compiled in %.1f s; %.3g FLOPs per step per device', compile_seconds,
                step_flops or float('nan'))
@@ -344,18 +155,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   latest = manager.latest_step()
   if latest is not None:
     logging.info('resuming from %s step %d', manager.directory, latest)
-    state, data_state = ckpt_lib.restore_train_state(manager, latest, abstract_state)
+    state, data_state = ckpt_lib.restore_train_state(manager, latest, setup.abstract_state)
     train_iter.set_state(data_state)
   else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
+    state = setup.init_fn(setup.init_key)
     if tc.get('init_from') or context_lib.uses_clip_embedding(config.model):
       params = jax.device_get(state.params)
       if tc.get('init_from'):
         params = surgery.load_init_checkpoint(params, tc.init_from, tc.get('init_from_include', ('.*',)))
       params = context_lib.load_frozen_encoder(params, config)  # conditioning.clip_dir, if set.
-      params = jax.device_put(params, param_shardings)
-      trainable, _ = split_params(params, mask)
+      params = jax.device_put(params, setup.param_shardings)
+      trainable, _ = state_lib.split_params(params, setup.mask)
       # The EMA starts equal to the params but must not share their (donated) buffers.
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, trainable))
   start_step = int(jax.device_get(state.step))
@@ -410,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---------------------------------------------------------------------------------- export
   if tc.export:
     export_dir = os.path.join(workdir, ckpt_lib.EXPORT_DIR)
-    params = merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
+    params = state_lib.merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
     export_config = _export_config(config)
     if tc.objective == 'vae':
       scale = latent_scaling_factor(modules['vae'], params['vae'], train_iter, mesh)
