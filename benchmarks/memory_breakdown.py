@@ -8,6 +8,8 @@ e.g. the softmax of every spatial attention shows as one line).
 
   python -m benchmarks.memory_breakdown --config=configs/sd15_256.py --num_cpu_devices 1 \
       --mesh data=1,fsdp=1 --config.data.global_batch_size=1 [--top 30] [--json]
+  python -m benchmarks.memory_breakdown --config=configs/sd15_256.py --residuals 8  # no compile
+  python -m benchmarks.memory_breakdown --remat_probe  # does this compiler keep jax.checkpoint?
 
 Only the memory of one program: XLA:CPU's buffer assignment (what this machine can compile), which
 upcasts bf16 dots/convolutions to f32 and schedules differently from GPU/TPU.
@@ -34,6 +36,10 @@ _MESH = flags.DEFINE_string('mesh', None, 'Mesh, e.g. "data=8,fsdp=1" (default c
 _DEVICES = flags.DEFINE_integer('num_cpu_devices', None, 'Fake CPU devices.')
 _TOP = flags.DEFINE_integer('top', 25, 'Rows per table.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON document.')
+_RESIDUALS = flags.DEFINE_integer(
+    'residuals', 0, 'Instead of compiling: the activations autodiff saves for the backward of '
+    'this many clips (traced; per device = global batch / batch shards).')
+_PROBE = flags.DEFINE_bool('remat_probe', False, 'Only check whether this backend keeps remat.')
 _DUMP = flags.DEFINE_string('dump_dir', None, 'Keep the XLA dump here (default: a temp dir).')
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\(')
@@ -153,6 +159,98 @@ def run(config, mesh_spec: Optional[Dict[str, int]], dump_dir: str, top: int) ->
   return r
 
 
+def saved_residuals(config, clips: int, top: int = 25) -> Dict[str, Any]:
+  """What autodiff keeps for the backward of the loss of `clips` clips, by the program, not a
+  compiler: `jax.vjp` residuals of the loss w.r.t. the trainable parameters (traced, no compile).
+
+  Activations (outputs of ops) are summed apart from residuals that are parameters or the batch,
+  which live anyway. The same on every backend: what a compiler that keeps the program's remat
+  (GPU, TPU) holds between forward and backward, before its own working set.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import flops  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from magicvideo_jax import diffusion  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  config = type(config)(config.to_dict())
+  config.data.global_batch_size = clips
+  modules, init_params = flops._train_modules_and_init(config)  # pylint: disable=protected-access
+  key = jax.random.key(0)
+  params = nn.unbox(jax.eval_shape(functools.partial(init_params, modules, config), key))
+  mask = train_lib.trainable_mask(params, config.train.trainable)
+  schedule = diffusion.Schedule.from_config(config.diffusion)
+  loss_fn = functools.partial(train_lib.LOSSES[config.train.objective], modules=modules,
+                              schedule=schedule, config=config)
+  f, r = config.data.num_frames, config.data.resolution
+  length = config.model.text_encoder.max_position_embeddings
+  batch = dict(video=jax.ShapeDtypeStruct((clips, f, r, r, 3), jnp.float32),
+               input_ids=jax.ShapeDtypeStruct((clips, length), jnp.int32),
+               fps=jax.ShapeDtypeStruct((clips,), jnp.float32),
+               frame_mask=jax.ShapeDtypeStruct((clips, f), jnp.bool_))
+  if config.data.get('precomputed_latents', False):
+    vae = config.model.vae
+    side = r // 2 ** (len(vae.block_out_channels) - 1)
+    del batch['video']
+    for k in ('latent_mean', 'latent_std'):
+      batch[k] = jax.ShapeDtypeStruct((clips, f, side, side, vae.latent_channels), jnp.float32)
+  found = []
+
+  def trace(params, batch):
+    trainable, frozen = train_lib.split_params(params, mask)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(clips))
+    loss = lambda t: loss_fn(train_lib.merge_params(frozen, t), batch, keys)[0]
+    found.extend(ad_checkpoint.saved_residuals(loss, trainable))
+    return 0
+
+  jax.eval_shape(trace, params, batch)
+  groups: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+  total = 0
+  for aval, src in found:
+    if not src.startswith('output of'):
+      continue  # Parameters, the batch, constants: live anyway.
+    size = int(np.prod(aval.shape)) * aval.dtype.itemsize
+    total += size
+    where = re.sub(r'_\d+', '_N', src)
+    g = groups[f'{aval.str_short(short_dtypes=True)} {where}'[:150]]
+    g[0] += size
+    g[1] += 1
+  rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+  return dict(clips=clips, activation_bytes=total, count=len(found),
+              largest=[dict(what=k, bytes=b, count=n) for k, (b, n) in rows])
+
+
+def remat_probe(layers: int = 16, rows: int = 8192, width: int = 512) -> Dict[str, Any]:
+  """Does this backend's compiler keep `jax.checkpoint`? Gradient of a chain of residual MLP blocks
+  with and without remat: compiled temporaries and dot count (recomputation adds 2 dots a block).
+
+  A compiler that keeps remat needs about `layers` saved inputs (plus a working set) with it and
+  ~3 activations a block without it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  out = {}
+  for remat in (False, True):
+    def block(x, w):
+      return jnp.tanh(jnp.tanh(x @ w) @ w.T) + x
+
+    def loss(ws, x, remat=remat):
+      for w in ws:
+        x = (jax.checkpoint(block) if remat else block)(x, w)
+      return jnp.sum(x ** 2)
+
+    ws = [jax.ShapeDtypeStruct((width, width), jnp.float32)] * layers
+    x = jax.ShapeDtypeStruct((rows, width), jnp.float32)
+    compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+    out['remat' if remat else 'no_remat'] = dict(
+        temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
+        dots=compiled.as_text().count(' dot('))
+  out['one_activation_bytes'] = rows * width * 4
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   from magicvideo_jax import flops  # pylint: disable=g-import-not-at-top
@@ -160,6 +258,22 @@ def main(argv: Sequence[str]) -> None:
   if _DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   dump = os.environ['_MEMORY_BREAKDOWN_DUMP']
+  if _PROBE.value:
+    shutil.rmtree(dump, ignore_errors=True)
+    r = remat_probe()
+    print(f'{jax.default_backend()}: 16 residual MLP blocks, one activation '
+          f'{_fmt(r["one_activation_bytes"])}; gradient temporaries without remat '
+          f'{_fmt(r["no_remat"]["temp_bytes"])} ({r["no_remat"]["dots"]} dots), with jax.checkpoint '
+          f'{_fmt(r["remat"]["temp_bytes"])} ({r["remat"]["dots"]} dots)')
+    return
+  if _RESIDUALS.value:
+    shutil.rmtree(dump, ignore_errors=True)
+    r = saved_residuals(_CONFIG.value, _RESIDUALS.value, _TOP.value)
+    print(f'saved for the backward, {r["clips"]} clip(s): {_fmt(r["activation_bytes"])} of '
+          f'activations ({r["count"]} residuals in all)')
+    for row in r['largest']:
+      print(f'  {_fmt(row["bytes"]):>11}  x{row["count"]:<4} {row["what"]}')
+    return
   try:
     r = run(_CONFIG.value, flops.parse_mesh(_MESH.value), dump, _TOP.value)
   finally:
