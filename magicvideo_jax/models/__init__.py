@@ -54,7 +54,8 @@ def build_unet(model_config: Any):
   from magicvideo_jax.models.unet import UNet
   return UNet(**_fields(model_config.unet), **dtypes(model_config),
               attention_impl=model_config.get('attention_impl', None),
-              remat=model_config.get('remat', False))
+              remat=model_config.get('remat', False),
+              remat_policy=model_config.get('remat_policy', None))
 
 
 def build_models(model_config: Any) -> Dict[str, Any]:
