@@ -15,6 +15,7 @@ Only the memory of one program: XLA:CPU's buffer assignment (what this machine c
 upcasts bf16 dots/convolutions to f32 and schedules differently from GPU/TPU.
 """
 
+import atexit
 import collections
 import functools
 import glob
@@ -295,7 +296,9 @@ def _with_dump_flags() -> None:
       dump = a.split('=', 1)[1]
     elif a == '--dump_dir' and i + 1 < len(sys.argv):
       dump = sys.argv[i + 1]
-  dump = dump or tempfile.mkdtemp(prefix='memory_breakdown_')
+  if not dump:  # Removed at exit: later compiles (e.g. jit_stage) write into it too.
+    dump = tempfile.mkdtemp(prefix='memory_breakdown_')
+    atexit.register(shutil.rmtree, dump, True)
   os.makedirs(dump, exist_ok=True)
   os.environ['_MEMORY_BREAKDOWN_DUMP'] = dump
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump} '
