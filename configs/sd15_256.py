@@ -25,6 +25,9 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
   config = common.base_config()
   config.model.dtype = 'bfloat16'  # Compute dtype on TPU/GPU; parameters stay float32.
   config.model.remat = True
+  # Per call: cuDNN flash on GPU, chunked softmax for the 1024-token self-attention elsewhere
+  # (the full fp32 logits of the 32x32 levels dominate the train step's memory otherwise).
+  config.model.attention_impl = 'auto'
   config.tokenizer.kind = 'clip'
   config.data.update(num_frames=16, resolution=256, global_batch_size=64, frame_stride_range=(1, 4),
                      caption_dropout=0.1)

@@ -205,8 +205,13 @@ def base_config() -> ml_collections.ConfigDict:
       text_encoder=text_encoder_sd15(), vae=vae_sd15(), unet=unet_sd15(),
       dtype='float32',  # Compute dtype: 'bfloat16' on TPU/GPU.
       param_dtype='float32',
-      attention_impl=placeholder(str),  # None (XLA), 'xla' or 'cudnn'.
+      # None / 'xla' (XLA), 'cudnn' (flash where it can run), 'chunked' (query chunks), 'auto'
+      # (picked per call: cuDNN, Pallas TPU, chunked for long sequences, XLA); models/attention.py.
+      attention_impl=placeholder(str),
       remat=False,
+      # U-Net remat policy (models/unet.REMAT_POLICIES): 'none', 'full', 'dots_saveable',
+      # 'dots_with_no_batch_dims_saveable', 'offload_dots'; None = 'full' if remat else 'none'.
+      remat_policy=placeholder(str),
       video_vae=video_vae_defaults(),
       # The U-Net's context (magicvideo_jax/context.py): 'text_tokens' (SD), or 'clip_embedding'
       # (unsupervised pre-training: a frozen CLIP dual encoder's image (stage 1) or text (stage 2)

@@ -362,3 +362,28 @@ def test_sd15_parameter_counts():
   assert n_image == torch_count == 859_520_964
   assert set(flat(image_shapes)) <= set(flat(video_shapes))
   assert n_video - n_image == sum(added.values())
+
+
+@pytest.mark.parametrize('policy', ['none', 'dots_saveable', 'dots_with_no_batch_dims_saveable'])
+def test_remat_policies_same_gradients(data, policy):
+  """Every remat policy computes the same loss gradient as 'full' (model.remat=True alone)."""
+  x = data.x
+  ctx = data.ctx
+  base = UNet(**TINY, num_frames=NUM_FRAMES, remat=True)
+  params = base.init(jax.random.key(0), x, data.t, ctx)['params']
+
+  def grads(model):
+    loss = lambda p: jnp.sum(jnp.square(model.apply({'params': p}, x, data.t, ctx)))
+    return jax.jit(jax.grad(loss))(params)
+
+  ref = flat(grads(base))
+  out = flat(grads(UNet(**TINY, num_frames=NUM_FRAMES, remat=True, remat_policy=policy)))
+  err = max(rel_err(out[k], ref[k]) for k in ref if np.abs(np.asarray(ref[k])).max() > 0)
+  print(f'remat_policy={policy} vs full: max rel err of the gradients {err:.2e}')
+  assert err <= 1e-5
+
+
+def test_remat_policy_validated(data):
+  model = UNet(**TINY, remat_policy='everything')
+  with pytest.raises(ValueError, match='remat_policy'):
+    jax.eval_shape(model.init, jax.random.key(0), data.x, data.t, data.ctx)

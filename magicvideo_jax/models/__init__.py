@@ -45,7 +45,7 @@ def encode_frames(vae, vae_params, frames, scaling_factor: float):
 def build_unet(model_config: Any):
   return UNet(**layers.config_fields(model_config.unet), **layers.config_dtypes(model_config),
               attention_impl=model_config.attention_impl,
-              remat=model_config.remat)
+              remat=model_config.remat, remat_policy=model_config.remat_policy)
 
 
 def build_models(model_config: Any) -> Dict[str, Any]:

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magicvideo_jax.models import attention as attention_lib
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -89,6 +91,7 @@ def dot_product_attention(
     value: jax.Array,
     *,
     mask: Optional[jax.Array] = None,
+    is_causal: bool = False,
     implementation: Optional[str] = None,
 ) -> jax.Array:
   """The single attention entry point of the project.
@@ -96,16 +99,16 @@ def dot_product_attention(
   Args:
     query: `[B, Tq, N, D]`; key, value: `[B, Tk, N, D]`.
     mask: optional boolean, broadcastable to `[B, N, Tq, Tk]`; True = attend.
-    implementation: None (XLA; JAX picks), 'xla' or 'cudnn' (fused flash attention on GPU).
+    is_causal: query i attends to keys <= i (no mask materialised where the kernel supports it).
+    implementation: None or 'xla' (XLA), 'cudnn' (fused flash attention on GPU where it can run),
+      'chunked' (query-chunked, memory-bounded) or 'auto' (picked per call); see
+      `magicvideo_jax.models.attention`.
 
   Returns:
     `[B, Tq, N, D]`.
   """
-  if implementation == 'cudnn' and mask is not None:
-    # cuDNN takes masks as an additive bias of the compute dtype.
-    bias = jnp.where(mask, 0.0, jnp.finfo(query.dtype).min).astype(query.dtype)
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, implementation='cudnn')
-  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+  return attention_lib.attention(query, key, value, mask=mask, is_causal=is_causal,
+                             implementation=implementation)
 
 
 def timestep_embedding(

@@ -123,7 +123,8 @@ class Attention(nn.Module):
 
   `context` `[B, L, D]` (cross-attention) defaults to `x`. `mask` is boolean, broadcastable to
   `[B, N, T, L]`. `post_mask` `[T, L]` multiplies the attention weights after the softmax (rows not
-  renormalised). `positions` `[T]` switches on rotary embeddings of q and k.
+  renormalised). `positions` `[T]` switches on rotary embeddings of q and k. `is_causal`: position
+  t attends to <= t, without a mask (the fused kernels skip the masked half).
   """
   heads: int
   dim_head: int
@@ -135,7 +136,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
                mask: Optional[jax.Array] = None, post_mask: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None) -> jax.Array:
+               positions: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.dim_head
     context = x if context is None else context
@@ -146,7 +147,8 @@ class Attention(nn.Module):
     if positions is not None:
       q, k = apply_rope(q, positions), apply_rope(k, positions)
     if post_mask is None:
-      out = layers.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+      out = layers.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                         implementation=self.attention_impl)
     else:
       logits = jnp.einsum('bqnd,bknd->bnqk', q, k).astype(jnp.float32) / jnp.sqrt(self.dim_head)
       if mask is not None:
@@ -276,11 +278,15 @@ class BasicTransformerBlock(nn.Module):
     t = layers.constrain(t, ('batch', 'frames', 'channels'))
     t = layers.layer_norm(name='temporal_norm', **kw)(t)
     attend, post = temporal_masks(self.frames, self.temporal_mask, frame_mask)
+    # Plain causal (no image frames): the kernel's causal flag instead of a tril mask.
+    is_causal = self.temporal_mask == 'causal' and frame_mask is None
+    attend = None if is_causal else attend
     if attend is not None and attend.shape[0] > 1:
       attend = jnp.repeat(attend, length, axis=0)  # [B, 1, F, F] -> [(b l), 1, F, F]
     positions = jnp.arange(self.frames) if self.temporal_position == 'rope' else None
     t = Attention(self.heads, self.dim_head, zero_out=True, attention_impl=self.attention_impl,
-                  name='temporal_attn', **kw)(t, mask=attend, post_mask=post, positions=positions)
+                  name='temporal_attn', **kw)(t, mask=attend, post_mask=post, positions=positions,
+                                                is_causal=is_causal)
     if frame_mask is not None:  # Image frames get no temporal contribution.
       t = t * jnp.repeat(frame_mask.astype(t.dtype), length, axis=0)[:, :, None]
     return einops.rearrange(t, '(b l) f c -> (b f) l c', l=length)
@@ -363,6 +369,29 @@ class Upsample2D(nn.Module):
     return layers.conv(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'offload_dots')
+
+
+def resolve_remat_policy(remat: bool, remat_policy: Optional[str]) -> str:
+  """`model.remat_policy` if set, else 'full' for `model.remat=True` (the behaviour before the
+  policy existed: keep only each block's inputs) and 'none' without remat."""
+  policy = remat_policy or ('full' if remat else 'none')
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={policy!r}; valid: {REMAT_POLICIES}')
+  return policy
+
+
+def checkpoint_policy(policy: str):
+  """`jax.checkpoint_policies` entry of a `REMAT_POLICIES` name ('full': None, save nothing)."""
+  cp = jax.checkpoint_policies
+  if policy == 'full':
+    return None
+  if policy == 'offload_dots':  # Weight-stationary dot outputs go to host memory, not recomputed.
+    return cp.offload_dot_with_no_batch_dims('device', 'pinned_host')
+  return getattr(cp, policy)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
   """The U-Net fields every level shares (norms, video extensions, dtypes, remat)."""
@@ -376,8 +405,16 @@ class BlockConfig:
   temporal_position: str
   attention_impl: Optional[str]
   remat: bool
+  remat_policy: Optional[str]
   dtype: Dtype
   param_dtype: Dtype
+
+  def remat_wrap(self, cls):
+    """`cls` under `nn.remat` with the policy `remat` / `remat_policy` name (or `cls` for 'none')."""
+    policy = resolve_remat_policy(self.remat, self.remat_policy)
+    if policy == 'none':
+      return cls
+    return nn.remat(cls, policy=checkpoint_policy(policy))
 
 
 class UNetBlock(nn.Module):
@@ -400,14 +437,14 @@ class UNetBlock(nn.Module):
 
   def _resnet(self, i: int):
     u = self.config
-    cls = nn.remat(ResnetBlock2D) if u.remat else ResnetBlock2D
+    cls = u.remat_wrap(ResnetBlock2D)
     return cls(self.out_channels, norm_num_groups=u.norm_num_groups, norm_eps=u.norm_eps,
                frame_adaptor=u.frame_adaptor, num_frames=u.num_frames, frames=self.frames,
                dtype=u.dtype, param_dtype=u.param_dtype, name=f'resnets_{i}')
 
   def _attention(self, i: int):
     u = self.config
-    cls = nn.remat(Transformer2DModel) if u.remat else Transformer2DModel
+    cls = u.remat_wrap(Transformer2DModel)
     return cls(self.heads, self.out_channels // self.heads, norm_num_groups=u.norm_num_groups,
                use_linear_projection=u.use_linear_projection,
                only_cross_attention=self.only_cross_attention,
@@ -461,7 +498,8 @@ class UNet(nn.Module):
   Fields are the keys of `configs/common.unet_sd15()` (see there and the module docstring), plus the
   upscaler options `num_class_embeds` and `only_cross_attention` (set by the converter from a diffusers
   config), `dtype`, `param_dtype`, `attention_impl` (passed to `layers.dot_product_attention`) and
-  `remat` (rematerialise every res block and transformer block).
+  `remat` (rematerialise every res block and transformer block), `remat_policy` (what the remat
+  keeps: see `REMAT_POLICIES`; None = 'full' with `remat`, 'none' without).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -490,6 +528,7 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: bool = False
+  remat_policy: Optional[str] = None
 
   def _check_config(self, height: int, width: int, frames: int) -> None:
     levels = len(self.block_out_channels)

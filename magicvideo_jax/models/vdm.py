@@ -103,7 +103,9 @@ class SelfAttention(nn.Module):
       bias = bias.astype(q.dtype)
       if mask is not None:
         bias = jnp.where(mask, bias, jnp.finfo(q.dtype).min)
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=s.attention_impl)
+      # The selector has no bias path: 'auto' / 'chunked' run jax's default here.
+      impl = s.attention_impl if s.attention_impl in ('xla', 'cudnn') else None
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
     out = einops.rearrange(out, 'n t h d -> n t (h d)')
     return layers.dense(channels, name='out', zero_init=True, **s.kw)(out)
 
