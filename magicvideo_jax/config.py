@@ -264,6 +264,12 @@ def base_config() -> ml_collections.ConfigDict:
       sample_prompts=('a red circle moving left',),
       export=True,  # Write workdir/model (a pretrained folder) at the end.
       export_ema=True,
+      # Resume even if the checkpoint's model config differs (its arrays must still fit).
+      allow_config_change=False,
+      # Profiler trace (TensorBoard's profile tab) of profile_num_steps steps every profile_every
+      # steps (0: never), from the first multiple of profile_every after the compile.
+      profile_every=0,
+      profile_num_steps=5,
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=logical_axis_rules()))

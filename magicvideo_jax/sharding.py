@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -85,3 +86,11 @@ def to_global_batch(local_batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x),
       local_batch)
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of global arrays on every host: `device_get` on one process, an all-gather of the
+  shards on several (where `np.asarray` of a batch-sharded array raises)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  return multihost_utils.process_allgather(tree, tiled=True)

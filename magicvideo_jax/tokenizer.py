@@ -10,6 +10,7 @@ import re
 from typing import Dict, Iterable, List, Sequence
 import warnings
 
+from etils import epath
 import numpy as np
 
 WORDS_FILE = 'words_tokenizer.json'
@@ -65,15 +66,15 @@ class WordTokenizer:
     return ids
 
   def save(self, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
+    folder = epath.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     words = [w for w in self.vocab if w not in self.SPECIALS]
-    with open(os.path.join(folder, WORDS_FILE), 'w') as f:
-      json.dump({'words': words, 'max_length': self.max_length}, f, indent=1)
+    (folder / WORDS_FILE).write_text(json.dumps({'words': words, 'max_length': self.max_length},
+                                                indent=1))
 
   @classmethod
   def load(cls, folder: str) -> 'WordTokenizer':
-    with open(os.path.join(folder, WORDS_FILE)) as f:
-      spec = json.load(f)
+    spec = json.loads((epath.Path(folder) / WORDS_FILE).read_text())
     return cls(spec['words'], spec['max_length'])
 
 

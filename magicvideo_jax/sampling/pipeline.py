@@ -359,7 +359,7 @@ class MagicVideoPipeline:
              f'steps in {time.time() - self._t_start:.1f} s')
     if interpolator is not None or upscaler is not None:
       stages = cascade.run_stages(
-          self, np.asarray(z0)[:b], prompts, negatives, seed=req.seed, fps=fps_value,
+          self, sharding_lib.to_host(z0)[:b], prompts, negatives, seed=req.seed, fps=fps_value,
           interpolate=interpolate, upscale=upscale, interpolation_steps=interpolation_steps,
           interpolation_guidance_scale=interpolation_guidance_scale, upscale_steps=upscale_steps,
           upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
@@ -368,7 +368,7 @@ class MagicVideoPipeline:
         return stages.get('upscaled_latents', stages['latents'])
       frames = stages.get('upscaled', stages['frames'])
     elif output_type == 'latent':
-      return np.asarray(z0)[:b]
+      return sharding_lib.to_host(z0)[:b]
     else:
       frames = self.decode(z0, use_video_vae)[:b]
     return request_lib.to_output(frames, output_type)
@@ -384,7 +384,7 @@ class MagicVideoPipeline:
     decode = self._compile(('decode', tuple(z.shape), use_video_vae),
                            lambda: self._decode.lower(self.params, z, use_video_vae))
     t0 = time.time()
-    frames = np.asarray(jax.block_until_ready(decode(self.params, z)))[:b]
+    frames = sharding_lib.to_host(jax.block_until_ready(decode(self.params, z)))[:b]
     self.log(f'decoded {b * latents.shape[1]} frames in {time.time() - t0:.1f} s')
     return frames
 

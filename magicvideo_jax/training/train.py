@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
@@ -35,6 +36,7 @@ from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.tools import encode_latents as latents_dataset
 from magicvideo_jax.training import state as state_lib
+from magicvideo_jax.training import workdir as workdir_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import surgery
 
@@ -89,13 +91,21 @@ def build_tokenizer(config: ml_collections.ConfigDict):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step (single-process runs only).
 
-  def __init__(self):
+  On several processes the handler would replace JAX's preemption notifier, and each host would
+  stop at its own step; there the coordination service's sync point decides
+  (`CheckpointManager.reached_preemption`), so every host saves the same step.
+  """
+
+  def __init__(self, enabled: bool = True):
     self.requested = False
+    self.enabled = enabled
     self._previous = None
 
   def __enter__(self):
+    if not self.enabled:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
@@ -112,11 +122,68 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+def workdir_path(workdir: Any) -> epath.Path:
+  """The workdir as a path object: local paths made absolute, URLs (gs://...) kept as they are."""
+  text = os.fspath(workdir)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
+def _lock_workdir(workdir: epath.Path) -> workdir_lib.WorkdirLock:
+  """Process 0 locks the workdir; every process learns whether it could (no host waits alone)."""
+  lock = workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lib.WorkdirLockedError as e:
+    error = e
+  if jax.process_count() > 1:
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      error = workdir_lib.WorkdirLockedError(f'{workdir} is in use by another run (see its '
+                                             f'{workdir_lib.LOCK_FILE} file)')
+  if error is not None:
+    raise error
+  return lock
+
+
+def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """The run's whole config as JSON in the workdir (process 0), and one line about it in the log."""
+  path = workdir / 'config.json'
+  if jax.process_index() == 0:
+    path.write_text(ckpt_lib.config_to_json(config))
+  tc = config.train
+  logging.info('config: %s (%d keys); objective %s, %d steps, global batch %d, lr %g', path,
+               len(_flat_config(config)), tc.objective, tc.num_steps, config.data.global_batch_size,
+               tc.learning_rate)
+
+
+def _make_writer(workdir: epath.Path):
+  """(writer, hparams writer): metrics to the log and TensorBoard; hyperparameters to TensorBoard only
+  (the log line would be the whole config)."""
+  if jax.process_index() > 0:
+    writer = metric_writers.LoggingWriter()
+    return writer, None
+  summary = metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
+  return metric_writers.MultiWriter([metric_writers.LoggingWriter(), summary]), summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> TrainState:
+  """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state.
+
+  `workdir` may be a local path or a URL that etils.epath and Orbax read (gs://...). One run holds it
+  at a time (`training/workdir.py`).
+  """
+  workdir = workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   config = context_lib.resolve_derived(config)
+  lock = _lock_workdir(workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> TrainState:
   tc = config.train
 
   # ---------------------------------------------------------------------------------- mesh, models
@@ -127,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tokenizer = build_tokenizer(config)
   if tc.objective == 'diffusion':
     logging.info('U-Net context: %s', context_lib.describe(config.model))
+  _write_config(workdir, config)
 
   # ---------------------------------------------------------------------------------- input pipeline
   batch_size = config.data.global_batch_size
@@ -142,27 +210,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   setup = state_lib.create_train_state(config, mesh, modules=modules,
                                        batch_struct=_batch_struct(config, train_iter, mesh))
 
-  # ---------------------------------------------------------------------------------- update step
-  compiled_step, compile_seconds = setup.compile()
-  step_flops = _flops(compiled_step)
-  logging.info('train step compiled in %.1f s; %.3g FLOPs per step per device', compile_seconds,
-               step_flops or float('nan'))
-
   # ---------------------------------------------------------------------------------- checkpoint load
+  # Before compiling: a checkpoint of another model fails at once.
   manager = ckpt_lib.make_manager(workdir, keep=tc.keep_checkpoints,
                                   save_interval_steps=tc.checkpoint_every,
                                   async_save=tc.async_checkpointing)
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info('resuming from %s step %d', manager.directory, latest)
-    state, data_state = ckpt_lib.restore_train_state(manager, latest, setup.abstract_state)
+  restored = ckpt_lib.restore_latest(manager, setup.abstract_state, config,
+                                     allow_config_change=tc.allow_config_change)
+  if restored is not None:
+    latest, state, data_state = restored
+    logging.info('resumed from %s step %d', manager.directory, latest)
     train_iter.set_state(data_state)
   else:
     state = setup.init_fn(setup.init_key)
-    if tc.get('init_from') or context_lib.uses_clip_embedding(config.model):
-      params = jax.device_get(state.params)
-      if tc.get('init_from'):
-        params = surgery.load_init_checkpoint(params, tc.init_from, tc.get('init_from_include', ('.*',)))
+    if tc.init_from or context_lib.uses_clip_embedding(config.model):
+      params = multihost_utils.process_allgather(state.params, tiled=True)
+      if tc.init_from:
+        params = surgery.load_init_checkpoint(params, tc.init_from, tc.init_from_include)
       params = context_lib.load_frozen_encoder(params, config)  # conditioning.clip_dir, if set.
       params = jax.device_put(params, setup.param_shardings)
       trainable, _ = state_lib.split_params(params, setup.mask)
@@ -172,63 +236,129 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if latents_metadata:
     check_latents_vae(config, latents_metadata, modules['vae'], state.params['vae'])
 
+  # ---------------------------------------------------------------------------------- update step
+  compiled_step, compile_seconds = setup.compile()
+  step_flops = _flops(compiled_step)
+  logging.info('train step compiled in %.1f s; %.3g FLOPs per step per device', compile_seconds,
+               step_flops or float('nan'))
+
   # ---------------------------------------------------------------------------------- train loop
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+  writer, hparams_writer = _make_writer(workdir)
+  if start_step == 0 and hparams_writer is not None:
+    hparams_writer.write_hparams(_flat_config(config))
   hooks = [periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                            every_steps=tc.log_every)]
+  if tc.profile_every and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=tc.profile_num_steps,
+                                          every_steps=tc.profile_every))
   sampler = _make_sample_hook(config, modules, tokenizer, mesh, workdir) if tc.sample_every else None
   writer.write_scalars(start_step, dict(compile_seconds=compile_seconds))
+  saver = _Saver(manager, config)
   step = start_step
+  sums, count = None, 0  # Metrics summed on device over the logging interval.
   last_time, last_step = time.time(), step
-  with _Preemption() as preemption:
+  with _Preemption(enabled=jax.process_count() == 1) as preemption:
     while step < tc.num_steps:
       batch = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)
       state, metrics = compiled_step(state, batch)
       step += 1
       for hook in hooks:
         hook(step)
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics['loss']):
-        manager.wait_until_finished()
-        raise FloatingPointError(
-            f'loss is {metrics["loss"]} at step {step}: training stopped; no checkpoint of this state was '
-            f'written (the last good one is step {manager.latest_step()}). Lower config.train.learning_rate '
-            'or check the input data.')
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      count += 1
+      preempted = preemption.requested or manager.reached_preemption(step)
+      force_save = preempted or step == tc.num_steps
       if step % tc.log_every == 0 or step == tc.num_steps:
+        means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+        means['learning_rate'] = float(jax.device_get(metrics['learning_rate']))
+        _check_loss(means['loss'], step, count, saver)
         elapsed = time.time() - last_time
         rate = (step - last_step) / max(elapsed, 1e-9)
-        scalars = {k: float(v) for k, v in metrics.items()}
         if step_flops:
-          scalars['tflops_per_device'] = step_flops * rate / 1e12
-        writer.write_scalars(step, scalars)
+          means['tflops_per_device'] = step_flops * rate / 1e12
+        writer.write_scalars(step, means)
+        sums, count = None, 0
         last_time, last_step = time.time(), step
-      preempted = preemption.requested or manager.reached_preemption(step)
-      ckpt_lib.save_train_state(manager, step, state, train_iter.get_state(), config,
-                                force=preempted or step == tc.num_steps)
+      elif force_save or manager.should_save(step):  # No state of a non-finite loss is saved.
+        _check_loss(float(jax.device_get(sums['loss'])) / count, step, count, saver)
+      saver.save(step, state, train_iter.get_state(), force=force_save)
       if sampler is not None and step % tc.sample_every == 0:
         sampler(step, state)
       if preempted:
-        manager.wait_until_finished()
-        logging.warning('stopped at step %d after SIGTERM; the checkpoint is saved.', step)
+        saver.finish()
+        logging.warning('stopped at step %d after a preemption notice; the checkpoint is saved.',
+                        step)
         writer.flush()
         return state
-  manager.wait_until_finished()
+  saver.finish()
   writer.flush()
 
   # ---------------------------------------------------------------------------------- export
   if tc.export:
-    export_dir = os.path.join(workdir, ckpt_lib.EXPORT_DIR)
+    export_dir = workdir / ckpt_lib.EXPORT_DIR
     params = state_lib.merge_ema(state.params, state.ema_params) if tc.export_ema else state.params
     export_config = _export_config(config)
     if tc.objective == 'vae':
       scale = latent_scaling_factor(modules['vae'], params['vae'], train_iter, mesh)
       logging.info('latent scaling factor (1 / std of the latents): %.5f', scale)
       export_config.model.vae.scaling_factor = scale
-    ckpt_lib.save_pretrained(export_dir, export_config, jax.device_get(params), tokenizer)
+    ckpt_lib.save_pretrained(export_dir, export_config,
+                             multihost_utils.process_allgather(params, tiled=True), tokenizer)
     logging.info('exported %s', export_dir)
   return state
+
+
+def _check_loss(loss: float, step: int, count: int, saver: '_Saver') -> None:
+  if not np.isfinite(loss):
+    saver.finish()
+    steps = f'step {step}' if count == 1 else f'steps {step - count + 1}-{step}'
+    raise FloatingPointError(
+        f'loss is {loss} at step {step} (the mean over {steps}): training stopped; the last good '
+        f'checkpoint is {saver.last_good()}. Lower config.train.learning_rate or check the input data.')
+
+
+class _Saver:
+  """Checkpoint saves that stop the run on failure (a full disk) and log when async ones finish."""
+
+  def __init__(self, manager, config):
+    self.manager, self.config = manager, config
+    self.pending: Optional[int] = None
+
+  def last_good(self) -> str:
+    step = self.manager.latest_step()
+    return 'none (no checkpoint was written)' if step is None else f'step {step}'
+
+  def _check_pending(self) -> None:
+    if self.pending is not None and not self.manager.is_saving_in_progress():
+      logging.info('checkpoint step %d saved', self.pending)
+      self.pending = None
+
+  def save(self, step: int, state, data_state, force: bool) -> None:
+    try:
+      self._check_pending()
+      if ckpt_lib.save_train_state(self.manager, step, state, data_state, self.config, force=force):
+        if self.pending is not None:  # Orbax finished it before starting this one.
+          logging.info('checkpoint step %d saved', self.pending)
+        self.pending = step
+        if not self.config.train.async_checkpointing:
+          self._check_pending()
+    except ckpt_lib.NonFiniteStateError as e:
+      raise FloatingPointError(f'{e}; training stopped. Lower config.train.learning_rate or check '
+                               'the input data.') from None
+    except (OSError, ValueError, RuntimeError) as e:
+      raise ckpt_lib.CheckpointError(
+          f'saving the checkpoint of step {step} failed ({type(e).__name__}: '
+          f'{" ".join(str(e).split())[:200]}); training stopped; the last good checkpoint is '
+          f'{self.last_good()}') from None
+
+  def finish(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise ckpt_lib.CheckpointError(
+          f'a checkpoint save failed ({type(e).__name__}: {" ".join(str(e).split())[:200]}); the '
+          f'last good checkpoint is {self.last_good()}') from None
+    self._check_pending()
 
 
 def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: int = 4) -> float:
@@ -237,18 +367,8 @@ def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: 
   values = []
   for i in range(num_batches):
     video = sharding_lib.to_global_batch(device_batch(next(train_iter)), mesh)['video']
-    values.append(np.asarray(jax.device_get(encode(vae_params, video, jax.random.key(i)))))
+    values.append(sharding_lib.to_host(encode(vae_params, video, jax.random.key(i))))
   return float(1.0 / np.std(np.concatenate([v.ravel() for v in values])))
-
-
-def _inherit_scaling_factor(config: ml_collections.ConfigDict, folder: str) -> None:
-  """The latent scaling factor belongs to the VAE weights: take it from the checkpoint they come from."""
-  loaded = ckpt_lib.load_config(folder)
-  factor = loaded.get('model', {}).get('vae', {}).get('scaling_factor')
-  if factor is not None and factor != config.model.vae.scaling_factor:
-    logging.info('model.vae.scaling_factor=%s from %s', factor, folder)
-    with config.unlocked():
-      config.model.vae.scaling_factor = factor
 
 
 def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -256,7 +376,7 @@ def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   keep = ('model', 'diffusion', 'sampling', 'tokenizer', 'interpolation', 'upscaler')
   out = ml_collections.ConfigDict({k: config[k].to_dict() for k in keep if k in config})
   out.data = dict(num_frames=config.data.num_frames, resolution=config.data.resolution,
-                  fps=config.data.get('fps', 8.0))
+                  fps=config.data.fps)
   if 'path' in out.tokenizer:
     out.tokenizer.path = ''
   return out
@@ -315,7 +435,7 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
   if config.train.objective != 'diffusion':
     return None
   prompts = list(config.train.sample_prompts)
-  out_dir = os.path.join(workdir, 'samples')
+  out_dir = epath.Path(workdir) / 'samples'
 
   pipes = []  # Built once: later calls reuse its compiled sampler with new params.
 
@@ -326,13 +446,10 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
                                                    modules=modules, mesh=mesh))
     pipe = pipes[0]
     pipe.params = jax.device_put(params, pipe.params_sharding)
-    videos = pipe(prompts, num_frames=config.data.num_frames, height=config.data.resolution,
-                  width=config.data.resolution,
-                  num_inference_steps=config.sampling.num_inference_steps,
-                  guidance_scale=config.sampling.guidance_scale, seed=0)
+    videos = pipe(prompts, seed=0)  # The exported config's sampling defaults, as `sample` uses.
     if jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
-      video_io.write_video(os.path.join(out_dir, f'step_{step:07d}.gif'),
-                           video_io.tile_videos(videos), fps=config.data.get('fps', 8.0))
+      out_dir.mkdir(parents=True, exist_ok=True)
+      video_io.write_video(str(out_dir / f'step_{step:07d}.gif'), video_io.tile_videos(videos),
+                           fps=config.data.fps)
 
   return hook

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from etils import epath
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -48,48 +49,51 @@ def _tuplify(tree: Any) -> Any:
   return tree
 
 
+def as_path(path: Any) -> epath.Path:
+  """A local path made absolute, or a URL (gs://...) kept as it is: never `<cwd>/gs:/...`."""
+  text = os.fspath(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
 def model_folder(path: str) -> Optional[str]:
   """The pretrained folder a path names: the folder itself, or a training workdir's exported `model/`
   (None when neither holds one). The one place that rule lives."""
-  for candidate in (path, os.path.join(path, EXPORT_DIR)):
+  for candidate in (os.fspath(path), os.path.join(os.fspath(path), EXPORT_DIR)):
     if is_pretrained_folder(candidate):
       return candidate
   return None
 
 
-def is_pretrained_folder(folder: str) -> bool:
-  return (os.path.isfile(os.path.join(folder, CONFIG_FILE))
-          and os.path.isdir(os.path.join(folder, PARAMS_DIR)))
+def is_pretrained_folder(folder: Any) -> bool:
+  folder = epath.Path(folder)
+  return (folder / CONFIG_FILE).is_file() and (folder / PARAMS_DIR).is_dir()
 
 
 def save_pretrained(folder: str, config: ml_collections.ConfigDict, params: Any,
                     tokenizer: Any = None) -> None:
   """Writes a pretrained folder (overwriting `params/`). Call from every process; one writes."""
-  folder = os.path.abspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  params_dir = os.path.join(folder, PARAMS_DIR)
+  folder = as_path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(params_dir, params, force=True)
+    checkpointer.save(folder / PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
-      f.write(config_to_json(config))
+    (folder / CONFIG_FILE).write_text(config_to_json(config))
     if tokenizer is not None:
-      tokenizer.save(os.path.join(folder, TOKENIZER_DIR))
+      tokenizer.save(str(folder / TOKENIZER_DIR))
 
 
 def load_config(folder: str) -> ml_collections.ConfigDict:
   """The folder's config.json, with the keys added since it was written at their defaults."""
-  path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = epath.Path(folder) / CONFIG_FILE
+  if not path.is_file():
     raise FileNotFoundError(f'{path} not found: {folder} is not a magicvideo_jax checkpoint folder')
-  with open(path) as f:
-    return config_lib.fill_defaults(config_from_json(f.read()))
+  return config_lib.fill_defaults(config_from_json(path.read_text()))
 
 
 def load_params(folder: str, abstract_params: Optional[Any] = None) -> Any:
   """Restores `params/`; with `abstract_params` (ShapeDtypeStructs with shardings) onto that layout."""
-  params_dir = os.path.join(os.path.abspath(folder), PARAMS_DIR)
+  params_dir = as_path(folder) / PARAMS_DIR
   with ocp.StandardCheckpointer() as checkpointer:
     if abstract_params is None:
       return checkpointer.restore(params_dir)
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
 def make_manager(workdir: str, keep: int, save_interval_steps: int,
                  async_save: bool = True) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      as_path(workdir) / 'checkpoints',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=keep, save_interval_steps=save_interval_steps,
           enable_async_checkpointing=async_save, create=True),
@@ -267,10 +271,13 @@ def config_differences(stored: Dict[str, Any], config: ml_collections.ConfigDict
 def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
   folder = epath.Path(manager.directory) / str(step)
   aside = epath.Path(manager.directory).parent / CORRUPT_DIR
-  aside.mkdir(parents=True, exist_ok=True)
   target = aside / f'{step}.{time.strftime("%Y%m%d-%H%M%S")}'
-  if folder.exists():
-    folder.rename(target)
+  if jax.process_index() == 0:  # One host moves; every host then reads the same list.
+    aside.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+      folder.rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
   logging.warning('checkpoint step %d is unusable (%s): moved to %s; trying the previous one.', step,
                   reason, target)
   manager.reload()
