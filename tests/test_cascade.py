@@ -284,6 +284,7 @@ CALL = dict(num_frames=KEYFRAMES, height=SIZE, width=SIZE, num_inference_steps=2
             upscale_steps=2, seed=1)
 
 
+@pytest.mark.slow  # Five cascade calls, most with a program of their own to compile.
 def test_pipeline_runs_base_interpolation_sr(pipe, folders, tmp_path):
   assert cascade.same_vae(pipe.config, pipe.params, pipe.interpolator.config,
                           pipe.interpolator.params)
@@ -351,6 +352,7 @@ def test_keyframes_pass_through_another_vae(pipe):
   assert out['frames'].shape == (1, FRAMES, SIZE, SIZE, 3) and out['fps'] == 8.0 * FACTOR
 
 
+@pytest.mark.slow
 def test_cli_cascade_flags(folders, tmp_path, capsys):
   out = tmp_path / 'cascade.gif'
   argv = ['--checkpoint', folders.base, '--interpolation', folders.interpolation, '--upscaler',

@@ -447,6 +447,7 @@ def stage_runs(tmp_path_factory, shapes_data_dir, clip_folder):
   return stage1, stage2, logs
 
 
+@pytest.mark.slow
 def test_stage1_runs_and_resumes(stage_runs):
   stage1, _, logs = stage_runs
   assert 'CLIP image embeddings' in logs['stage1'] and 'frozen dual encoder' in logs['stage1']
@@ -457,6 +458,7 @@ def test_stage1_runs_and_resumes(stage_runs):
   assert _steps(stage1)[-1] == 6
 
 
+@pytest.mark.slow
 def test_stage2_starts_from_stage1_and_samples_from_text(stage_runs, clip_folder):
   stage1, stage2, logs = stage_runs
   assert 'CLIP text embeddings' in logs['stage2']

@@ -163,6 +163,7 @@ def test_latents_of_another_vae_are_refused(encoded, tmp_path):
     train.latents_dataset_metadata(config)
 
 
+@pytest.mark.slow
 def test_trains_on_latents_end_to_end(encoded, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)

@@ -69,6 +69,7 @@ def test_valid_taps_matches_xla_conv():
     assert conv == xla
 
 
+@pytest.mark.slow
 def test_unet_forward_analytic_matches_xla(tiny_cli_report):
   r = tiny_cli_report
   assert r['kind'] == 'magicvideo' and r['frames'] == tiny.get_config().data.num_frames
@@ -76,11 +77,13 @@ def test_unet_forward_analytic_matches_xla(tiny_cli_report):
   assert r['per_clip']['xla'] == pytest.approx(r['denoiser']['xla'] * r['steps'] * 2)
 
 
+@pytest.mark.slow
 def test_vae_decode_analytic_matches_xla(tiny_cli_report):
   _check('tiny VAE decode', tiny_cli_report['vae_decode'])
   _check('tiny text encoder', tiny_cli_report['text_encoder'])
 
 
+@pytest.mark.slow
 def test_cli_json_fields(tiny_cli_report):
   r = tiny_cli_report
   for key in ('denoiser', 'per_clip', 'per_clip_total', 'vae_decode', 'text_encoder', 'convention'):

@@ -63,6 +63,7 @@ def _text(nb):
   return '\n'.join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path):
   import nbclient
   from magicvideo_jax.sampling import pipeline

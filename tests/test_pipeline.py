@@ -220,6 +220,7 @@ def test_dpm_solver_karras_matches_diffusers(setup):
 # The CLI.
 
 
+@pytest.mark.slow
 def test_cli_writes_mp4(tiny_converted_dir, tmp_path):
   out = tmp_path / 'out.mp4'
   cmd = [sys.executable, '-m', 'magicvideo_jax.sample', '--checkpoint', tiny_converted_dir,
@@ -236,6 +237,7 @@ def test_cli_writes_mp4(tiny_converted_dir, tmp_path):
   assert frames.shape == (1, SIZE, 2 * SIZE, 3)  # Two prompts side by side, one frame.
 
 
+@pytest.mark.slow
 def test_cli_bad_input(tiny_converted_dir, tmp_path, capsys):
   cmd = [sys.executable, '-m', 'magicvideo_jax.sample', '--checkpoint', tiny_converted_dir,
          '--prompt', 'a', '--output', str(tmp_path / 'x.mp4'), '--num_frames', '99']

@@ -24,6 +24,7 @@ def pipe():
   return MagicVideoPipeline.from_pretrained(demo.DEFAULT_CHECKPOINT)
 
 
+@pytest.mark.slow
 def test_bundled_checkpoint_follows_validation_prompts(pipe):
   prompts = shapes.split_prompts('validation', NUM_PROMPTS)
   videos = shapes.generate(pipe, prompts, batch_size=NUM_PROMPTS)

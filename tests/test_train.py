@@ -104,6 +104,7 @@ def test_unknown_config_key_fails_fast(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch(shapes_data_dir):
   """All parameters train on one batch with fixed noise: the loss falls by a large factor."""
   config = tiny.get_config('all')
@@ -140,6 +141,7 @@ def test_overfits_a_fixed_batch(shapes_data_dir):
   assert last < first / 20
 
 
+@pytest.mark.slow
 def test_kill_resume_is_bitwise_identical(tmp_path, shapes_data_dir):
   args = ('--config.train.num_steps=12', '--config.train.checkpoint_every=4',
           '--config.train.log_every=1')
@@ -166,6 +168,7 @@ def test_kill_resume_is_bitwise_identical(tmp_path, shapes_data_dir):
   assert not different, f'{len(different)} leaves differ, e.g. {different[:3]}'
 
 
+@pytest.mark.slow
 def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
   """Saved on 8 devices with fsdp=8, continued on 4 devices with data=2, fsdp=2."""
   workdir = str(tmp_path / 'run')
@@ -184,6 +187,7 @@ def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
   assert moved, 'training did not continue after the restore'
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, shapes_data_dir):
   """2 processes x 2 devices reach the parameters of 1 process x 4 devices."""
   common = ('--config.train.num_steps=3', '--config.train.checkpoint_every=3',
@@ -211,6 +215,7 @@ def test_two_processes_match_one(tmp_path, shapes_data_dir):
   assert relative <= 1e-5 and worst <= 1e-5
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(
@@ -233,6 +238,7 @@ def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
   assert steps and steps[-1] >= 6 and steps[-1] % 1000 != 0
 
 
+@pytest.mark.slow  # Compiles the tiny train step in-process (about 2 min of CPU).
 def test_nan_loss_stops_without_checkpointing_it(tmp_path, shapes_data_dir, monkeypatch):
   config = tiny.get_config()
   config.data.data_dir = shapes_data_dir
@@ -265,6 +271,7 @@ def test_nan_loss_stops_without_checkpointing_it(tmp_path, shapes_data_dir, monk
   assert steps and max(steps) == 3
 
 
+@pytest.mark.slow  # Compiles two train steps.
 def test_gradient_accumulation_matches_one_big_batch(shapes_data_dir):
   """Two micro-batches give the update of one batch: per-example noise does not depend on the split."""
   config = tiny.get_config('all')
