@@ -41,6 +41,13 @@ PEAK_BF16 = (('NVIDIA H200', 989e12), ('NVIDIA H100', 989e12), ('NVIDIA A100', 3
              ('TPU v5p', 459e12), ('TPU v6', 918e12))
 
 
+def _importable(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ImportError:
+    return False
+
+
 def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -64,7 +71,7 @@ def memory_limit(device) -> Optional[int]:
 
 def load_config(tiny: bool):
   module = importlib.import_module('configs.tiny' if tiny else 'configs.sd15_256')
-  config = module.get_config(None) if tiny else module.get_config('video')
+  config = module.get_config() if tiny else module.get_config('video')
   config.model.dtype = 'bfloat16'
   return config
 
@@ -263,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       'attention')
   parser.add_argument('--json', default=None, help='also write the results to this file')
   args = parser.parse_args(argv)
-  absent = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
+  absent = [m for m in OPTIONAL if not _importable(m)]
   device = jax.local_devices()[0]
   results: Dict[str, Any] = dict(
       backend=jax.default_backend(), device_kind=device.device_kind, devices=jax.device_count(),

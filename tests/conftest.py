@@ -39,7 +39,7 @@ def shapes_data_dir(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------
 # A tiny random Stable Diffusion pipeline (diffusers layout, safetensors) and its conversion, shared by
-# tests/test_pipeline.py and tests/test_convert.py.
+# tests/sampling/test_pipeline.py and tests/weights/test_convert.py.
 
 TINY_SD = dict(
     text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -24,7 +24,7 @@ from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 from magicvideo_jax import losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _vae_folder(path, seed):

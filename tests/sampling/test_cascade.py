@@ -38,7 +38,7 @@ from magicvideo_jax import video_io
 from magicvideo_jax.weights import surgery
 from magicvideo_jax import losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYFRAMES, FACTOR = 3, 2  # -> 5 frames.
 FRAMES = (KEYFRAMES - 1) * FACTOR + 1
 SIZE = 16  # Base resolution; the tiny VAE downsamples by 2 -> latents 8x8.

@@ -1,6 +1,6 @@
 """Smoke test of the training program in this process, as the Flax examples' train_test.py: a few steps
 of `train.train_and_evaluate` on configs/tiny.py over a local moving_shapes/tiny build. The runs of
-`magicvideo_jax.main` in subprocesses (resume, topologies, multi-process) are in tests/test_train.py."""
+`magicvideo_jax.main` in subprocesses (resume, topologies, multi-process) are in tests/training/test_train.py."""
 
 import os
 
@@ -10,8 +10,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from configs import tiny
-from magicvideo_jax import checkpoint as ckpt_lib
-from magicvideo_jax import train
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.training import train
 
 NUM_STEPS = 3
 

@@ -31,7 +31,7 @@ PROMPTS = ['a red circle', 'the red line']
 NEGATIVE = 'a circle'
 SIZE, LATENT, STEPS, GUIDANCE = 32, 16, 4, 7.5  # The tiny VAE downsamples by 2.
 TOLERANCE = 2e-3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def torch_latents(latents):

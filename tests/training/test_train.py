@@ -22,7 +22,7 @@ from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
 
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from magicvideo_jax.data import moving_shapes as ms
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = dict(num_frames=8, resolution=32, train_size=160, validation_size=24, test_size=24,
              seed=3)
 OFFLINE = tfds.download.DownloadConfig(try_download_gcs=False)

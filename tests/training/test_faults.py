@@ -11,7 +11,7 @@ import pytest
 
 from magicvideo_jax import sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 PYTHON = sys.executable
 

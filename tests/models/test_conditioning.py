@@ -40,7 +40,7 @@ from magicvideo_jax.models import text_encoder  # pylint: disable=g-import-not-a
 from magicvideo_jax.weights import clip as clip_weights
 from magicvideo_jax import losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=20, projection_dim=16)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
