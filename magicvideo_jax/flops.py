@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import cmd_flops
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
@@ -762,6 +763,11 @@ def define_flags() -> types.SimpleNamespace:
                                 'MagicVideo sd15_256 vs configs/vdm_64.py and vdm_256.py.'),
       num_cpu_devices=flags.DEFINE_integer(
           'num_cpu_devices', None, 'Fake CPU devices (for --mesh on a CPU-only machine).'),
+      convention=flags.DEFINE_enum(
+          'convention', 'xla', ('xla', 'cmd'),
+          'xla: ours (a multiply-add = 2 FLOPs, attention and CFG included); cmd: CMD\'s App. D '
+          '(fvcore multiply-adds of linear and conv layers, one evaluation per step, no attention, '
+          'no VAE decoder; magicvideo_jax/cmd_flops.py).'),
   )
 
 
@@ -776,6 +782,13 @@ def parse_mesh(spec: Optional[str]) -> Optional[Dict[str, int]]:
 
 def main(argv: Sequence[str], f: types.SimpleNamespace) -> None:
   del argv
+  if f.convention.value == 'cmd':
+    if f.config.value is None:
+      raise app.UsageError('--convention=cmd needs --config=configs/cmd.py[:VARIANT] (or another)')
+    report = cmd_flops.cmd_report(f.config.value, steps=f.steps.value)
+    name = flags.FLAGS['config'].config_filename
+    print(json.dumps(report, indent=1) if f.json.value else cmd_flops.format_report(name, report))
+    return
   if f.num_cpu_devices.value:
     jax.config.update('jax_num_cpu_devices', f.num_cpu_devices.value)
   mesh = parse_mesh(f.mesh.value)
@@ -811,6 +824,10 @@ def reports_to_json(reports: Sequence[Tuple[str, Dict[str, Any]]]) -> Dict[str, 
   return doc
 
 
+def run() -> None:
+  """The `magicvideo-flops` console script."""
+  app.run(functools.partial(main, f=define_flags()))
+
+
 if __name__ == '__main__':
-  _FLAGS = define_flags()
-  app.run(functools.partial(main, f=_FLAGS))
+  run()

@@ -231,3 +231,15 @@ def test_unet_counts_match_the_module(variant, linear):
   analytic = cmd_flops.unet_macs(config.model.unet, batch=b, frames=frames, height=h, width=w,
                                  context_len=length)
   check_module(f'U-Net {variant}', fn, params, args, analytic, xla_check=False)
+
+
+@pytest.mark.slow  # A subprocess importing the training stack.
+def test_flops_cli_cmd_convention():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'magicvideo_jax.flops',
+                         '--config=configs/cmd.py:sd21_512x1024', '--convention=cmd', '--json'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  per_clip = json.loads(proc.stdout)['per_clip']
+  assert abs(per_clip / 46.8e12 - 1) < 0.05, per_clip
