@@ -202,15 +202,22 @@ def _bits_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+# A state holding values beyond sqrt(float32 max) has diverged: their squares (norms, variances, Adam's
+# second moments) overflow on the next step. Such a state is as unusable as a NaN one.
+DIVERGED_ABS = float(np.sqrt(np.finfo(np.float32).max))
+
+
 @jax.jit
 def _fingerprint(leaves):
   sums = jnp.stack([_bits_sum(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
-  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return sums, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+  good = [jnp.all(jnp.abs(x.astype(jnp.float32)) <= DIVERGED_ABS)  # False for NaN too.
+          for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sums, jnp.all(jnp.stack(good)) if good else jnp.bool_(True)
 
 
 def state_fingerprint(state: Any) -> Tuple[List[int], bool]:
-  """(per-leaf checksums, every float finite) of a (sharded) state, reduced on its devices."""
+  """(per-leaf checksums, every float finite and below `DIVERGED_ABS`) of a (sharded) state, reduced
+  on its devices."""
   sums, finite = _fingerprint(jax.tree.leaves(state))
   return [int(v) for v in np.asarray(jax.device_get(sums))], bool(jax.device_get(finite))
 
@@ -220,8 +227,8 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, data
   """Saves at the manager's interval (or when forced) with the state's checksums beside it.
 
   Raises:
-    NonFiniteStateError: the state holds NaN / inf; nothing is written, the last good checkpoint
-      stays the newest.
+    NonFiniteStateError: the state holds NaN / inf / diverged values; nothing is written, the last
+      good checkpoint stays the newest.
   """
   if not (force or manager.should_save(step)):
     return False
@@ -229,8 +236,9 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, data
   if not finite:
     manager.wait_until_finished()
     raise NonFiniteStateError(
-        f'the state at step {step} holds NaN or inf: not saved (the last good checkpoint is step '
-        f'{manager.latest_step()})')
+        f'the state at step {step} holds NaN, inf or diverged values (beyond {DIVERGED_ABS:.1e}): not '
+        f'saved (the last good checkpoint is '
+        f'{"none" if manager.latest_step() is None else "step " + str(manager.latest_step())})')
   return manager.save(
       step,
       args=ocp.args.Composite(

@@ -111,6 +111,10 @@ def test_a_non_finite_state_is_not_saved(tmp_path):
   bad['w'] = bad['w'].at[0, 0].set(jnp.nan)
   with pytest.raises(ckpt_lib.NonFiniteStateError, match='not saved .*last good checkpoint is step 1'):
     ckpt_lib.save_train_state(manager, 3, bad, {}, _config(), force=True)
+  diverged = _state(3.0)  # Finite, but its squares overflow: a learning rate of 1e30 gives this.
+  diverged['b'] = diverged['b'].at[2].set(2e29)
+  with pytest.raises(ckpt_lib.NonFiniteStateError, match='diverged'):
+    ckpt_lib.save_train_state(manager, 3, diverged, {}, _config(), force=True)
   manager.wait_until_finished()
   assert manager.all_steps() == [1]
 
