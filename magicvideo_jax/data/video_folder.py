@@ -187,6 +187,10 @@ class BuildReport:
       logging.info('  skipped %s: %s %s', s['file'], s['reason'], s['detail'])
 
 
+class NoUsableFilesError(ValueError):
+  """Every file of a folder build was skipped: the build report, in one line."""
+
+
 class RobustFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Offline array_record builder that writes a `build_report.json` next to the dataset."""
 
@@ -242,6 +246,13 @@ class RobustFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         # The row index keeps keys unique when a CSV lists a file twice.
         key = f'{row_index}:{row.name}#{i}'
         yield key, dict(example, caption=row.caption, filename=row.name)
+    if not report.num_examples:  # Else TFDS's bare `AssertionError: No examples were yielded`.
+      d = report.to_dict()
+      first = d['skipped'][0] if d['skipped'] else None
+      example = f'; first: {first["file"]}: {first["reason"]} {first["detail"]}'[:300] if first else ''
+      raise NoUsableFilesError(
+          f'no usable file among the {d["num_rows"]} rows: skipped by reason '
+          f'{d["skipped_by_reason"] or "(no rows)"}{example}; nothing was written')
 
 
 # ------------------------------------------------------------------------------------------------

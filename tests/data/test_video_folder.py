@@ -163,3 +163,15 @@ def test_bad_csv_header_says_what_is_expected(tmp_path):
   builder = video_folder.VideoFolder(video_dir=str(tmp_path), data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(ValueError, match='path,caption'):
     builder.download_and_prepare()
+
+
+def test_a_folder_of_only_bad_files_says_why(video_dir, tmp_path):
+  root, _ = video_dir
+  with open(tmp_path / 'bad.csv', 'w') as f:
+    f.write('path,caption\n')
+    for name in BAD_VIDEOS + ('missing.mp4',):
+      f.write(f'{name},bad\n')
+  with pytest.raises(video_folder.NoUsableFilesError,
+                     match=r"no usable file among the 4 rows: skipped by reason .*'unreadable': 2"):
+    build(tmp_path, video_dir=str(root), csv_path=str(tmp_path / 'bad.csv'), num_frames=16,
+          min_frames=8, resolution=32)

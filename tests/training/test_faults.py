@@ -90,19 +90,20 @@ def _steps(workdir):
 def test_training_faults(tmp_path, shapes_data_dir):
   """One workdir through the rows of the matrix that need a trained checkpoint."""
   workdir = str(tmp_path / 'run')
-  # A blow-up that reaches a checkpoint step: nothing non-finite is saved, the error names the last
-  # good checkpoint (none), and a rerun with a sane learning rate trains.
+  # A blow-up that reaches a checkpoint step: the diverged state is not saved, the error names the
+  # last good checkpoint (step 1: Orbax saves the first step; its learning rate is 0 in warm-up), and
+  # a rerun with a sane learning rate resumes from it.
   proc = _main(tmp_path, *_train_args(workdir, shapes_data_dir, '--config.train.learning_rate=1e30',
                                       '--config.train.checkpoint_every=2', '--config.train.log_every=1',
                                       '--config.train.num_steps=4'))
   lines = _error_lines(proc.stderr)
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
-  assert 'FloatingPointError' in lines[0] and 'last good checkpoint is none' in lines[0], lines
-  assert _steps(workdir) == []
+  assert 'FloatingPointError' in lines[0] and 'last good checkpoint is step 1' in lines[0], lines
+  assert _steps(workdir) == [1]
   proc = _main(tmp_path, *_train_args(workdir, shapes_data_dir, '--config.train.checkpoint_every=2',
                                       '--config.train.num_steps=4'))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _steps(workdir) == [2, 4]
+  assert _steps(workdir) == [1, 2, 4]
   config = json.load(open(os.path.join(workdir, 'config.json')))  # The whole config: in a file.
   assert config['train']['num_steps'] == 4
   assert max(len(l) for l in proc.stderr.splitlines()) < 1000  # No hyperparameter dump line.
@@ -141,7 +142,7 @@ def test_training_faults(tmp_path, shapes_data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'checkpoint step 4 is unusable' in proc.stderr and 'resumed from' in proc.stderr
   assert proc.stderr.count('Traceback') == 0
-  assert _steps(workdir) == [2, 6] and os.listdir(os.path.join(workdir, 'checkpoints_corrupt'))
+  assert _steps(workdir) == [2, 4, 6] and os.listdir(os.path.join(workdir, 'checkpoints_corrupt'))
 
 
 @pytest.mark.slow  # A training program.

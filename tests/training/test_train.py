@@ -318,3 +318,77 @@ def test_abstract_batch_is_the_first_batch(shapes_data_dir, variant):
   assert abstract.keys() == real.keys()
   for key, struct in real.items():
     assert abstract[key] == struct, (key, abstract[key], struct)
+
+
+def _launch(workdir, data_dir, log_dir, *overrides, processes=2):
+  """`processes` hosts of one CPU device each, as launch/local.sh starts them; (procs, log paths)."""
+  port = 20000 + (os.getpid() * 7 + len(str(workdir))) % 20000
+  procs, logs = [], []
+  for i in range(processes):
+    cmd = _main_cmd(workdir, data_dir, *overrides, devices=1)
+    cmd[3:3] = [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
+                f'--process_id={i}']
+    log = os.path.join(log_dir, f'process_{i}.log')
+    logs.append(log)
+    with open(log, 'w') as f:
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=f))
+  return procs, logs
+
+
+def _wait_all(procs, logs, timeout=900):
+  t0 = time.time()
+  for proc, log in zip(procs, logs):
+    try:
+      proc.wait(timeout=max(1, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise AssertionError(f'hung; {log}:\n{open(log).read()[-3000:]}')
+  return [p.returncode for p in procs]
+
+
+@pytest.mark.slow  # Three 2-process training runs.
+def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
+  """SIGTERM to one host only: both hosts save the same step (JAX's preemption sync point) and exit
+  0; the rerun resumes from it bitwise; sample_every writes its samples with 2 processes."""
+  common = ('--config.train.checkpoint_every=1000', '--config.train.log_every=1')
+  workdir = str(tmp_path / 'preempted')
+  procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path), '--config.train.num_steps=100000',
+                        *common)
+  t0 = time.time()
+  while not all('[4] ' in open(log).read() for log in logs):
+    if any(p.poll() is not None for p in procs) or time.time() - t0 > 900:
+      for p in procs:
+        p.kill()
+      raise AssertionError(open(logs[0]).read()[-3000:])
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  t_signal = time.time()
+  assert _wait_all(procs, logs, timeout=300) == [0, 0]
+  print(f'both processes exited {time.time() - t_signal:.1f} s after SIGTERM to process 1')
+  steps = _steps_on_disk(workdir)
+  assert len(steps) == 1 and steps[0] >= 4, steps
+  saved = steps[0]
+  for log in logs:
+    assert f'stopped at step {saved} after a preemption notice' in open(log).read()
+
+  # Resume to saved + 1, against an uninterrupted run to the same step that also samples.
+  target = saved + 1
+  (tmp_path / 'resumed').mkdir()
+  procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path / 'resumed'),
+                        f'--config.train.num_steps={target}', *common)
+  assert _wait_all(procs, logs) == [0, 0], open(logs[0]).read()[-3000:]
+  assert 'resumed from' in open(logs[0]).read()
+  reference = str(tmp_path / 'reference')
+  (tmp_path / 'ref_logs').mkdir()
+  procs, logs = _launch(reference, shapes_data_dir, str(tmp_path / 'ref_logs'),
+                        f'--config.train.num_steps={target}', f'--config.train.sample_every={target}',
+                        *common)
+  assert _wait_all(procs, logs) == [0, 0], open(logs[0]).read()[-3000:]
+  assert os.path.isfile(os.path.join(reference, 'samples', f'step_{target:07d}.gif'))
+  _, resumed_state, _ = _checkpoint(workdir, target)
+  _, reference_state, _ = _checkpoint(reference, target)
+  a, b = _flat(resumed_state), _flat(reference_state)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)

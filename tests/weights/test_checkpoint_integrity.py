@@ -129,3 +129,17 @@ def test_checksums_see_any_changed_byte():
   swapped = dict(state, b=state['b'][::-1])
   assert ckpt_lib.state_fingerprint(swapped)[0] != base
   assert ckpt_lib.state_fingerprint(dict(state))[0] == base
+
+
+def test_a_url_workdir_reaches_orbax_unchanged(monkeypatch):
+  seen = {}
+
+  class Manager:
+    def __init__(self, directory, options=None):
+      seen['directory'] = directory
+
+  monkeypatch.setattr(ckpt_lib.ocp, 'CheckpointManager', Manager)
+  ckpt_lib.make_manager('gs://bucket/runs/mv', keep=1, save_interval_steps=1)
+  assert str(seen['directory']) == 'gs://bucket/runs/mv/checkpoints'  # Never <cwd>/gs:/...
+  assert str(ckpt_lib.as_path('gs://bucket/x')) == 'gs://bucket/x'
+  assert str(ckpt_lib.as_path('rel/dir')) == os.path.abspath('rel/dir')
