@@ -247,7 +247,7 @@ def test_bundled_model_beats_its_frames_shuffled():
   """No per-frame image model of the same budget is in the repository, so the bundled model's samples
   are ranked above the same samples with their frames shuffled (what a model without motion would
   give at best: the right frames in no order)."""
-  n = 32
+  n = 64  # At 32 the real-vs-real reference (15.5) exceeded the model's score (7.0): too few clips.
   examples = _examples('test', 0, n)
   real = np.stack([e['video'] for e in examples])
   fake = fvd.generate(BUNDLED, [e['caption'] for e in examples])

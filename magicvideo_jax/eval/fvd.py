@@ -271,7 +271,8 @@ Scores generated videos against real moving_shapes clips with a Fréchet distanc
                      prints FID-shapes (the same net on still clips of {FID_FRAMES_PER_CLIP} frames a clip).
   --features i3d     FVD-I3D @ 32 px: the Kinetics-400 I3D logits at the shapes resolution (not the
                      published 224 px protocol). Needs --i3d_weights, a safetensors file made with
-                       python -m magicvideo_jax.weights.i3d --help   (converts the public I3D weights).
+                       python -m magicvideo_jax.weights.i3d --ckpt i3d-kinetics-400.ckpt \\
+                           --output i3d_k400.safetensors   (the public PyTorch I3D weights).
 
 With --checkpoint, the captions of the split's first N clips are generated with
 MagicVideoPipeline.from_pretrained(CK) (prompts and seeds only: the checkpoint's sampling defaults) and
