@@ -26,8 +26,8 @@ N = 96
 # uint8 steps. Up to 32 FVD-shapes stays at the real-vs-real level (test_monotone_in_noise).
 NOISE_LEVELS = (32, 64, 128)
 CONFIG = moving_shapes.MovingShapesConfig(name='default')
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       'magicvideo_jax', 'assets', 'shapes')
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUNDLED = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 
 
 def _examples(split, start, count):
