@@ -367,8 +367,8 @@ def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   assert _wait_all(procs, logs, timeout=300) == [0, 0]
   print(f'both processes exited {time.time() - t_signal:.1f} s after SIGTERM to process 1')
   steps = _steps_on_disk(workdir)
-  assert len(steps) == 1 and steps[0] >= 4, steps
-  saved = steps[0]
+  saved = steps[-1]  # Orbax also saved the first step.
+  assert saved >= 4 and saved % 1000 and steps[:-1] in ([], [1]), steps
   for log in logs:
     assert f'stopped at step {saved} after a preemption notice' in open(log).read()
 
