@@ -350,7 +350,9 @@ def _wait_all(procs, logs, timeout=900):
 @pytest.mark.slow  # Three 2-process training runs.
 def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   """SIGTERM to one host only: both hosts save the same step (JAX's preemption sync point) and exit
-  0; the rerun resumes from it bitwise; sample_every writes its samples with 2 processes."""
+  0; the rerun resumes from it and reaches the uninterrupted run's state (to float32 round-off: two
+  runs' gloo all-reduces do not sum in a fixed order; one process resumes bitwise, see
+  test_kill_resume_is_bitwise_identical); sample_every writes its samples with 2 processes."""
   common = ('--config.train.checkpoint_every=1000', '--config.train.log_every=1')
   workdir = str(tmp_path / 'preempted')
   procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path), '--config.train.num_steps=100000',
@@ -390,5 +392,8 @@ def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   _, reference_state, _ = _checkpoint(reference, target)
   a, b = _flat(resumed_state), _flat(reference_state)
   assert a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  vec_a = np.concatenate([a[k].ravel().astype(np.float64) for k in sorted(a)])
+  vec_b = np.concatenate([b[k].ravel().astype(np.float64) for k in sorted(a)])
+  relative = float(np.linalg.norm(vec_a - vec_b) / np.linalg.norm(vec_b))
+  print(f'resumed vs uninterrupted at step {target}: relative L2 difference {relative:.2e}')
+  assert relative <= 1e-5  # One skipped or repeated batch would be ~1e-3.
