@@ -183,6 +183,7 @@ def dual_encoder_folder(tmp_path):
   return folder
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_documented_image_noise_override_trains(tmp_path, monkeypatch, shapes_data_dir,
                                                  dual_encoder_folder):
   workdir = str(tmp_path / 'run')

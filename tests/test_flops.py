@@ -103,6 +103,7 @@ def test_vdm_forward_analytic_matches_xla():
   assert r['denoiser']['analytic']['attention'] > 0
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_train_step_report_is_the_step_train_and_evaluate_compiles(shapes_data_dir, tmp_path,
                                                                    monkeypatch):
   """train_and_evaluate's own create_train_state arguments (real first batch) compile to the FLOPs

@@ -99,6 +99,7 @@ def _config(encoded, precomputed):
   return config
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_latents_batch_equals_encoded_pixel_batch_and_same_loss(encoded):
   """Same seed: the same clips, frames, captions and fps; the diffusion loss agrees."""
   pix_config, lat_config = _config(encoded, False), _config(encoded, True)

@@ -239,6 +239,7 @@ def built_dataset(tmp_path_factory):
   return builder
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_create_iterator_from_config_on_a_built_video_folder(built_dataset):
   config = config_lib.data_defaults()
   config.dataset = 'video_folder/' + built_dataset.builder_config.name

@@ -206,6 +206,7 @@ def folders(tmp_path_factory, samples):
   return str(real), str(fake), str(empty)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_cli_folders(folders, tmp_path, capsys):
   real, fake, _ = folders
   out_json = str(tmp_path / 'scores.json')
@@ -230,6 +231,7 @@ def test_cli_folders(folders, tmp_path, capsys):
     (['--real_dir', '{real}', '--fake_dir', '{fake}', '--features', 'i3d'], '--i3d_weights'),
     (['--checkpoint', '/nonexistent/ck'], 'no such folder'),
 ])
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_cli_errors_are_one_line_exit_2(folders, capsys, flags, message):
   real, fake, empty = folders
   rc = fvd.main([f.format(real=real, fake=fake, empty=empty) for f in flags])

@@ -161,6 +161,7 @@ def _tiny_unet_out(impl, frame_mask=None, temporal_mask='causal'):
                                       frame_mask=frame_mask))(params)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_unet_chunked_equals_xla(monkeypatch):
   """configs/tiny.py U-Net (64 tokens a frame), chunks of 24 queries (3 chunks, the last padded)."""
   monkeypatch.setattr(attention, 'DEFAULT_CHUNK', 24)

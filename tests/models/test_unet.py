@@ -364,6 +364,7 @@ def test_sd15_parameter_counts():
   assert n_video - n_image == sum(added.values())
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 @pytest.mark.parametrize('policy', ['none', 'dots_saveable', 'dots_with_no_batch_dims_saveable'])
 def test_remat_policies_same_gradients(data, policy):
   """Every remat policy computes the same loss gradient as 'full' (model.remat=True alone)."""

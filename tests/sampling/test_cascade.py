@@ -140,6 +140,7 @@ def folders(tmp_path_factory):
 # The interpolation model.
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_grown_conv_in_keeps_the_base_output(folders):
   """At init from a base folder, the interpolation U-Net on [noisy | condition] = the base U-Net on the
   noisy latents, for any condition; the new input channels start at zero."""
@@ -315,6 +316,7 @@ def test_pipeline_runs_base_interpolation_sr(pipe, folders, tmp_path):
     pipe(PROMPTS, **CALL, upscale_strength=1.5)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_cascade_evaluation_reports_every_stage(pipe):
   """eval.cascade on the tiny cascade: judged keyframes, interpolated, cascaded and bilinear videos
   with the sizes of each stage, keyframe and low-res fidelity."""

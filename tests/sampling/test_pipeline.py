@@ -260,6 +260,7 @@ def test_cli_bad_input(tiny_converted_dir, tmp_path, capsys):
   assert e.value.code == 2 and "invalid choice: 'euler'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_pipe_and_cli_sample_the_same_video(tiny_converted_dir, tmp_path, monkeypatch):
   """Settings left out mean the same in `pipe(prompt)` and the CLI: the checkpoint's defaults."""
   written = {}

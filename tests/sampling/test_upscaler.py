@@ -120,6 +120,7 @@ def test_upscaler_unet_matches_diffusers(image_unet):
     u.model.apply({'params': u.params}, u.x, u.t, u.ctx)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_video_sr_unet_at_init_is_the_image_upscaler_per_frame(image_unet):
   """LaVie's SR recipe: the upscaler's spatial layers plus temporal layers (here also adaptors and
   fps), zero-initialised: on 3 frames it equals the image upscaler on each frame."""
@@ -261,6 +262,7 @@ def test_sampling_matches_diffusers_upscale_pipeline(pipelines, guidance_scale, 
   assert err <= PIPELINE_TOLERANCE
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_new_levels_and_prompts_do_not_retrace(pipelines):
   ours = pipelines.ours
   low_res = np.random.default_rng(4).uniform(-1, 1, (1, 2, SIZE, SIZE, 3)).astype(np.float32)
@@ -278,6 +280,7 @@ def test_new_levels_and_prompts_do_not_retrace(pipelines):
     ours(np.concatenate([low_res] * 3, axis=1), 'a red circle', **kwargs)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_strength_starts_from_the_upsampled_input(pipelines):
   """strength < 1 (image-to-image): one last step from the upsampled input's latents lands near
   them, two steps further, and from pure noise (strength 1) the output is elsewhere (the tiny

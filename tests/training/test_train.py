@@ -90,6 +90,7 @@ def _steps_on_disk(workdir):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_unknown_config_key_fails_fast(tmp_path):
   t0 = time.time()
   proc = subprocess.run(

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import pytest
 import numpy as np
 from flax import traverse_util
 
@@ -19,6 +20,7 @@ def _folder(path, config, seed):
   return traverse_util.flatten_dict(jax.device_get(params), sep='/')
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_merge_takes_the_vae_params_and_config(tmp_path):
   base_config = tiny.get_config('video')
   vae_config = tiny.get_config('video')
