@@ -219,7 +219,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> TrainState
                                      allow_config_change=tc.allow_config_change)
   if restored is not None:
     latest, state, data_state = restored
-    logging.info('resumed from %s step %d', manager.directory, latest)
+    logging.info('resuming from %s step %d', manager.directory, latest)
     train_iter.set_state(data_state)
   else:
     state = setup.init_fn(setup.init_key)

@@ -140,7 +140,7 @@ def test_training_faults(tmp_path, shapes_data_dir):
   proc = _main(tmp_path, *_train_args(workdir, shapes_data_dir, '--config.train.checkpoint_every=2',
                                       '--config.train.num_steps=6'))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'checkpoint step 4 is unusable' in proc.stderr and 'resumed from' in proc.stderr
+  assert 'checkpoint step 4 is unusable' in proc.stderr and 'resuming from' in proc.stderr
   assert proc.stderr.count('Traceback') == 0
   assert _steps(workdir) == [2, 4, 6] and os.listdir(os.path.join(workdir, 'checkpoints_corrupt'))
 

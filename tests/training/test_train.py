@@ -381,7 +381,7 @@ def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path / 'resumed'),
                         f'--config.train.num_steps={target}', *common)
   assert _wait_all(procs, logs) == [0, 0], open(logs[0]).read()[-3000:]
-  assert 'resumed from' in open(logs[0]).read()
+  assert 'resuming from' in open(logs[0]).read()
   reference = str(tmp_path / 'reference')
   (tmp_path / 'ref_logs').mkdir()
   procs, logs = _launch(reference, shapes_data_dir, str(tmp_path / 'ref_logs'),
