@@ -15,6 +15,7 @@ import re
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from absl import logging as absl_logging
 from etils import epath
 from flax import traverse_util
 import jax
@@ -291,6 +292,25 @@ def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
   manager.reload()
 
 
+class _QuietRestore:
+  """Drops the log records Orbax's and asyncio's worker threads write while a broken checkpoint fails
+  to restore (dozens of interleaved tracebacks); the one-line warning of `_move_aside` says it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    where = f'{record.name} {record.pathname}'
+    return not any(name in where for name in ('orbax', 'asyncio', 'tensorstore'))
+
+  def __enter__(self):
+    self.handlers = list(logging.getLogger().handlers) + [absl_logging.get_absl_handler()]
+    for handler in self.handlers:
+      handler.addFilter(self)
+    return self
+
+  def __exit__(self, *exc):
+    for handler in self.handlers:
+      handler.removeFilter(self)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    config: ml_collections.ConfigDict, allow_config_change: bool = False
                    ) -> Optional[Tuple[int, Any, Any]]:
@@ -320,8 +340,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
           f'keys differ: {"; ".join(differences[:4])}{"; ..." if len(differences) > 4 else ""}): '
           'use a new workdir, or set config.train.allow_config_change=True to restore anyway.')
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      with _QuietRestore():
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       _move_aside(manager, step, f'{type(e).__name__}: {" ".join(str(e).split())[:200]}')
       continue
