@@ -48,7 +48,9 @@ def _encode(path: str, frames: np.ndarray, fps: float, quality: float, ext: str)
 def _verify(path: str, frames: np.ndarray, ext: str) -> None:
   """Raises ValueError unless the file reads back with the frames' count and size."""
   try:
-    back = read_video(path)
+    with warnings.catch_warnings():  # imageio-ffmpeg forks and at once execs ffmpeg: harmless.
+      warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
+      back = read_video(path)
   except Exception as e:  # pylint: disable=broad-except  # Any decoder error means a bad file.
     raise ValueError(f'the written file does not read back ({type(e).__name__}: {e})') from None
   count, size = frames.shape[0], frames.shape[1:3]
