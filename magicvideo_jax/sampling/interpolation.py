@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import request as request_lib
@@ -52,7 +53,7 @@ CONDITION_MODES = ('nearest', 'zeros')
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.interpolation` section: factor m, condition layout, loss weight of the keyframes."""
-  return ml_collections.ConfigDict(dict(factor=3, condition='nearest', keyframe_loss_weight=1.0))
+  return config_lib.interpolation_defaults()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import request as request_lib
@@ -60,11 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   """A `config.upscaler` section as the SD x4 upscaler's: its low-res DDPM schedule (linear betas
   1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling, and sampling from pure noise
   (`strength` 1; below 1 the sampler starts from the upsampled input instead, see `__call__`)."""
-  schedule = dict(num_train_timesteps=1000, beta_schedule='linear', beta_start=0.0001,
-                  beta_end=0.02, prediction_type='epsilon', timestep_spacing='leading',
-                  steps_offset=0, set_alpha_to_one=True)
-  return ml_collections.ConfigDict(dict(noise_schedule=schedule, max_noise_level=350,
-                                        noise_level=20, strength=1.0))
+  return config_lib.upscaler_defaults()
 
 
 def downsample(video: Any, factor: int) -> Any:

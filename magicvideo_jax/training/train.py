@@ -11,7 +11,6 @@ Which parameters train is `config.train.trainable`: regexes over paths such as
 """
 
 import logging
-import os
 import signal
 import time
 from typing import Any, Callable, Dict, Optional
@@ -40,9 +39,6 @@ from magicvideo_jax.training import workdir as workdir_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import surgery
 
-# The names `_make_sample_hook` reads (the state and step live in training/state.py).
-TrainState = state_lib.TrainState
-merge_ema = state_lib.merge_ema
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,12 +118,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def workdir_path(workdir: Any) -> epath.Path:
-  """The workdir as a path object: local paths made absolute, URLs (gs://...) kept as they are."""
-  text = os.fspath(workdir)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
-
-
 def _lock_workdir(workdir: epath.Path) -> workdir_lib.WorkdirLock:
   """Process 0 locks the workdir; every process learns whether it could (no host waits alone)."""
   lock = workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0)
@@ -167,13 +157,13 @@ def _make_writer(workdir: epath.Path):
   return metric_writers.MultiWriter([metric_writers.LoggingWriter(), summary]), summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> state_lib.TrainState:
   """Trains per `config`, checkpointing into and resuming from `workdir`. Returns the final state.
 
   `workdir` may be a local path or a URL that etils.epath and Orbax read (gs://...). One run holds it
   at a time (`training/workdir.py`).
   """
-  workdir = workdir_path(workdir)
+  workdir = ckpt_lib.as_path(workdir)  # URLs (gs://...) kept as they are.
   workdir.mkdir(parents=True, exist_ok=True)
   config = context_lib.resolve_derived(config)
   lock = _lock_workdir(workdir)
@@ -183,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> Train
     lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> state_lib.TrainState:
   tc = config.train
 
   # ---------------------------------------------------------------------------------- mesh, models
@@ -439,8 +429,8 @@ def _make_sample_hook(config, modules, tokenizer, mesh, workdir) -> Optional[Cal
 
   pipes = []  # Built once: later calls reuse its compiled sampler with new params.
 
-  def hook(step: int, state: TrainState) -> None:
-    params = merge_ema(state.params, state.ema_params)
+  def hook(step: int, state: state_lib.TrainState) -> None:
+    params = state_lib.merge_ema(state.params, state.ema_params)
     if not pipes:
       pipes.append(pipeline_lib.MagicVideoPipeline(_export_config(config), params, tokenizer,
                                                    modules=modules, mesh=mesh))
