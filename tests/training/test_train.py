@@ -171,49 +171,21 @@ def test_kill_resume_is_bitwise_identical(tmp_path, shapes_data_dir):
 
 @pytest.mark.slow
 def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
-  """Saved on 8 devices with fsdp=8, continued on 4 devices with data=2, fsdp=2."""
+  """Saved on 4 devices with fsdp=4, continued on 2 devices with data=2."""
   workdir = str(tmp_path / 'run')
-  common = ('--config.train.checkpoint_every=4', '--config.train.trainable=("^unet/",)')
-  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=4',
-                 '--config.mesh.data=1', '--config.mesh.fsdp=8', devices=8))
+  common = ('--config.train.checkpoint_every=2', '--config.train.trainable=("^unet/",)')
+  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=2',
+                 '--config.mesh.data=1', '--config.mesh.fsdp=4', devices=4))
   step, saved, _ = _checkpoint(workdir)
-  assert step == 4
-  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=8',
-                 '--config.mesh.data=2', '--config.mesh.fsdp=2', devices=4))
+  assert step == 2
+  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=3',
+                 '--config.mesh.data=2', '--config.mesh.fsdp=1', devices=2))
   step, state, _ = _checkpoint(workdir)
-  assert step == 8
-  assert int(state['step']) == 8
+  assert step == 3
+  assert int(state['step']) == 3
   moved = [k for k, v in _flat(state['params']).items()
            if not np.array_equal(v, _flat(saved['params'])[k])]
   assert moved, 'training did not continue after the restore'
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path, shapes_data_dir):
-  """2 processes x 2 devices reach the parameters of 1 process x 4 devices."""
-  common = ('--config.train.num_steps=3', '--config.train.checkpoint_every=3',
-            '--config.mesh.data=2', '--config.mesh.fsdp=2')
-  single = str(tmp_path / 'single')
-  _run(_main_cmd(single, shapes_data_dir, *common, devices=4))
-  multi = str(tmp_path / 'multi')
-  cmd = _main_cmd(multi, shapes_data_dir, *common, devices=2)
-  launch = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', *cmd[3:]]
-  env = _env()
-  env.update(DEVICES='2', PYTHON=PYTHON, WORKDIR_LOGS=str(tmp_path / 'logs'))
-  proc = subprocess.run([a for a in launch if not a.startswith('--num_cpu_devices')], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  _, state_1, _ = _checkpoint(single)
-  _, state_2, _ = _checkpoint(multi)
-  flat_1, flat_2 = _flat(state_1['params']), _flat(state_2['params'])
-  vec_1 = np.concatenate([flat_1[k].ravel() for k in sorted(flat_1)])
-  vec_2 = np.concatenate([flat_2[k].ravel() for k in sorted(flat_1)])
-  # All-reduces over gloo sum in another order than one process does: float32 round-off only.
-  relative = float(np.linalg.norm(vec_1 - vec_2) / np.linalg.norm(vec_1))
-  worst = float(np.max(np.abs(vec_1 - vec_2)) / np.max(np.abs(vec_1)))
-  print(f'2x2 vs 1x4 after 3 steps: relative L2 difference {relative:.2e}, '
-        f'max abs difference / max |param| {worst:.2e}')
-  assert relative <= 1e-5 and worst <= 1e-5
 
 
 @pytest.mark.slow
@@ -348,13 +320,16 @@ def _wait_all(procs, logs, timeout=900):
   return [p.returncode for p in procs]
 
 
-@pytest.mark.slow  # Three 2-process training runs.
+@pytest.mark.slow  # Two 2-process training runs and one 1-process run.
 def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   """SIGTERM to one host only: both hosts save the same step (JAX's preemption sync point) and exit
-  0; the rerun resumes from it and reaches the uninterrupted run's state (to float32 round-off: two
-  runs' gloo all-reduces do not sum in a fixed order; one process resumes bitwise, see
-  test_kill_resume_is_bitwise_identical); sample_every writes its samples with 2 processes."""
-  common = ('--config.train.checkpoint_every=1000', '--config.train.log_every=1')
+  0. The rerun (through launch/local.sh, sampling with 2 processes) resumes from it and reaches the
+  state of one uninterrupted process with both devices (bitwise on XLA:CPU; the tolerance allows
+  another summation order in cross-process all-reduces)."""
+  # A constant learning rate after warm-up: the interrupted run's num_steps (100000) and the
+  # reruns' (saved + 1) then give the same schedule.
+  common = ('--config.train.checkpoint_every=1000', '--config.train.log_every=1',
+            '--config.train.end_lr_factor=1.0', '--config.mesh.data=1', '--config.mesh.fsdp=2')
   workdir = str(tmp_path / 'preempted')
   procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path), '--config.train.num_steps=100000',
                         *common)
@@ -375,26 +350,29 @@ def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
   for log in logs:
     assert f'stopped at step {saved} after a preemption notice' in open(log).read()
 
-  # Resume to saved + 1, against an uninterrupted run to the same step that also samples.
+  # Resume to saved + 1 on 2 processes; the reference runs there on 1 process x 2 devices.
   target = saved + 1
-  (tmp_path / 'resumed').mkdir()
-  procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path / 'resumed'),
-                        f'--config.train.num_steps={target}', *common)
-  assert _wait_all(procs, logs) == [0, 0], open(logs[0]).read()[-3000:]
-  assert 'resuming from' in open(logs[0]).read()
+  cmd = _main_cmd(workdir, shapes_data_dir, f'--config.train.num_steps={target}',
+                  f'--config.train.sample_every={target}', *common)
+  launch = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2',
+            *[a for a in cmd[3:] if not a.startswith('--num_cpu_devices')]]
+  env = _env()
+  env.update(DEVICES='1', PYTHON=PYTHON, WORKDIR_LOGS=str(tmp_path / 'resumed'))
+  proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'resuming from' in open(tmp_path / 'resumed' / 'process_0.log').read()
+  assert os.path.isfile(os.path.join(workdir, 'samples', f'step_{target:07d}.gif'))
   reference = str(tmp_path / 'reference')
-  (tmp_path / 'ref_logs').mkdir()
-  procs, logs = _launch(reference, shapes_data_dir, str(tmp_path / 'ref_logs'),
-                        f'--config.train.num_steps={target}', f'--config.train.sample_every={target}',
-                        *common)
-  assert _wait_all(procs, logs) == [0, 0], open(logs[0]).read()[-3000:]
-  assert os.path.isfile(os.path.join(reference, 'samples', f'step_{target:07d}.gif'))
-  _, resumed_state, _ = _checkpoint(workdir, target)
-  _, reference_state, _ = _checkpoint(reference, target)
+  _run(_main_cmd(reference, shapes_data_dir, f'--config.train.num_steps={target}', *common,
+                 devices=2), timeout=900)
+  _, resumed_state, resumed_data = _checkpoint(workdir, target)
+  _, reference_state, reference_data = _checkpoint(reference, target)
+  assert resumed_data == reference_data
   a, b = _flat(resumed_state), _flat(reference_state)
   assert a.keys() == b.keys()
   vec_a = np.concatenate([a[k].ravel().astype(np.float64) for k in sorted(a)])
   vec_b = np.concatenate([b[k].ravel().astype(np.float64) for k in sorted(a)])
   relative = float(np.linalg.norm(vec_a - vec_b) / np.linalg.norm(vec_b))
-  print(f'resumed vs uninterrupted at step {target}: relative L2 difference {relative:.2e}')
+  print(f'resumed on 2 processes vs 1 uninterrupted process at step {target}: relative L2 '
+        f'difference {relative:.2e}')
   assert relative <= 1e-5  # One skipped or repeated batch would be ~1e-3.
