@@ -271,6 +271,14 @@ def base_config() -> ml_collections.ConfigDict:
       profile_every=0,
       profile_num_steps=5,
   ))
+  # Low-rank adapters (magicvideo_jax/lora.py) on the kernels `targets` selects (regexes over
+  # parameter paths); rank 0: none. Train them alone with train.trainable=('^lora/',).
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=0.0,  # The adapters' scale is alpha / rank; 0 means alpha = rank.
+      targets=(r'^unet/.*/attn[12]/to_(q|k|v|out_0)/kernel$',),
+      dropout=0.0,  # Only 0: the adapters are added to the kernels.
+  ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=logical_axis_rules()))
   return config

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='several prompts: write OUTPUT_0.ext, OUTPUT_1.ext, ... instead of a grid')
   parser.add_argument('--upscale', type=int, default=1,
                       help='enlarge the frames N times (nearest neighbour) for viewing')
+  parser.add_argument('--lora', default=None,
+                      help='LoRA file or folder (diffusers / PEFT safetensors, e.g. from convert '
+                      '--export_lora_from) added to the weights')
+  parser.add_argument('--lora_scale', type=float, default=1.0, help='its scale (default 1)')
   cascade = parser.add_argument_group('cascade stages (magicvideo_jax/cascade.py)')
   cascade.add_argument('--interpolation', default=None,
                        help='keyframe interpolation model folder: K keyframes -> (K - 1) m + 1 frames')
@@ -126,6 +130,8 @@ def check_flags(args: argparse.Namespace) -> None:
     raise UserError(f'--fps={args.fps} must be > 0')
   if args.num_frames_model is not None and args.num_frames_model < 1:
     raise UserError(f'--num_frames_model={args.num_frames_model} must be >= 1')
+  if args.lora is not None and not os.path.exists(args.lora):
+    raise UserError(f'--lora: not found: {args.lora}')
   for flag in ('interpolation', 'upscaler'):
     folder = getattr(args, flag)
     if folder is not None and not os.path.isdir(folder):
@@ -151,6 +157,8 @@ def run(args: argparse.Namespace) -> List[str]:
     pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(
         base, num_frames=args.num_frames_model, verbose=True, interpolation=interpolation,
         upscaler=upscaler)
+    if args.lora:
+      pipe.load_lora_weights(args.lora, scale=args.lora_scale)
   except (ValueError, FileNotFoundError, torch_layout.ConversionError) as e:
     raise UserError(str(e)) from None
   kwargs.update(negative_prompt=args.negative_prompt, interpolation_steps=args.interpolation_steps,

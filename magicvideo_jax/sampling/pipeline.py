@@ -33,12 +33,14 @@ import numpy as np
 
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
+from magicvideo_jax import lora as lora_lib
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.sampling import cascade
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import lora_io
 from magicvideo_jax.weights import torch_layout
 
 DEFAULT_DIFFUSERS_FRAMES = 16
@@ -128,7 +130,9 @@ class MagicVideoPipeline:
   Attributes:
     config: the checkpoint's config (model, diffusion, sampling, data sections).
     params: {'text_encoder', 'vae', 'unet'} params (and 'clip', the dual encoder of a model
-      conditioned on CLIP embeddings), replicated over `mesh`.
+      conditioned on CLIP embeddings), replicated over `mesh`: what sampling uses, LoRA adapters
+      added. Assigning params with a 'lora' entry (a LoRA run's) adds those adapters at
+      alpha / rank; `load_lora_weights` adds adapters on top at their own scale.
     compiled: cache of compiled executables, keyed by (stage, shape, static options).
     trace_count: how many times the denoising function was traced (tests check it stays put).
     interpolator, upscaler: the cascade's later stages (`interpolation.KeyframeInterpolator`,
@@ -147,7 +151,8 @@ class MagicVideoPipeline:
     self.mesh = mesh or sharding_lib.create_mesh({'data': -1, 'fsdp': 1})
     self.verbose = verbose
     self.params_sharding = NamedSharding(self.mesh, P())  # Replicated.
-    self.params = jax.device_put(params, self.params_sharding)
+    self._adapters: Dict[str, Tuple[Any, float]] = {}  # name -> (lora tree, scale).
+    self.params = params
     self.video_vae = models_lib.uses_video_vae(config.model)
     self.max_frames = max_frames(config)
     self.vae_factor = size_multiple(config)[0]
@@ -202,6 +207,64 @@ class MagicVideoPipeline:
     pipe.log(f'loaded {path} ({kind}){" + " + ", ".join(stages) if stages else ""} in '
               f'{time.time() - t0:.1f} s')
     return pipe
+
+  # ------------------------------------------------------------------------------------------------
+  # Parameters and LoRA adapters.
+
+  @property
+  def params(self) -> Dict[str, Any]:
+    return self._params
+
+  @params.setter
+  def params(self, params: Dict[str, Any]) -> None:
+    own_scale = lora_io.fold_scale(self.config)
+    base = lora_lib.fold(params, own_scale) if own_scale is not None else lora_lib.fold(params)
+    self._base_params = jax.device_put(base, self.params_sharding)
+    self._apply_adapters()
+
+  def _apply_adapters(self) -> None:
+    params = self._base_params
+    for lora_params, scale in self._adapters.values():
+      params = self._fold(params, lora_params, scale)
+    self._params = params
+
+  @staticmethod
+  @jax.jit
+  def _fold(params, lora_params, scale):
+    return lora_lib.fold(params, scale, lora_params)
+
+  def load_lora_weights(self, path: str, scale: float = 1.0,
+                        adapter_name: str = 'default') -> 'MagicVideoPipeline':
+    """Adds the adapters of a LoRA file or folder (diffusers / PEFT safetensors layout:
+    `weights/lora_io.py`) at `scale`; loading under an existing `adapter_name` replaces it.
+    The base weights are kept: `set_lora_scale`, `unload_lora_weights` change or drop adapters
+    without reloading; `fuse_lora` makes them part of the base. No recompilation."""
+    lora_params = lora_io.load(path, jax.device_get(self._base_params))
+    self._adapters[adapter_name] = (jax.device_put(lora_params, self.params_sharding), float(scale))
+    self._apply_adapters()
+    self.log(f'LoRA {adapter_name!r}: {lora_lib.count(lora_params):,} parameters on '
+             f'{len(lora_lib.adapters(lora_params))} kernels from {path}, scale {scale}')
+    return self
+
+  def set_lora_scale(self, scale: float, adapter_name: str = 'default') -> None:
+    if adapter_name not in self._adapters:
+      raise KeyError(f'no LoRA adapter named {adapter_name!r}; loaded: {sorted(self._adapters)}')
+    self._adapters[adapter_name] = (self._adapters[adapter_name][0], float(scale))
+    self._apply_adapters()
+
+  def unload_lora_weights(self) -> None:
+    """Drops every adapter that `load_lora_weights` added (the base weights come back)."""
+    self._adapters = {}
+    self._apply_adapters()
+
+  def fuse_lora(self) -> None:
+    """Adds the loaded adapters to the base weights for good (then nothing is left to unload)."""
+    self._base_params, self._adapters = self._params, {}
+
+  @property
+  def lora_adapters(self) -> Dict[str, float]:
+    """Name -> scale of the adapters loaded with `load_lora_weights`."""
+    return {name: scale for name, (_, scale) in self._adapters.items()}
 
   # ------------------------------------------------------------------------------------------------
   # The jitted pieces.

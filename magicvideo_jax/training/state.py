@@ -28,6 +28,7 @@ import optax
 
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
+from magicvideo_jax import lora as lora_lib
 from magicvideo_jax import losses
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
@@ -38,7 +39,7 @@ Params = Dict[str, Any]
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Params  # {'text_encoder', 'vae', 'unet'}: every parameter, frozen or not.
+  params: Params  # {'text_encoder', 'vae', 'unet'} (and 'lora'): every parameter, frozen or not.
   opt_state: Any  # Over the trainable subset only.
   ema_params: Params  # EMA of the trainable subset (nested dict of those leaves only).
 
@@ -105,7 +106,13 @@ def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr
   objective = config.train.objective
   if objective not in losses.LOSSES:
     raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(losses.LOSSES)}')
-  loss_fn = functools.partial(losses.LOSSES[objective], modules=modules, schedule=schedule, config=config)
+  objective_fn = functools.partial(losses.LOSSES[objective], modules=modules, schedule=schedule,
+                                   config=config)
+  lora_scale = lora_lib.scale(config) if lora_lib.enabled(config) else 1.0
+
+  def loss_fn(params, batch, keys):  # The models see their kernels with the adapters added.
+    return objective_fn(lora_lib.fold(params, lora_scale), batch, keys)
+
   accum = config.train.grad_accum_steps
   base_key = jax.random.key(config.seed)
 
@@ -183,7 +190,10 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
       unet=modules['unet'].init(k_unet, x['latents'], x['timesteps'], x['context'], fps=x['fps'],
                                 class_labels=labels)['params'],
   )
-  return context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
+  params = context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
+  if lora_lib.enabled(config):
+    params[lora_lib.KEY] = lora_lib.init(params, config, jax.random.fold_in(key, 4))
+  return params
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,6 +289,8 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, *,
   """
   rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
   tc = config.train
+  if config.get('lora') is not None:
+    lora_lib.validate(config)
   if modules is None:
     modules = models_lib.build_models(config.model)
   if batch_struct is None:
