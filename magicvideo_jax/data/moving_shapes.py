@@ -229,6 +229,10 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
   test_size: int = 512
   seed: int = 0
   holdout_fraction: float = 0.125
+  # (colour, shape, motion) triples the train split draws from instead of the seed's train
+  # combinations (repeats weight a triple); validation and test are unchanged. For fine-tuning
+  # data such as benchmarks/lora_shapes.py's.
+  train_combinations: Tuple[Tuple[str, str, str], ...] = ()
 
 
 def all_combinations() -> List[Tuple[str, str, str]]:
@@ -269,8 +273,16 @@ def _split_size(split: str, config: MovingShapesConfig) -> int:
 
 def make_example(split: str, index: int, config: MovingShapesConfig) -> Dict[str, Any]:
   """Clip `index` of `split`: a dict with the dataset's features (class ids as ints)."""
+  return _make_example(split, index, config, _combinations(split, config))
+
+
+def _combinations(split: str, config: MovingShapesConfig) -> List[Tuple[str, str, str]]:
   train_combos, test_combos = split_combinations(config.seed, config.holdout_fraction)
-  return _make_example(split, index, config, test_combos if split == 'test' else train_combos)
+  if split == 'test':
+    return test_combos
+  if split == 'train' and config.train_combinations:
+    return [tuple(c) for c in config.train_combinations]
+  return train_combos
 
 
 def _make_example(split: str, index: int, config: MovingShapesConfig,
@@ -296,8 +308,7 @@ def generate_split(split: str, config: Optional[MovingShapesConfig] = None
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
   config = config or MovingShapesConfig(name='default')
-  train_combos, test_combos = split_combinations(config.seed, config.holdout_fraction)
-  combos = test_combos if split == 'test' else train_combos
+  combos = _combinations(split, config)
   for index in range(_split_size(split, config)):
     yield _make_example(split, index, config, combos)
 
