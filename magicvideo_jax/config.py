@@ -279,6 +279,17 @@ def base_config() -> ml_collections.ConfigDict:
       targets=(r'^unet/.*/attn[12]/to_(q|k|v|out_0)/kernel$',),
       dropout=0.0,  # Only 0: the adapters are added to the kernels.
   ))
+  # Evaluation during training (training/evaluation.py): the objective on the first num_batches
+  # batches of `split` at fixed noise and timesteps every `every_steps` steps (0: never), and the
+  # checkpoint with the best `best_metric` kept in WORKDIR/checkpoints_best.
+  config.eval = ml_collections.ConfigDict(dict(
+      every_steps=0,
+      split='validation',
+      num_batches=2,
+      seed=0,
+      best_metric='eval_loss',  # Any metric the evaluation writes ('eval_' + the objective's).
+      best_mode='min',
+  ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=logical_axis_rules()))
   return config

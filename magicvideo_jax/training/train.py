@@ -34,6 +34,7 @@ from magicvideo_jax import video_io
 from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.tools import encode_latents as latents_dataset
+from magicvideo_jax.training import evaluation
 from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import workdir as workdir_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
@@ -242,6 +243,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> state_lib.
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=tc.profile_num_steps,
                                           every_steps=tc.profile_every))
   sampler = _make_sample_hook(config, modules, tokenizer, mesh, workdir) if tc.sample_every else None
+  evaluator, best_saver = None, None
+  if evaluation.enabled(config):
+    evaluation.validate(config)
+    evaluator = evaluation.Evaluator(config, setup, mesh, tokenizer, make_iterator, device_batch)
+    if config.eval.best_metric not in evaluator.metric_names(state):
+      raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r}; the evaluation writes '
+                       f'{", ".join(evaluator.metric_names(state))}')
+    best_saver = _Saver(ckpt_lib.make_best_manager(workdir, config.eval.best_metric,
+                                                   config.eval.best_mode), config)
   writer.write_scalars(start_step, dict(compile_seconds=compile_seconds))
   saver = _Saver(manager, config)
   step = start_step
@@ -274,6 +284,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> state_lib.
       saver.save(step, state, train_iter.get_state(), force=force_save)
       if sampler is not None and step % tc.sample_every == 0:
         sampler(step, state)
+      if evaluator is not None and (step % config.eval.every_steps == 0 or step == tc.num_steps):
+        _evaluate(evaluator, best_saver, writer, step, state, train_iter.get_state())
       if preempted:
         saver.finish()
         logging.warning('stopped at step %d after a preemption notice; the checkpoint is saved.',
@@ -281,6 +293,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> state_lib.
         writer.flush()
         return state
   saver.finish()
+  if best_saver is not None:
+    best_saver.finish()
   writer.flush()
 
   # ---------------------------------------------------------------------------------- export
@@ -307,6 +321,17 @@ def _check_loss(loss: float, step: int, count: int, saver: '_Saver') -> None:
         f'checkpoint is {saver.last_good()}. Lower config.train.learning_rate or check the input data.')
 
 
+def _evaluate(evaluator, best_saver, writer, step: int, state, data_state) -> None:
+  """Writes the evaluation's metrics; saves the state as the best one when they are finite (Orbax
+  keeps it only if its metric beats the kept one)."""
+  metrics = evaluator(state)
+  writer.write_scalars(step, metrics)
+  logging.info('evaluation at step %d: %s', step,
+               ', '.join(f'{k}={v:.5g}' for k, v in sorted(metrics.items())))
+  if evaluation.is_finite(metrics):
+    best_saver.save(step, state, data_state, force=True, metrics=metrics)
+
+
 class _Saver:
   """Checkpoint saves that stop the run on failure (a full disk) and log when async ones finish."""
 
@@ -323,10 +348,12 @@ class _Saver:
       logging.info('checkpoint step %d saved', self.pending)
       self.pending = None
 
-  def save(self, step: int, state, data_state, force: bool) -> None:
+  def save(self, step: int, state, data_state, force: bool,
+           metrics: Optional[Dict[str, float]] = None) -> None:
     try:
       self._check_pending()
-      if ckpt_lib.save_train_state(self.manager, step, state, data_state, self.config, force=force):
+      if ckpt_lib.save_train_state(self.manager, step, state, data_state, self.config, force=force,
+                                   metrics=metrics):
         if self.pending is not None:  # Orbax finished it before starting this one.
           logging.info('checkpoint step %d saved', self.pending)
         self.pending = step

@@ -177,6 +177,20 @@ def make_manager(workdir: str, keep: int, save_interval_steps: int,
   )
 
 
+BEST_DIR = 'checkpoints_best'  # training/evaluation.py's best checkpoint.
+
+
+def make_best_manager(workdir: str, metric: str, mode: str) -> ocp.CheckpointManager:
+  """Keeps the one checkpoint with the best `metric` ('min' or 'max') of those saved with metrics
+  (Orbax's best_fn; it reads the earlier ones' metrics back on a resume)."""
+  return ocp.CheckpointManager(
+      as_path(workdir) / BEST_DIR,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda metrics: float(metrics[metric]), best_mode=mode,
+          keep_checkpoints_without_metrics=False, enable_async_checkpointing=False, create=True),
+  )
+
+
 class CheckpointError(RuntimeError):
   """No usable training checkpoint, or one that does not fit this run: a one-line message."""
 
@@ -187,7 +201,7 @@ class NonFiniteStateError(FloatingPointError):
 
 CORRUPT_DIR = 'checkpoints_corrupt'  # Where unreadable checkpoints are moved (never deleted).
 # Config keys whose change makes a checkpoint's state unusable for this run.
-STRUCTURAL_KEYS = ('model', 'train.objective', 'train.trainable')
+STRUCTURAL_KEYS = ('model', 'lora', 'train.objective', 'train.trainable')
 
 
 def _bits_sum(x: jax.Array) -> jax.Array:
@@ -224,7 +238,8 @@ def state_fingerprint(state: Any) -> Tuple[List[int], bool]:
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
-                     config: ml_collections.ConfigDict, force: bool = False) -> bool:
+                     config: ml_collections.ConfigDict, force: bool = False,
+                     metrics: Optional[Dict[str, float]] = None) -> bool:
   """Saves at the manager's interval (or when forced) with the state's checksums beside it.
 
   Raises:
@@ -248,7 +263,7 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any, data
           config=ocp.args.JsonSave(json.loads(config_to_json(config))),
           integrity=ocp.args.JsonSave(dict(leaf_checksums=checksums)),
       ),
-      force=force,
+      force=force, metrics=metrics,
   )
 
 
@@ -264,6 +279,8 @@ def _flat_keys(tree: Any, prefix: str = '') -> Dict[str, Any]:
 def config_differences(stored: Dict[str, Any], config: ml_collections.ConfigDict) -> List[str]:
   """`STRUCTURAL_KEYS` whose values differ between a checkpoint's config and this run's."""
   current = json.loads(config_to_json(config))
+  # A section added since the checkpoint was written (e.g. `lora`) compares at its defaults.
+  stored = json.loads(config_to_json(config_lib.fill_defaults(config_from_json(json.dumps(stored)))))
   differences = []
   for key in STRUCTURAL_KEYS:
     a, b = stored, current
