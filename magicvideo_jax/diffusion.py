@@ -430,7 +430,8 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
                 eta: float = 0.0, key: Optional[jax.Array] = None,
                 timestep_spacing: Optional[str] = None, steps_offset: Optional[int] = None,
                 final_sigmas_type: str = 'zero', sigma_spacing: Optional[str] = None,
-                clip_sample: bool = False, start_step: int = 0) -> jax.Array:
+                clip_sample: bool = False, start_step: int = 0,
+                on_step: Optional[Callable[[jax.Array, jax.Array], None]] = None) -> jax.Array:
   """Denoises `latents` [B, ...] (unit noise) into samples [B, ...] float32: one `lax.scan`.
 
   `model_fn(x, t)` takes float32 latents and an int32 scalar timestep and returns the (already
@@ -441,6 +442,9 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
   `start_step` > 0 runs only the steps from that one on (image-to-image, SDEdit): `latents` are then
   data already noised to that step's level, as `noise_to_step` does; a DPM-Solver++ run restarts at
   first order there, having no previous step.
+  `on_step(step_index, x)`, when given, is traced into the loop body after each step's update (int32
+  index from `start_step` on, the new latents): e.g. a `jax.debug.callback`. None leaves the loop as
+  it was.
   """
   _check('sampler', sampler, SAMPLERS)
   if not 0 <= start_step < num_inference_steps:
@@ -460,19 +464,25 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
     keys = jax.random.split(key, timesteps.shape[0]) if eta > 0 else None
 
     def ddim_body(x, inputs):
-      t, step_key = inputs
+      t, step_key, *index = inputs
       noise = jax.random.normal(step_key, x.shape, jnp.float32) if eta > 0 else None
       x, _ = ddim_step(schedule, model_fn(x, t), t, x, num_inference_steps, eta=eta,
                        variance_noise=noise, clip_sample=clip_sample)
+      if on_step is not None:
+        on_step(index[0], x)
       return x, None
 
-    x, _ = jax.lax.scan(ddim_body, x, (timesteps, keys))
+    xs = (timesteps, keys) + _step_indices(on_step, start_step, num_inference_steps)
+    x, _ = jax.lax.scan(ddim_body, x, xs)
     return x
 
   def dpm_body(carry, inputs):
     x, prev_x0 = carry
     t, *plan = inputs
+    plan, index = plan[:4], plan[4:]  # sigma_prev, sigma, sigma_next, second_order; the index.
     x, x0 = dpm_solver_step(schedule, model_fn(x, t), x, prev_x0, *plan)
+    if on_step is not None:
+      on_step(index[0], x)
     return (x, x0), None
 
   timesteps, sigmas = dpm_solver_timesteps(
@@ -481,8 +491,16 @@ def sample_loop(model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: 
   sigma_prev, sigma, sigma_next, second_order = dpm_solver_plan(sigmas, final_sigmas_type)
   second_order = second_order.at[start_step].set(False)
   plan = [v[start_step:] for v in (timesteps, sigma_prev, sigma, sigma_next, second_order)]
-  (x, _), _ = jax.lax.scan(dpm_body, (x, jnp.zeros_like(x)), tuple(plan))
+  xs = tuple(plan) + _step_indices(on_step, start_step, num_inference_steps)
+  (x, _), _ = jax.lax.scan(dpm_body, (x, jnp.zeros_like(x)), xs)
   return x
+
+
+def _step_indices(on_step, start_step: int, num_inference_steps: int) -> tuple:
+  """The scan's extra input for `on_step`: the step indices (none without it)."""
+  if on_step is None:
+    return ()
+  return (jnp.arange(start_step, num_inference_steps, dtype=jnp.int32),)
 
 
 def _ddim_timesteps(schedule: Schedule, num_inference_steps: int,

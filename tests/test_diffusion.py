@@ -409,6 +409,25 @@ def test_image_to_image_with_the_exact_noise_returns_the_data(sampler):
   assert float(jnp.max(jnp.abs(out - x0))) > 1e-2
 
 
+@pytest.mark.parametrize('sampler', diffusion.SAMPLERS)
+def test_sample_loop_on_step_sees_every_step(sampler):
+  """`on_step(index, x)` runs after each step's update (index from start_step on, x the new
+  latents: the last one is the result) and leaves the result as without it."""
+  ours, _, _ = _schedules()
+  model = _model_jnp(ours.alphas_cumprod, 'epsilon')
+  latents = jax.random.normal(jax.random.key(1), SHAPE)
+  for start_step in (0, 3):
+    seen = []
+    hook = lambda i, x: jax.debug.callback(lambda i, x: seen.append((int(i), np.asarray(x))), i, x)
+    run = lambda x, on_step: diffusion.sample_loop(model, x, ours, 6, sampler=sampler,
+                                                   start_step=start_step, on_step=on_step)
+    out = jax.jit(lambda x: run(x, hook))(latents)
+    assert [i for i, _ in seen] == list(range(start_step, 6))
+    np.testing.assert_array_equal(seen[-1][1], out)
+    assert np.abs(seen[0][1] - seen[-1][1]).max() > 1e-3
+    np.testing.assert_allclose(out, jax.jit(lambda x: run(x, None))(latents), rtol=1e-6, atol=1e-6)
+
+
 def test_strength_start_step():
   assert diffusion.strength_start_step(20, 1.0) == 0
   assert diffusion.strength_start_step(20, 0.5) == 10

@@ -2,12 +2,16 @@
 
     pipe = MagicVideoPipeline.from_pretrained('path/to/checkpoint')   # or a diffusers SD folder
     video = pipe('a red circle moving left', num_frames=16, seed=0)   # [1, F, H, W, 3] uint8
+    out = pipe(prompt_embeds=pipe.encode_prompt(['a red circle']), num_videos_per_prompt=2,
+               output_type='pil', return_dict=True)                 # out.frames: 2 lists of frames
 
-The text encoder, the DDIM / DPM-Solver++ loop with classifier-free guidance (unconditional or
-negative-prompt batch and conditional batch concatenated) run in one `jax.jit`; the VAE decode in a second.
-Both are compiled once per shape and static option (sampler, steps, eta, guidance on/off) and cached in
-`pipe.compiled`; prompts, seeds, initial latents, fps and the guidance scale are traced, so new ones do
-not recompile (`pipe.trace_count` counts traces of the denoising function).
+The text encoder runs in one `jax.jit` (`encode_prompt`), the DDIM / DPM-Solver++ loop with
+classifier-free guidance (unconditional or negative-prompt batch and conditional batch concatenated)
+in a second, the VAE decode in a third. Each is compiled once per shape and static option (sampler,
+steps, eta, guidance on/off, step callback on/off) and cached in `pipe.compiled`; prompts, prompt
+embeddings, seeds, initial latents, fps, the guidance scale and which step callback are traced or
+looked up at run time, so new ones do not recompile (`pipe.trace_count` counts traces of the
+denoising function).
 
 The prompt batch is sharded over the mesh's ('data', 'fsdp') axes (padded to a multiple of the device
 count); parameters are replicated.
@@ -18,11 +22,12 @@ interpolation/, upscaler/), the call runs base -> interpolation -> SR, each with
 guidance (`interpolation_steps`, `upscale_steps`, ...).
 """
 
+import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import einops
 import jax
@@ -124,6 +129,16 @@ def validate_request(config: ml_collections.ConfigDict, **settings) -> request_l
 # The pipeline.
 
 
+@dataclasses.dataclass
+class MagicVideoPipelineOutput:
+  """What `pipe(..., return_dict=True)` returns (as diffusers' pipeline outputs).
+
+  frames: the videos in the call's output_type: numpy `[B, F, H, W, 3]` ('uint8', 'float', 'np'), a
+    list per video of lists of `PIL.Image` frames ('pil'), or the latents `[B, F, h, w, c]` ('latent').
+  """
+  frames: Union[np.ndarray, List[List[Any]]]
+
+
 class MagicVideoPipeline:
   """Text-to-video sampling with a converted or trained checkpoint.
 
@@ -159,9 +174,13 @@ class MagicVideoPipeline:
     self.latent_channels = int(config.model.unet.in_channels)
     self.compiled: Dict[Any, Any] = {}
     self.trace_count = 0
+    self._context_spec: Optional[jax.ShapeDtypeStruct] = None  # Of one encoded prompt.
+    self._step_callback: Optional[Callable[[int, int], None]] = None  # The current call's.
+    self._step_callback_error: Optional[BaseException] = None
+    self._encode = jax.jit(self._encode_text)
     self._denoise = jax.jit(self._denoise_impl, static_argnames=(
         'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'use_fps', 'show_progress',
-        'sigma_spacing', 'final_sigmas_type', 'clip_sample'))
+        'use_callback', 'sigma_spacing', 'final_sigmas_type', 'clip_sample'))
     self._decode = jax.jit(self._decode_impl, static_argnames=('use_video_vae',))
 
   # ------------------------------------------------------------------------------------------------
@@ -274,16 +293,16 @@ class MagicVideoPipeline:
     # context tokens, "" giving the zero embedding: see context.py.
     return context_lib.text_context(self.config.model, self.modules, params, input_ids)
 
-  def _denoise_impl(self, params, input_ids, uncond_ids, latents, key, fps, guidance_scale, *,
+  def _denoise_impl(self, params, context, uncond_context, latents, key, fps, guidance_scale, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,
-                    show_progress: bool, sigma_spacing: Optional[str], final_sigmas_type: str,
-                    clip_sample: Optional[float]):
-    """Unit-noise latents `[B, F, h, w, c]` -> denoised latents (as the U-Net sees them, scaled)."""
+                    show_progress: bool, use_callback: bool, sigma_spacing: Optional[str],
+                    final_sigmas_type: str, clip_sample: Optional[float]):
+    """Unit-noise latents `[B, F, h, w, c]` -> denoised latents (as the U-Net sees them, scaled),
+    conditioned on encoded prompts `[B, L, D]` (`_encode_text`; uncond_context used with do_cfg)."""
     self.trace_count += 1  # Python side effect: runs once per trace, not per call.
     unet = self.modules['unet']
-    context = self._encode_text(params, input_ids)
     if do_cfg:  # Unconditional (or negative) first, as diffusers.
-      context = jnp.concatenate([self._encode_text(params, uncond_ids), context], axis=0)
+      context = jnp.concatenate([uncond_context, context], axis=0)
       fps = jnp.concatenate([fps, fps], axis=0)
     fps = fps if use_fps else None
 
@@ -298,8 +317,11 @@ class MagicVideoPipeline:
                                         clip_sample=clip_sample is not None,
                                         sigma_spacing=sigma_spacing,
                                         final_sigmas_type=final_sigmas_type)
+    # The host callback gets one latent value of the step's result, so it runs after the step.
+    on_step = (lambda i, x: jax.debug.callback(self._on_step_end, i, x[(0,) * x.ndim])
+               ) if use_callback else None
     x = diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
-                              sampler=sampler, **options)
+                              sampler=sampler, on_step=on_step, **options)
     return x
 
   def _decode_impl(self, params, latents, use_video_vae: bool = True):
@@ -324,8 +346,9 @@ class MagicVideoPipeline:
   # ------------------------------------------------------------------------------------------------
   # The call.
 
-  def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str,
-               Sequence[str]] = None, num_frames: Optional[int] = None,
+  def __call__(self, prompt: Union[None, str, Sequence[str]] = None,
+               negative_prompt: Union[None, str, Sequence[str]] = None,
+               num_frames: Optional[int] = None,
                height: Optional[int] = None, width: Optional[int] = None,
                num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                eta: Optional[float] = None, fps: Optional[float] = None, seed: int = 0,
@@ -336,11 +359,16 @@ class MagicVideoPipeline:
                interpolation_guidance_scale: Optional[float] = None,
                upscale_steps: Optional[int] = None, upscale_guidance_scale: Optional[float] = None,
                noise_level: Optional[int] = None,
-               upscale_strength: Optional[float] = None) -> np.ndarray:
-    """Generates one video per prompt (through the cascade's stages when the pipeline has them).
+               upscale_strength: Optional[float] = None, *, num_videos_per_prompt: int = 1,
+               prompt_embeds: Optional[Any] = None, negative_prompt_embeds: Optional[Any] = None,
+               return_dict: bool = False,
+               callback_on_step_end: Optional[Callable[[int, int], None]] = None) -> Any:
+    """Generates num_videos_per_prompt videos per prompt (through the cascade's stages when the
+    pipeline has them).
 
     Args:
-      prompt: a prompt or a non-empty list of prompts (B videos). "" is the unconditional prompt.
+      prompt: a prompt or a non-empty list of prompts. "" is the unconditional prompt. None only
+        with `prompt_embeds`.
       negative_prompt: one for all prompts or one per prompt; None: "" (as diffusers). Used only
         with guidance_scale > 1.
       Every setting left None takes the checkpoint's default (`sampling/request.py`): the sampler
@@ -353,10 +381,12 @@ class MagicVideoPipeline:
       eta: DDIM stochasticity (0: deterministic DDIM; other samplers: 0).
       fps: frame-rate conditioning (models with an fps embedding).
       seed: seeds the initial noise (unless `latents` is given) and DDIM's noise for eta > 0.
-      latents: initial unit noise `[B, num_frames, height/f, width/f, latent_channels]`.
+      latents: initial unit noise `[B, num_frames, height/f, width/f, latent_channels]`, B = the
+        number of prompts x num_videos_per_prompt (in the order of the videos).
       sampler: 'ddim' or 'dpmsolver++' (DPM-Solver++(2M)).
-      output_type: 'uint8' `[B, F, H, W, 3]`, 'float' (same, in [0, 1]) or 'latent' (the denoised
-        latents `[B, F, h, w, c]`, scaled; of the last stage run).
+      output_type: 'uint8' `[B, F, H, W, 3]`; 'float' or 'np' (the same, float32 in [0, 1]; 'np'
+        is diffusers' name); 'pil' (a list per video of its frames as `PIL.Image`s, from the
+        uint8); 'latent' (the denoised latents `[B, F, h, w, c]`, scaled; of the last stage run).
       sigma_spacing: DPM-Solver++ only: 'karras' or 'lu_lambdas' (None in the config: the
         schedule's timesteps).
       use_video_vae: with a VideoVAE checkpoint, False decodes frame by frame with the image decoder.
@@ -366,25 +396,73 @@ class MagicVideoPipeline:
       upscale_steps, upscale_guidance_scale, noise_level, upscale_strength: the super-resolution
         stage's steps, guidance, low-res noise augmentation level and strength (< 1: start from
         its upsampled input, `VideoUpscaler.__call__`) (default: its config).
+      num_videos_per_prompt: videos per prompt, consecutive as in diffusers (prompt 0's n videos,
+        then prompt 1's ...); negative prompts (and embeddings) are repeated alike. The cascade's
+        stages get the repeated prompts, so it works there too.
+      prompt_embeds: instead of `prompt`, its encoding `[P, L, D]` as `encode_prompt` returns it
+        (what the denoiser conditions on: the text encoder's last hidden state, L the tokenizer's
+        length and D the U-Net's cross_attention_dim; for a model conditioned on CLIP embeddings
+        (`context.uses_clip_embedding`) the embedding's context tokens `[P, num_tokens, D]`, which
+        `encode_prompt` gives too). Not with a cascade stage (they encode the prompts themselves).
+      negative_prompt_embeds: instead of `negative_prompt`: `[1 or P, L, D]`, as prompt_embeds.
+        Without it (and with guidance) `negative_prompt` (default "") is encoded.
+      return_dict: True returns a `MagicVideoPipelineOutput` (`.frames`: the output above). The
+        default is False, unlike diffusers (True), so that existing calls keep getting the array.
+      callback_on_step_end: called on the host after each denoising step of the base stage as
+        `callback(step_index, total_steps)` (step_index 0 .. total_steps - 1). Simpler than
+        diffusers' `(pipe, step, timestep, callback_kwargs)`: it cannot change the latents (the
+        loop runs inside one jit). An exception it raises is re-raised after the loop. Any callback
+        shares one compiled program (compiled once with, once without).
 
     Returns:
-      numpy `[B, F, H, W, 3]` (see `output_type`); after interpolation by m, F = (num_frames - 1) m + 1;
-      after super-resolution by s, s H x s W.
+      numpy `[B, F, H, W, 3]` (see `output_type`; a list for 'pil'), or with return_dict=True a
+      `MagicVideoPipelineOutput`. B = the number of prompts x num_videos_per_prompt; after
+      interpolation by m, F = (num_frames - 1) m + 1; after super-resolution by s, s H x s W.
     """
-    prompts = request_lib.prompt_list(prompt)
+    if prompt is not None and prompt_embeds is not None:
+      raise ValueError('pass prompt or prompt_embeds, not both')
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+      raise ValueError('pass negative_prompt or negative_prompt_embeds, not both')
+    if prompt is None and prompt_embeds is None:
+      raise ValueError('prompt must be a string or a non-empty list of strings (or pass '
+                       'prompt_embeds)')
     req = validate_request(self.config, num_frames=num_frames, height=height, width=width,
                            num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
                            guidance_scale=guidance_scale, output_type=output_type,
-                           sigma_spacing=sigma_spacing, fps=fps, seed=seed)
-    negatives = request_lib.per_clip(negative_prompt, len(prompts))
-    b = len(prompts)
+                           sigma_spacing=sigma_spacing, fps=fps, seed=seed,
+                           num_videos_per_prompt=num_videos_per_prompt)
+    n = req.num_videos_per_prompt
+    if prompt_embeds is not None:
+      prompt_embeds = request_lib.embeddings(prompt_embeds, self.context_shape(),
+                                             dtype=self._context().dtype)
+      num_prompts = prompt_embeds.shape[0]
+      prompts = None
+    else:
+      prompts = request_lib.prompt_list(prompt)
+      num_prompts = len(prompts)
+    if negative_prompt_embeds is not None:
+      negative_prompt_embeds = request_lib.embeddings(
+          negative_prompt_embeds, self.context_shape(), 'negative_prompt_embeds', num_prompts,
+          self._context().dtype)
+      negative_prompt_embeds = np.broadcast_to(
+          negative_prompt_embeds, (num_prompts,) + negative_prompt_embeds.shape[1:])
+      negatives = None
+    else:
+      negatives = request_lib.per_clip(negative_prompt, num_prompts)
+    b = num_prompts * n
     interpolator = self.interpolator if interpolate else None
     upscaler = self.upscaler if upscale else None
     if interpolator is not None or upscaler is not None:
+      if prompts is None or negatives is None:
+        raise ValueError('prompt_embeds / negative_prompt_embeds: the cascade\'s stages encode the '
+                         'prompts with their own text encoders; pass prompt and negative_prompt '
+                         '(or interpolate=False, upscale=False)')
       cascade.check_configs(self.config, interpolator and interpolator.config,
                             upscaler and upscaler.config, num_frames=req.num_frames,
                             height=req.height, width=req.width, noise_level=noise_level,
                             upscale_strength=upscale_strength)
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+      raise ValueError(f'callback_on_step_end={callback_on_step_end!r} must be callable')
     latent_shape = (b, req.num_frames, req.height // self.vae_factor, req.width // self.vae_factor,
                     self.latent_channels)
     noise_key, loop_key = jax.random.split(jax.random.key(req.seed))
@@ -395,29 +473,44 @@ class MagicVideoPipeline:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != latent_shape:
         raise ValueError(f'latents have shape {latents.shape}; expected {latent_shape} '
-                         f'[B, num_frames, height/{self.vae_factor}, width/{self.vae_factor}, '
-                         'latent channels]')
+                         f'[B = {num_prompts} prompts x num_videos_per_prompt {n}, num_frames, '
+                         f'height/{self.vae_factor}, width/{self.vae_factor}, latent channels]')
     fps_value = req.fps
 
-    # Shard the prompt batch over the mesh: pad it to a multiple of the device count.
+    # Shard the video batch over the mesh: pad it to a multiple of the device count.
     pad = (-b) % self.mesh.size
-    input_ids = self._pad(self.tokenizer(prompts), pad)
-    uncond_ids = self._pad(self.tokenizer(negatives), pad)
-    latents = self._pad(latents, pad)
-    fps_array = jnp.full((b + pad,), fps_value, jnp.float32)
-    shard = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
-    input_ids, uncond_ids, latents, fps_array = (
-        shard(jnp.asarray(x)) for x in (input_ids, uncond_ids, latents, fps_array))
+    if prompts is not None:
+      prompts = request_lib.per_video(prompts, n)
+      context = self._encode_prompts(prompts)
+    else:
+      context = self._shard(self._pad(np.repeat(prompt_embeds, n, axis=0), pad))
+    if negatives is not None:
+      negatives = request_lib.per_video(negatives, n)
+    if not req.do_cfg:
+      uncond_context = context  # Unused.
+    elif negatives is not None:
+      uncond_context = self._encode_prompts(negatives)
+    else:
+      uncond_context = self._shard(self._pad(np.repeat(negative_prompt_embeds, n, axis=0), pad))
+    latents = self._shard(self._pad(latents, pad))
+    fps_array = self._shard(jnp.full((b + pad,), fps_value, jnp.float32))
     static = dict(req.static_options(),
                   use_fps=bool(self.config.model.unet.get('fps_embedding', False)),
-                  show_progress=self.verbose, clip_sample=1.0 if req.clip_sample else None)
-    dynamic = (self.params, input_ids, uncond_ids, latents, loop_key, fps_array,
+                  show_progress=self.verbose, use_callback=callback_on_step_end is not None,
+                  clip_sample=1.0 if req.clip_sample else None)
+    dynamic = (self.params, context, uncond_context, latents, loop_key, fps_array,
                jnp.float32(req.guidance_scale))
     denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items()))),
                             lambda: self._denoise.lower(*dynamic, **static))
     self._steps_done, self._steps_total = 0, req.num_inference_steps
+    self._step_callback, self._step_callback_error = callback_on_step_end, None
     self._t_start = time.time()
-    z0 = jax.block_until_ready(denoise(*dynamic))
+    try:
+      z0 = jax.block_until_ready(denoise(*dynamic))
+    finally:
+      self._step_callback, error, self._step_callback_error = None, self._step_callback_error, None
+    if error is not None:
+      raise error
     self.log(f'denoised {b} x {req.num_frames} frames, {req.num_inference_steps} {req.sampler} '
              f'steps in {time.time() - self._t_start:.1f} s')
     if interpolator is not None or upscaler is not None:
@@ -428,13 +521,40 @@ class MagicVideoPipeline:
           upscale_guidance_scale=upscale_guidance_scale, noise_level=noise_level,
           upscale_strength=upscale_strength, use_video_vae=use_video_vae)
       if output_type == 'latent':
-        return stages.get('upscaled_latents', stages['latents'])
-      frames = stages.get('upscaled', stages['frames'])
+        out = stages.get('upscaled_latents', stages['latents'])
+      else:
+        out = request_lib.to_output(stages.get('upscaled', stages['frames']), output_type)
     elif output_type == 'latent':
-      return sharding_lib.to_host(z0)[:b]
+      out = sharding_lib.to_host(z0)[:b]
     else:
-      frames = self.decode(z0, use_video_vae)[:b]
-    return request_lib.to_output(frames, output_type)
+      out = request_lib.to_output(self.decode(z0, use_video_vae)[:b], output_type)
+    return MagicVideoPipelineOutput(frames=out) if return_dict else out
+
+  def encode_prompt(self, prompt: Union[str, Sequence[str]]) -> np.ndarray:
+    """Prompts -> what the denoiser conditions on, numpy `[B, L, D]` (`context_shape`; the text
+    encoder's dtype, float32 unless the model runs in another):
+    `pipe(prompt_embeds=pipe.encode_prompt(p))` samples the same videos as `pipe(p)`, bit for bit.
+    For a model conditioned on CLIP embeddings, the embedding's context tokens (context.py)."""
+    prompts = request_lib.prompt_list(prompt)
+    return sharding_lib.to_host(self._encode_prompts(prompts))[:len(prompts)]
+
+  def context_shape(self) -> Tuple[int, int]:
+    """[L, D] of an encoded prompt (`encode_prompt`, `prompt_embeds`)."""
+    return tuple(self._context().shape[1:])
+
+  def _context(self) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of the encoding of one prompt (traced once, abstractly)."""
+    if self._context_spec is None:
+      ids = jax.ShapeDtypeStruct(np.shape(self.tokenizer([''])), jnp.int32)
+      self._context_spec = jax.eval_shape(self._encode_text, self.params, ids)
+    return self._context_spec
+
+  def _encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+    """Prompts -> their encodings `[B + pad, L, D]`, the batch padded to the mesh and sharded."""
+    ids = self._shard(self._pad(self.tokenizer(list(prompts)), (-len(prompts)) % self.mesh.size))
+    encode = self._compile(('encode', tuple(ids.shape)),
+                           lambda: self._encode.lower(self.params, ids))
+    return encode(self.params, ids)
 
   def decode(self, latents: Any, use_video_vae: bool = True) -> np.ndarray:
     """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` float in [0, 1] (batch sharded
@@ -453,6 +573,11 @@ class MagicVideoPipeline:
 
   # ------------------------------------------------------------------------------------------------
   # Helpers.
+
+  def _shard(self, x) -> jax.Array:
+    """A batch (padded to the mesh) sharded over the mesh's batch axes."""
+    x = jnp.asarray(x)
+    return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
 
   @staticmethod
   def _pad(x, pad: int):
@@ -480,6 +605,19 @@ class MagicVideoPipeline:
     print('\r' + message, end='', file=sys.stderr, flush=True)
     if self._steps_done == self._steps_total:
       print('', file=sys.stderr, flush=True)
+
+  def _on_step_end(self, index, value):
+    """The host end of `callback_on_step_end`: one static function (so any callback shares the
+    compiled program) calling the current call's callback; its first exception is kept for
+    `__call__` to raise, and stops later calls."""
+    del value  # Only orders the callback after the step.
+    callback = self._step_callback
+    if callback is None or self._step_callback_error is not None:
+      return
+    try:
+      callback(int(index), self._steps_total)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._step_callback_error = e
 
   def log(self, message: str) -> None:
     """Progress: logged, and printed to stderr when the pipeline is verbose."""

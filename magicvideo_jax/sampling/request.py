@@ -15,11 +15,14 @@ from typing import Any, List, Optional, Sequence, Union
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from magicvideo_jax import config as config_lib
 from magicvideo_jax import diffusion
 
-OUTPUT_TYPES = ('uint8', 'float', 'latent')
+# 'uint8' / 'float' / 'latent': numpy [B, F, H, W, 3] uint8, the same float32 in [0, 1], the latents;
+# 'np' (float32 in [0, 1], as diffusers' video pipelines) and 'pil' (per video a list of PIL frames).
+OUTPUT_TYPES = ('uint8', 'float', 'np', 'pil', 'latent')
 SEED_LIMIT = 2**63  # jax.random.key takes a 64-bit seed.
 
 _BASE = config_lib.base_config()
@@ -40,6 +43,7 @@ class Request:
   fps: float
   seed: int
   output_type: str
+  num_videos_per_prompt: int = 1
   num_frames: Optional[int] = None  # Base stage only: the clip size.
   height: Optional[int] = None
   width: Optional[int] = None
@@ -89,7 +93,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_inference_steps: Optional[
             eta: Optional[float] = None, sigma_spacing: Optional[str] = None,
             fps: Optional[float] = None, seed: int = 0, output_type: str = 'uint8',
             num_frames: Optional[int] = None, height: Optional[int] = None,
-            width: Optional[int] = None, geometry: bool = False) -> Request:
+            width: Optional[int] = None, num_videos_per_prompt: int = 1,
+            geometry: bool = False) -> Request:
   """The request with every None replaced by the checkpoint's default; ValueError naming a bad value.
 
   `geometry=True` (the base stage) also resolves the clip size (num_frames, height, width; defaults
@@ -132,6 +137,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_inference_steps: Optional[
     raise ValueError(f'seed={seed} must be in [-2**63, 2**63)')
   if output_type not in OUTPUT_TYPES:
     raise ValueError(f'output_type={output_type!r}; valid: {", ".join(OUTPUT_TYPES)}')
+  num_videos_per_prompt = _number('num_videos_per_prompt', num_videos_per_prompt, low=1,
+                                  integer=True)
   sizes = {}
   if geometry:
     resolution = config_value(config, 'data', 'resolution')
@@ -143,7 +150,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_inference_steps: Optional[
   return Request(num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
                  sigma_spacing=sigma_spacing,
                  final_sigmas_type=config_value(config, 'sampling', 'final_sigmas_type'),
-                 clip_sample=clip_sample, fps=fps, seed=seed, output_type=output_type, **sizes)
+                 clip_sample=clip_sample, fps=fps, seed=seed, output_type=output_type,
+                 num_videos_per_prompt=num_videos_per_prompt, **sizes)
 
 
 def prompt_list(prompt: Union[str, Sequence[str]], name: str = 'prompt') -> List[str]:
@@ -168,8 +176,39 @@ def per_clip(value: Union[None, str, Sequence[str]], batch: int, name: str = 'ne
   return values
 
 
+def per_video(values: Sequence[Any], num_videos_per_prompt: int) -> List[Any]:
+  """Each prompt (or negative prompt) repeated for its videos, consecutively as diffusers orders
+  them: [p0] * n + [p1] * n + ..."""
+  return [v for v in values for _ in range(num_videos_per_prompt)]
+
+
+def embeddings(value: Any, expected: Sequence[int], name: str = 'prompt_embeds',
+               batch: Optional[int] = None, dtype: Any = np.float32) -> np.ndarray:
+  """Precomputed text-encoder outputs `[B, L, D]` -> numpy of `dtype` (the encoder's), checked
+  against the `[L, D]` (`expected`) of the pipeline's encoding and, when given, the batch (1 or
+  `batch`)."""
+  array = np.asarray(value, np.float32)
+  tail = tuple(int(d) for d in expected)
+  if array.ndim != 3 or array.shape[1:] != tail or not array.shape[0]:
+    raise ValueError(f'{name} have shape {array.shape}; expected [B, {tail[0]}, {tail[1]}] (what '
+                     'encode_prompt returns)')
+  if batch is not None and array.shape[0] not in (1, batch):
+    raise ValueError(f'{name} have batch {array.shape[0]}; expected 1 or {batch} (one per prompt)')
+  if not np.isfinite(array).all():
+    raise ValueError(f'{name} have non-finite values')
+  return np.asarray(value).astype(dtype) if np.dtype(dtype) != np.float32 else array
+
+
 def to_output(frames: Any, output_type: str) -> Any:
-  """Frames in [0, 1] as the output type asks: 'float' as they are, 'uint8' rounded."""
+  """Frames `[B, F, H, W, 3]` in [0, 1] as the output type asks: 'float' as they are, 'np' float32
+  numpy, 'uint8' rounded, 'pil' a list per video of its frames as RGB `PIL.Image`s (of the uint8)."""
   if output_type == 'float':
     return frames
-  return np.clip(np.round(np.asarray(frames) * 255.0), 0, 255).astype(np.uint8)
+  if output_type == 'np':
+    return np.asarray(frames, np.float32)
+  if output_type not in ('uint8', 'pil'):
+    raise ValueError(f'output_type={output_type!r} is not a frame type; valid: uint8, float, np, pil')
+  uint8 = np.clip(np.round(np.asarray(frames) * 255.0), 0, 255).astype(np.uint8)
+  if output_type == 'uint8':
+    return uint8
+  return [[Image.fromarray(frame) for frame in video] for video in uint8]

@@ -21,6 +21,8 @@ diffusers = pytest.importorskip('diffusers')
 
 from magicvideo_jax import MagicVideoPipeline  # The lazy package-level import.
 from magicvideo_jax.weights import torch_layout
+from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax import sample
 from magicvideo_jax import video_io
@@ -147,14 +149,33 @@ def test_bad_inputs(setup, tmp_path):
       (dict(prompt='a', width=SIZE - 1), 'width=31'),
       (dict(prompt='a', sampler='euler'), "unknown sampler 'euler'"),
       (dict(prompt='a', sampler='ddim', sigma_spacing='karras'), 'dpmsolver'),
-      (dict(prompt='a', output_type='pil'), 'output_type'),
+      (dict(prompt='a', output_type='pt'), 'output_type'),
       (dict(prompt=['a', 'b'], negative_prompt=['x', 'y', 'z']), '3 negative prompts for 2'),
       (dict(prompt='a', latents=np.zeros((1, 1, 8, 8, 4), np.float32)), 'latents have shape'),
       (dict(prompt='a', eta=0.5, sampler='dpmsolver++'), 'eta'),
+      (dict(prompt='a', num_videos_per_prompt=0), 'num_videos_per_prompt=0 must be >= 1'),
+      (dict(prompt=['a', 'b'], num_videos_per_prompt=2, latents=np.zeros((2, 1, 16, 16, 4))),
+       r'latents have shape \(2, .*B = 2 prompts x num_videos_per_prompt 2'),
+      (dict(prompt=None), 'or pass prompt_embeds'),
+      (dict(prompt='a', prompt_embeds=np.zeros((1, 77, 32))), 'prompt or prompt_embeds, not both'),
+      (dict(prompt='a', negative_prompt='b', negative_prompt_embeds=np.zeros((1, 77, 32))),
+       'not both'),
+      (dict(prompt_embeds=np.zeros((1, 77, 16))), r'prompt_embeds have shape \(1, 77, 16\); '
+       r'expected \[B, 77, 32\]'),
+      (dict(prompt=['a', 'b'], negative_prompt_embeds=np.zeros((3, 77, 32))),
+       'negative_prompt_embeds have batch 3; expected 1 or 2'),
+      (dict(prompt='a', callback_on_step_end=3), 'must be callable'),
   ]
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):
       pipe(**dict(ok, **kwargs))
+  # The cascade's stages encode prompts themselves (a stand-in stage: rejected before it is used).
+  pipe.upscaler = object()
+  try:
+    with pytest.raises(ValueError, match="the cascade's stages encode the prompts"):
+      pipe(prompt_embeds=np.zeros((1, 77, 32)), **ok)
+  finally:
+    pipe.upscaler = None
   assert pipe.trace_count == traces  # Rejected before any tracing.
   with pytest.raises(FileNotFoundError, match='not found'):
     MagicVideoPipeline.from_pretrained(str(tmp_path / 'missing'))
@@ -214,6 +235,115 @@ def test_dpm_solver_karras_matches_diffusers(setup):
   err = float(np.abs(ours[:, 0] - expected).max())
   print(f'DPM-Solver++(2M) karras, {STEPS} steps: max abs err {err:.2e}')
   assert err <= TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers-style arguments: output types, return_dict, num_videos_per_prompt, prompt embeddings,
+# the step callback. Same shapes as above (a batch of up to 8 pads to the 8 devices): no new programs
+# but the callback's.
+
+
+def test_output_types_and_return_dict(setup, video3):
+  """'np' is the float output; 'pil' frames are the uint8 rounding of it; return_dict wraps any
+  output type, 'latent' the latents that decode to the same frames."""
+  pipe = setup.pipe
+  as_np = run_ours(pipe, PROMPTS[0], setup.latents3, output_type='np')
+  assert isinstance(as_np, np.ndarray) and as_np.dtype == np.float32
+  np.testing.assert_array_equal(as_np, video3)
+  out = run_ours(pipe, PROMPTS[0], setup.latents3, output_type='pil', return_dict=True)
+  assert isinstance(out, pipeline_lib.MagicVideoPipelineOutput)
+  expected = np.clip(np.round(video3 * 255.0), 0, 255).astype(np.uint8)
+  assert len(out.frames) == 1 and len(out.frames[0]) == 3
+  for f, image in enumerate(out.frames[0]):
+    assert image.mode == 'RGB' and image.size == (SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(image), expected[0, f])
+  latents = run_ours(pipe, PROMPTS[0], setup.latents3, output_type='latent', return_dict=True).frames
+  assert latents.shape == (1, 3, LATENT, LATENT, 4)
+  np.testing.assert_array_equal(pipe.decode(latents), video3)
+
+
+def test_num_videos_per_prompt(setup):
+  """n videos per prompt, consecutive (as diffusers), negatives repeated alike: the same videos as
+  each prompt called on its own with its slice of the latents."""
+  pipe = setup.pipe
+  latents = np.random.default_rng(1).standard_normal((4, 1, LATENT, LATENT, 4)).astype(np.float32)
+  negatives = [NEGATIVE, 'the line']
+  both = run_ours(pipe, PROMPTS, latents, negative_prompt=negatives, num_videos_per_prompt=2,
+                  output_type='float')
+  assert both.shape == (4, 1, SIZE, SIZE, 3)
+  for i, (prompt, negative) in enumerate(zip(PROMPTS, negatives)):
+    alone = run_ours(pipe, prompt, latents[2 * i:2 * i + 2], negative_prompt=negative,
+                     num_videos_per_prompt=2, output_type='float')
+    np.testing.assert_array_equal(both[2 * i:2 * i + 2], alone)
+  assert np.abs(both[0] - both[2]).max() > 0.05  # The prompts differ.
+
+
+def test_num_videos_per_prompt_reach_the_cascade(setup, monkeypatch):
+  """The cascade's stages get the repeated prompts and negatives with the base's latents (the
+  stages stubbed: only what the pipeline hands them is checked)."""
+  pipe = setup.pipe
+  seen = {}
+
+  def run_stages(_, latents, prompts, negatives, **kwargs):
+    seen.update(latents=latents, prompts=prompts, negatives=negatives)
+    return dict(latents=latents)
+
+  monkeypatch.setattr(cascade, 'run_stages', run_stages)
+  monkeypatch.setattr(cascade, 'check_configs', lambda *args, **kwargs: None)
+  monkeypatch.setattr(pipe, 'interpolator', types.SimpleNamespace(config=None))
+  latents = np.random.default_rng(1).standard_normal((4, 1, LATENT, LATENT, 4)).astype(np.float32)
+  out = run_ours(pipe, PROMPTS, latents, negative_prompt=[NEGATIVE, ''], num_videos_per_prompt=2,
+                 output_type='latent')
+  assert seen['prompts'] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+  assert seen['negatives'] == [NEGATIVE] * 2 + [''] * 2
+  assert out.shape == latents.shape and out is seen['latents']
+
+
+def test_prompt_embeds_round_trip(setup):
+  """encode_prompt gives what the denoiser uses: the same frames, bit for bit, from embeddings."""
+  pipe = setup.pipe
+  embeds = pipe.encode_prompt(PROMPTS)
+  assert embeds.shape == (2, 77, 32) and embeds.dtype == np.float32
+  assert pipe.context_shape() == (77, 32)
+  assert np.abs(embeds[0] - embeds[1]).max() > 0.01  # The prompts' encodings differ.
+  expected = run_ours(pipe, PROMPTS, setup.latents1, negative_prompt=NEGATIVE, output_type='float')
+  negative = pipe.encode_prompt(NEGATIVE)  # One for both prompts, as a single negative prompt.
+  got = run_ours(pipe, None, setup.latents1, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                 output_type='float')
+  np.testing.assert_array_equal(got, expected)
+  # Embeddings with a text negative prompt (encoded by the pipeline).
+  got = run_ours(pipe, None, setup.latents1, prompt_embeds=embeds, negative_prompt=NEGATIVE,
+                 output_type='float')
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.slow  # Compiles its own program (about 6 s on 2 cores, never in the persistent cache:
+# host callbacks keep it out); the loop's hook itself is in test_diffusion's fast tier.
+def test_callback_on_step_end(setup):
+  """Called on the host after each step with (index, total), in order; another callback reuses the
+  compiled program; frames as without a callback; the callback's exception comes out of the call."""
+  pipe = setup.pipe
+  calls, others = [], []
+  kwargs = dict(negative_prompt=NEGATIVE, output_type='float')
+  with_callback = run_ours(pipe, PROMPTS, setup.latents1,
+                           callback_on_step_end=lambda i, n: calls.append((i, n)), **kwargs)
+  assert calls == [(i, STEPS) for i in range(STEPS)]
+  traces, compiled = pipe.trace_count, len(pipe.compiled)
+  run_ours(pipe, PROMPTS, setup.latents1, callback_on_step_end=lambda *a: others.append(a), **kwargs)
+  assert others == calls
+  assert (pipe.trace_count, len(pipe.compiled)) == (traces, compiled), 'recompiled'
+
+  def fail(i, n):
+    if i == 1:
+      raise KeyboardInterrupt('stop')
+    others.append(i)
+
+  others.clear()
+  with pytest.raises(KeyboardInterrupt, match='stop'):
+    run_ours(pipe, PROMPTS, setup.latents1, callback_on_step_end=fail, **kwargs)
+  assert others == [0]
+  without = run_ours(pipe, PROMPTS, setup.latents1, **kwargs)
+  np.testing.assert_allclose(with_callback, without, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

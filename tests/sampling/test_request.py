@@ -1,6 +1,7 @@
 """sampling/request.py: one resolution of a sampling call's defaults and checks (no model needed)."""
 
 import ml_collections
+import numpy as np
 import pytest
 
 from magicvideo_jax import config as config_lib
@@ -56,7 +57,9 @@ def test_a_config_without_the_keys_takes_the_base_defaults():
     (dict(sampler='euler'), "unknown sampler 'euler'"),
     (dict(sigma_spacing='karras'), r'needs sampler="dpmsolver\+\+"'),
     (dict(sampler='dpmsolver++', sigma_spacing='cosine'), "unknown sigma_spacing 'cosine'"),
-    (dict(output_type='pil'), "output_type='pil'"),
+    (dict(output_type='pt'), "output_type='pt'; valid: uint8, float, np, pil, latent"),
+    (dict(num_videos_per_prompt=0), 'num_videos_per_prompt=0 must be >= 1'),
+    (dict(num_videos_per_prompt=1.5), 'num_videos_per_prompt=1.5 must be an integer'),
     (dict(num_frames=0), 'num_frames=0 must be >= 1'),
 ])
 def test_bad_values_are_named(settings, match):
@@ -74,3 +77,41 @@ def test_prompts_and_negatives():
       request_lib.prompt_list(bad)
   with pytest.raises(ValueError, match='2 negative prompts for 3 prompts'):
     request_lib.per_clip(['x', 'y'], 3)
+
+
+def test_videos_per_prompt_are_consecutive():
+  assert request_lib.resolve(_config(), num_videos_per_prompt=3).num_videos_per_prompt == 3
+  assert request_lib.per_video(['a', 'b'], 2) == ['a', 'a', 'b', 'b']
+  assert request_lib.per_video(['a', 'b'], 1) == ['a', 'b']
+
+
+def test_output_types():
+  frames = np.random.default_rng(0).uniform(size=(2, 3, 4, 5, 3)).astype(np.float32)
+  frames[0, 0, 0, 0] = (0.0, 1.0, 0.5)  # The ends and a half (rounds to even: 128).
+  uint8 = request_lib.to_output(frames, 'uint8')
+  assert uint8.dtype == np.uint8 and tuple(uint8[0, 0, 0, 0]) == (0, 255, 128)
+  np.testing.assert_array_equal(uint8, (frames * 255 + 0.5).astype(np.uint8))
+  assert request_lib.to_output(frames, 'float') is frames
+  as_np = request_lib.to_output(frames.astype(np.float64), 'np')
+  assert as_np.dtype == np.float32 and np.array_equal(as_np, frames)
+  pil = request_lib.to_output(frames, 'pil')
+  assert [len(video) for video in pil] == [3, 3]
+  assert pil[1][2].mode == 'RGB' and pil[1][2].size == (5, 4)  # PIL sizes are (width, height).
+  np.testing.assert_array_equal(np.stack([np.stack([np.asarray(f) for f in v]) for v in pil]), uint8)
+  with pytest.raises(ValueError, match="output_type='latent' is not a frame type"):
+    request_lib.to_output(frames, 'latent')
+
+
+def test_embeddings_are_checked():
+  good = np.zeros((2, 7, 4), np.float64)
+  out = request_lib.embeddings(good, (7, 4))
+  assert out.dtype == np.float32 and out.shape == (2, 7, 4)
+  assert request_lib.embeddings(good[:1], (7, 4), batch=2).shape == (1, 7, 4)
+  for bad, match in [(np.zeros((7, 4)), r'have shape \(7, 4\); expected \[B, 7, 4\]'),
+                     (np.zeros((2, 7, 5)), r'expected \[B, 7, 4\]'),
+                     (np.zeros((0, 7, 4)), 'have shape'),
+                     (np.full((1, 7, 4), np.nan), 'non-finite')]:
+    with pytest.raises(ValueError, match=match):
+      request_lib.embeddings(bad, (7, 4))
+  with pytest.raises(ValueError, match='negative_prompt_embeds have batch 3; expected 1 or 2'):
+    request_lib.embeddings(np.zeros((3, 7, 4)), (7, 4), 'negative_prompt_embeds', batch=2)
