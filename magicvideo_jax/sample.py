@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 from magicvideo_jax import video_io
 from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import long_video
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.weights import torch_layout
 
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help='several prompts: write OUTPUT_0.ext, OUTPUT_1.ext, ... instead of a grid')
   parser.add_argument('--upscale', type=int, default=1,
                       help='enlarge the frames N times (nearest neighbour) for viewing')
+  parser.add_argument('--long_video', choices=('causal',), default=None,
+                      help='--num_frames beyond the model\'s length, window by window: each window '
+                      'continues from the last frames of the one before (sampling/long_video.py)')
+  parser.add_argument('--long_video_overlap', type=int, default=None,
+                      help='frames each window shares with the previous (default: half the model\'s)')
   parser.add_argument('--lora', default=None,
                       help='LoRA file or folder (diffusers / PEFT safetensors, e.g. from convert '
                       '--export_lora_from) added to the weights')
@@ -149,7 +155,12 @@ def run(args: argparse.Namespace) -> List[str]:
                                                             args.upscaler)
     config = pipeline_lib.load_config(base, args.num_frames_model)
     kwargs = request_settings(args)
-    req = pipeline_lib.validate_request(config, **kwargs)
+    # A long video is checked window by window (one window here; its length in long_video.py).
+    req = pipeline_lib.validate_request(
+        config, **dict(kwargs, num_frames=None) if args.long_video else kwargs)
+    if args.long_video:
+      long_video.check(pipeline_lib.max_frames(config), args.num_frames or req.num_frames,
+                       args.long_video_overlap)
     interpolation_config, upscaler_config = cascade.stage_configs(interpolation, upscaler)
     cascade.check_configs(config, interpolation_config, upscaler_config,
                           num_frames=req.num_frames, height=req.height, width=req.width,
@@ -161,6 +172,9 @@ def run(args: argparse.Namespace) -> List[str]:
       pipe.load_lora_weights(args.lora, scale=args.lora_scale)
   except (ValueError, FileNotFoundError, torch_layout.ConversionError) as e:
     raise UserError(str(e)) from None
+  if args.long_video:
+    kwargs.update(long_video=args.long_video, long_video_overlap=args.long_video_overlap)
+  num_frames = args.num_frames if args.long_video and args.num_frames else req.num_frames
   kwargs.update(negative_prompt=args.negative_prompt, interpolation_steps=args.interpolation_steps,
                 interpolation_guidance_scale=args.interpolation_guidance_scale,
                 upscale_steps=args.upscale_steps, upscale_guidance_scale=args.upscale_guidance_scale,
@@ -168,10 +182,13 @@ def run(args: argparse.Namespace) -> List[str]:
   file_fps = req.fps * (pipe.interpolator.factor if pipe.interpolator else 1)
   stages = ''.join(f' -> {name}' for name, stage in (('interpolation', pipe.interpolator),
                                                       ('super-resolution', pipe.upscaler)) if stage)
-  print(f'sampling {len(args.prompt)} prompt(s): {req.num_frames} frames of {req.height}x{req.width}, '
+  print(f'sampling {len(args.prompt)} prompt(s): {num_frames} frames of {req.height}x{req.width}, '
         f'{req.num_inference_steps} {req.sampler} steps, guidance {req.guidance_scale}, seed '
         f'{req.seed}{stages}', file=sys.stderr)
-  videos = pipe(args.prompt, **kwargs)  # [B, F, H, W, 3] uint8
+  try:
+    videos = pipe(args.prompt, **kwargs)  # [B, F, H, W, 3] uint8
+  except ValueError as e:  # A long video's window settings.
+    raise UserError(str(e)) from None
   videos = video_io.upscale_nearest(videos, args.upscale)
   paths = output_paths(args.output, len(args.prompt), args.separate)
   if len(paths) == 1 and len(videos) > 1:

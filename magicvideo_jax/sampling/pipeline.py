@@ -42,6 +42,7 @@ from magicvideo_jax import lora as lora_lib
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import long_video as long_video_lib
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import convert
@@ -115,8 +116,9 @@ def validate_request(config: ml_collections.ConfigDict, **settings) -> request_l
   req = request_lib.resolve(config, geometry=True, **settings)
   limit = max_frames(config)
   if limit is not None and req.num_frames > limit:
-    raise ValueError(f'num_frames={req.num_frames} is more than this model supports ({limit}, '
-                     'config.model.unet.num_frames)')
+    raise ValueError(f'num_frames={req.num_frames} is more than this model makes at once ({limit}, '
+                     "config.model.unet.num_frames): long_video='causal' (sample --long_video "
+                     'causal) generates longer videos window by window')
   vae_factor, multiple = size_multiple(config)
   for name, size in (('height', req.height), ('width', req.width)):
     if size % multiple:
@@ -293,12 +295,19 @@ class MagicVideoPipeline:
     # context tokens, "" giving the zero embedding: see context.py.
     return context_lib.text_context(self.config.model, self.modules, params, input_ids)
 
-  def _denoise_impl(self, params, context, uncond_context, latents, key, fps, guidance_scale, *,
+  def _denoise_impl(self, params, context, uncond_context, latents, key, fps, guidance_scale,
+                    known=None, known_noise=None, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,
                     show_progress: bool, use_callback: bool, sigma_spacing: Optional[str],
                     final_sigmas_type: str, clip_sample: Optional[float]):
     """Unit-noise latents `[B, F, h, w, c]` -> denoised latents (as the U-Net sees them, scaled),
-    conditioned on encoded prompts `[B, L, D]` (`_encode_text`; uncond_context used with do_cfg)."""
+    conditioned on encoded prompts `[B, L, D]` (`_encode_text`; uncond_context used with do_cfg).
+
+    With `known` `[B, k, h, w, c]` (clean scaled latents) the first k frames are given: every model
+    call sees them noised to its timestep with the fixed `known_noise` (latent inpainting, as
+    RePaint without resampling), and the result holds them exactly. Under directed temporal
+    attention the given frames lead and the rest follow them.
+    """
     self.trace_count += 1  # Python side effect: runs once per trace, not per call.
     unet = self.modules['unet']
     if do_cfg:  # Unconditional (or negative) first, as diffusers.
@@ -313,6 +322,14 @@ class MagicVideoPipeline:
                         fps=fps)
 
     model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None)
+    if known is not None:
+      guided, k = model_fn, known.shape[1]
+
+      def model_fn(x, t):  # pylint: disable=function-redefined
+        given = diffusion.add_noise(self.schedule, known, known_noise, jnp.broadcast_to(
+            t, known.shape[:1]))
+        return guided(x.at[:, :k].set(given), t)
+
     options = diffusion.sampler_options(sampler, eta=eta, key=key,
                                         clip_sample=clip_sample is not None,
                                         sigma_spacing=sigma_spacing,
@@ -322,6 +339,8 @@ class MagicVideoPipeline:
                ) if use_callback else None
     x = diffusion.sample_loop(model_fn, latents, self.schedule, num_inference_steps,
                               sampler=sampler, on_step=on_step, **options)
+    if known is not None:
+      x = x.at[:, :known.shape[1]].set(known)
     return x
 
   def _decode_impl(self, params, latents, use_video_vae: bool = True):
@@ -362,7 +381,9 @@ class MagicVideoPipeline:
                upscale_strength: Optional[float] = None, *, num_videos_per_prompt: int = 1,
                prompt_embeds: Optional[Any] = None, negative_prompt_embeds: Optional[Any] = None,
                return_dict: bool = False,
-               callback_on_step_end: Optional[Callable[[int, int], None]] = None) -> Any:
+               callback_on_step_end: Optional[Callable[[int, int], None]] = None,
+               known_latents: Optional[Any] = None, long_video: Optional[str] = None,
+               long_video_overlap: Optional[int] = None) -> Any:
     """Generates num_videos_per_prompt videos per prompt (through the cascade's stages when the
     pipeline has them).
 
@@ -413,12 +434,30 @@ class MagicVideoPipeline:
         diffusers' `(pipe, step, timestep, callback_kwargs)`: it cannot change the latents (the
         loop runs inside one jit). An exception it raises is re-raised after the loop. Any callback
         shares one compiled program (compiled once with, once without).
+      known_latents: the first k latent frames given, `[B, k, h, w, c]` scaled as 'latent' output
+        returns them, k < num_frames: each step sees them noised to its level and the rest is
+        generated after them (latent inpainting; the video keeps them exactly).
+      long_video: num_frames beyond the model's length (`max_frames`), generated window by window:
+        'causal' continues each window of max_frames from the last `long_video_overlap` latent
+        frames of the one before (known_latents), which directed temporal attention lets the new
+        frames follow (`sampling/long_video.py`). Not with the cascade's stages.
+      long_video_overlap: frames each window shares with the previous one (default max_frames / 2).
 
     Returns:
       numpy `[B, F, H, W, 3]` (see `output_type`; a list for 'pil'), or with return_dict=True a
       `MagicVideoPipelineOutput`. B = the number of prompts x num_videos_per_prompt; after
       interpolation by m, F = (num_frames - 1) m + 1; after super-resolution by s, s H x s W.
     """
+    if long_video is not None:
+      return long_video_lib.generate(
+          self, long_video, prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames,
+          overlap=long_video_overlap, height=height, width=width,
+          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, fps=fps,
+          seed=seed, sampler=sampler, output_type=output_type, sigma_spacing=sigma_spacing,
+          use_video_vae=use_video_vae, num_videos_per_prompt=num_videos_per_prompt,
+          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+          return_dict=return_dict,
+          with_stages=bool((self.interpolator and interpolate) or (self.upscaler and upscale)))
     if prompt is not None and prompt_embeds is not None:
       raise ValueError('pass prompt or prompt_embeds, not both')
     if negative_prompt is not None and negative_prompt_embeds is not None:
@@ -476,6 +515,15 @@ class MagicVideoPipeline:
                          f'[B = {num_prompts} prompts x num_videos_per_prompt {n}, num_frames, '
                          f'height/{self.vae_factor}, width/{self.vae_factor}, latent channels]')
     fps_value = req.fps
+    known = known_noise = None
+    if known_latents is not None:
+      known = jnp.asarray(known_latents, jnp.float32)
+      if (known.ndim != 5 or known.shape[0] != b or known.shape[2:] != latent_shape[2:]
+          or not 0 < known.shape[1] < req.num_frames):
+        raise ValueError(f'known_latents have shape {known.shape}; expected [{b}, k, '
+                         f'{", ".join(map(str, latent_shape[2:]))}] with 0 < k < num_frames='
+                         f'{req.num_frames}')
+      known_noise = jax.random.normal(jax.random.fold_in(noise_key, 1), known.shape, jnp.float32)
 
     # Shard the video batch over the mesh: pad it to a multiple of the device count.
     pad = (-b) % self.mesh.size
@@ -500,7 +548,10 @@ class MagicVideoPipeline:
                   clip_sample=1.0 if req.clip_sample else None)
     dynamic = (self.params, context, uncond_context, latents, loop_key, fps_array,
                jnp.float32(req.guidance_scale))
-    denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items()))),
+    if known is not None:
+      dynamic += (self._shard(self._pad(known, pad)), self._shard(self._pad(known_noise, pad)))
+    denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items())),
+                             None if known is None else known.shape[1]),
                             lambda: self._denoise.lower(*dynamic, **static))
     self._steps_done, self._steps_total = 0, req.num_inference_steps
     self._step_callback, self._step_callback_error = callback_on_step_end, None
@@ -528,7 +579,11 @@ class MagicVideoPipeline:
       out = sharding_lib.to_host(z0)[:b]
     else:
       out = request_lib.to_output(self.decode(z0, use_video_vae)[:b], output_type)
-    return MagicVideoPipelineOutput(frames=out) if return_dict else out
+    return self.output(out) if return_dict else out
+
+  @staticmethod
+  def output(frames: Any) -> MagicVideoPipelineOutput:
+    return MagicVideoPipelineOutput(frames=frames)
 
   def encode_prompt(self, prompt: Union[str, Sequence[str]]) -> np.ndarray:
     """Prompts -> what the denoiser conditions on, numpy `[B, L, D]` (`context_shape`; the text

@@ -1,0 +1,91 @@
+"""Known latent frames (inpainting) and long videos window by window (sampling/long_video.py), on
+the tiny converted SD pipeline of conftest (4-frame video layers)."""
+
+from flax import traverse_util
+import jax
+import numpy as np
+import pytest
+
+from magicvideo_jax import MagicVideoPipeline
+from magicvideo_jax import sample as sample_cli
+from magicvideo_jax import video_io
+from magicvideo_jax.sampling import long_video
+
+STEPS, SIZE, LATENT = 3, 32, 16
+SETTINGS = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=1.0)
+
+
+@pytest.fixture(scope='module')
+def pipes(tiny_sd_dir):
+  """The converted pipeline (video layers at identity: frames independent) and a copy whose
+  temporal attention has random output projections (frames see the frames before them)."""
+  plain = MagicVideoPipeline.from_pretrained(tiny_sd_dir, num_frames=4)
+  mixed = MagicVideoPipeline.from_pretrained(tiny_sd_dir, num_frames=4)
+  flat = traverse_util.flatten_dict(jax.device_get(mixed.params), sep='/')
+  rng = np.random.default_rng(0)
+  for path in flat:
+    if 'temporal_attn/to_out_0/kernel' in path:
+      flat[path] = (0.2 * rng.standard_normal(flat[path].shape)).astype(np.float32)
+  mixed.params = traverse_util.unflatten_dict(flat, sep='/')
+  return plain, mixed
+
+
+def test_known_frames_are_kept_and_lead(pipes):
+  plain, mixed = pipes
+  rng = np.random.default_rng(1)
+  latents = rng.standard_normal((1, 4, LATENT, LATENT, 4)).astype(np.float32)
+  known = rng.standard_normal((1, 2, LATENT, LATENT, 4)).astype(np.float32)
+  for pipe in pipes:
+    free = pipe('a red circle', num_frames=4, latents=latents, output_type='latent', **SETTINGS)
+    given = pipe('a red circle', num_frames=4, latents=latents, output_type='latent',
+                 known_latents=known, **SETTINGS)
+    np.testing.assert_array_equal(given[:, :2], known)
+    diff = float(np.abs(given[:, 2:] - free[:, 2:]).max())
+    print(f'{"mixed" if pipe is mixed else "identity"} temporal layers: later frames move by {diff:.2e}')
+    if pipe is plain:  # Frames independent: the given ones cannot change the others.
+      assert diff <= 1e-5
+    else:
+      assert diff > 1e-2
+
+
+def test_long_video_windows(pipes):
+  _, pipe = pipes
+  assert long_video.windows(10, 4, 2) == 4 and long_video.windows(4, 4, 2) == 1
+  first = pipe('a red circle', num_frames=4, output_type='latent', seed=5, **SETTINGS)
+  long = pipe('a red circle', num_frames=9, long_video='causal', long_video_overlap=2,
+              output_type='latent', seed=5, **SETTINGS)
+  assert long.shape == (1, 9, LATENT, LATENT, 4)
+  np.testing.assert_array_equal(long[:, :4], first)  # Window 1 is an ordinary sample.
+  second = pipe('a red circle', num_frames=4, output_type='latent', seed=6,
+                known_latents=first[:, 2:], **SETTINGS)
+  np.testing.assert_array_equal(long[:, 4:6], second[:, 2:])  # Window 2 continues from it.
+  frames = pipe('a red circle', num_frames=9, long_video='causal', long_video_overlap=2, seed=5,
+                output_type='float', **SETTINGS)
+  assert frames.shape == (1, 9, SIZE, SIZE, 3)
+  np.testing.assert_allclose(frames[:, :8], np.concatenate(
+      [pipe.decode(long[:, :4]), pipe.decode(long[:, 4:8])], axis=1), atol=1e-6)
+
+
+def test_bad_requests(pipes):
+  pipe = pipes[0]
+  with pytest.raises(ValueError, match="long_video='causal'"):
+    pipe('a', num_frames=9, **SETTINGS)
+  with pytest.raises(ValueError, match='long_video_overlap=4'):
+    pipe('a', num_frames=9, long_video='causal', long_video_overlap=4, **SETTINGS)
+  with pytest.raises(ValueError, match="long_video='freenoise'; valid: causal"):
+    pipe('a', num_frames=9, long_video='freenoise', **SETTINGS)
+  with pytest.raises(ValueError, match='known_latents have shape'):
+    pipe('a', num_frames=4, known_latents=np.zeros((1, 4, LATENT, LATENT, 4)), **SETTINGS)
+
+
+def test_cli(tiny_converted_dir, tmp_path, capsys):
+  out = str(tmp_path / 'long.gif')
+  args = ['--checkpoint', tiny_converted_dir, '--prompt', 'a red circle', '--output', out,
+          '--num_frames', '7', '--height', str(SIZE), '--width', str(SIZE), '--steps', str(STEPS)]
+  assert sample_cli.main(args + ['--long_video', 'causal', '--long_video_overlap', '2']) == 0
+  assert video_io.read_video(out).shape == (7, SIZE, SIZE, 3)
+  assert sample_cli.main(args) == 2
+  assert sample_cli.main(args + ['--long_video', 'causal', '--long_video_overlap', '9']) == 2
+  errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+  assert len(errors) == 2
+  assert "long_video='causal'" in errors[0] and 'long_video_overlap=9' in errors[1]
