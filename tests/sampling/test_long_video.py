@@ -9,6 +9,8 @@ import pytest
 from magicvideo_jax import MagicVideoPipeline
 from magicvideo_jax import sample as sample_cli
 from magicvideo_jax import video_io
+from magicvideo_jax.data import moving_shapes
+from magicvideo_jax.eval import long_video as long_eval
 from magicvideo_jax.sampling import long_video
 
 STEPS, SIZE, LATENT = 3, 32, 16
@@ -89,3 +91,20 @@ def test_cli(tiny_converted_dir, tmp_path, capsys):
   errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
   assert len(errors) == 2
   assert "long_video='causal'" in errors[0] and 'long_video_overlap=9' in errors[1]
+
+
+def test_window_scores_of_real_clips():
+  """The scorer on 32-frame "videos" made of two real 16-frame clips: the same clip twice keeps its
+  colour and shape; two different clips do not."""
+  examples = [moving_shapes.make_example('validation', i, moving_shapes.MovingShapesConfig(
+      name='default')) for i in range(6)]
+  clips = np.stack([e['video'] for e in examples])
+  prompts = [e['caption'] for e in examples]
+  same = long_eval.score_windows(np.concatenate([clips, clips], axis=1), prompts, 16)
+  assert same['colour_and_shape_kept'] == 1.0
+  assert [w['all_acc'] for w in same['windows']] == [1.0, 1.0]
+  shuffled = np.concatenate([clips, clips[::-1]], axis=1)
+  other = long_eval.score_windows(shuffled, prompts, 16)
+  print('kept (different second clip):', other['colour_and_shape_kept'])
+  assert other['colour_and_shape_kept'] < 1.0
+  assert other['consistency_straddling'] < same['consistency_straddling']
