@@ -34,8 +34,14 @@ def tiny_params():
   config = _lora_config(targets=(r'^unet/.*/attn[12]/to_(q|v)/kernel$', r'^unet/.*resnets_0/conv1/kernel$',
                                  r'^text_encoder/.*self_attn/q_proj/kernel$'))
   modules = models_lib.build_models(config.model)
-  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(jax.random.key(0))
-  return config, jax.device_get(params)
+  # Shapes from the real init (traced, not compiled), values random: folding needs nothing else.
+  shapes = jax.eval_shape(lambda k: nn.unbox(state_lib.init_params(modules, config, k)),
+                          jax.random.key(0))
+  assert set(shapes['lora']) == {'unet', 'text_encoder'}  # init_params adds the adapters.
+  rng = np.random.default_rng(0)
+  base = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                      {k: v for k, v in shapes.items() if k != 'lora'})
+  return config, dict(base, lora=jax.device_get(lora_lib.init(base, config, jax.random.key(1))))
 
 
 def test_fresh_adapters_are_the_identity(tiny_params):

@@ -32,6 +32,7 @@ def pipes(tiny_sd_dir):
   return plain, mixed
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (sampler compiles).
 def test_known_frames_are_kept_and_lead(pipes):
   plain, mixed = pipes
   rng = np.random.default_rng(1)
@@ -50,6 +51,7 @@ def test_known_frames_are_kept_and_lead(pipes):
       assert diff > 1e-2
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (sampler compiles).
 def test_long_video_windows(pipes):
   _, pipe = pipes
   assert long_video.windows(10, 4, 2) == 4 and long_video.windows(4, 4, 2) == 1
@@ -80,6 +82,7 @@ def test_bad_requests(pipes):
     pipe('a', num_frames=4, known_latents=np.zeros((1, 4, LATENT, LATENT, 4)), **SETTINGS)
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (sampler compiles).
 def test_cli(tiny_converted_dir, tmp_path, capsys):
   out = str(tmp_path / 'long.gif')
   args = ['--checkpoint', tiny_converted_dir, '--prompt', 'a red circle', '--output', out,

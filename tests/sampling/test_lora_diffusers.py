@@ -21,6 +21,7 @@ TARGETS = (r'^unet/.*/attn[12]/to_(q|k|v|out_0)/kernel$', r'^unet/.*resnets_0/co
            r'^text_encoder/.*self_attn/(q|k|v|out)_proj/kernel$')
 
 
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (a sampler compile, diffusers runs).
 def test_diffusers_loads_our_lora_and_we_load_it_back(tiny_sd_dir, tmp_path):
   torch.set_num_threads(1)
   pipe = MagicVideoPipeline.from_pretrained(tiny_sd_dir, num_frames=4)
