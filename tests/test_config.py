@@ -44,6 +44,7 @@ VARIANTS = dict(
     shapes_cascade=shapes_cascade.STAGES,
     shapes_unsupervised=shapes_unsupervised.VARIANTS + tuple(
         f'{v},tiny' for v in shapes_unsupervised.VARIANTS),
+    shapes_lora=('',),
 )
 ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
 
