@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='several prompts: write OUTPUT_0.ext, OUTPUT_1.ext, ... instead of a grid')
   parser.add_argument('--upscale', type=int, default=1,
                       help='enlarge the frames N times (nearest neighbour) for viewing')
+  parser.add_argument('--image', default=None,
+                      help='the first frame (an image file at the output size): the video starts '
+                      'from it (image-to-video through known latents, sampling/pipeline.py)')
   parser.add_argument('--long_video', choices=('causal',), default=None,
                       help='--num_frames beyond the model\'s length, window by window: each window '
                       'continues from the last frames of the one before (sampling/long_video.py)')
@@ -136,6 +139,8 @@ def check_flags(args: argparse.Namespace) -> None:
     raise UserError(f'--fps={args.fps} must be > 0')
   if args.num_frames_model is not None and args.num_frames_model < 1:
     raise UserError(f'--num_frames_model={args.num_frames_model} must be >= 1')
+  if args.image is not None and not os.path.isfile(args.image):
+    raise UserError(f'--image: file not found: {args.image}')
   if args.lora is not None and not os.path.exists(args.lora):
     raise UserError(f'--lora: not found: {args.lora}')
   for flag in ('interpolation', 'upscaler'):
@@ -174,6 +179,11 @@ def run(args: argparse.Namespace) -> List[str]:
     raise UserError(str(e)) from None
   if args.long_video:
     kwargs.update(long_video=args.long_video, long_video_overlap=args.long_video_overlap)
+  if args.image:
+    try:
+      kwargs['image'] = video_io.read_image(args.image)
+    except (OSError, ValueError) as e:
+      raise UserError(f'--image {args.image}: cannot read it ({e})') from None
   num_frames = args.num_frames if args.long_video and args.num_frames else req.num_frames
   kwargs.update(negative_prompt=args.negative_prompt, interpolation_steps=args.interpolation_steps,
                 interpolation_guidance_scale=args.interpolation_guidance_scale,

@@ -117,6 +117,16 @@ def read_video(path: str) -> np.ndarray:
   return (frames[None] if frames.ndim == 3 else frames)[..., :3]
 
 
+def read_image(path: str) -> np.ndarray:
+  """An image file -> uint8 `[H, W, 3]` (grey and RGBA become RGB)."""
+  image = np.asarray(iio.imread(path))
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    raise ValueError(f'not an RGB image: shape {image.shape}')
+  return to_uint8(image[..., :3]) if image.dtype != np.uint8 else image[..., :3]
+
+
 def tile_videos(videos: np.ndarray, columns: int = 0) -> np.ndarray:
   """`[B, F, H, W, 3]` -> one `[F, rows*H, columns*W, 3]` grid video."""
   videos = np.asarray(videos)

@@ -42,7 +42,7 @@ def check(window: Optional[int], num_frames: int, overlap: Optional[int]) -> int
 def generate(pipe, method: str, *, prompt=None, num_frames: Optional[int] = None,
              overlap: Optional[int] = None, output_type: str = 'uint8', return_dict: bool = False,
              use_video_vae: bool = True, seed: int = 0, with_stages: bool = False,
-             **settings) -> Any:
+             image: Any = None, **settings) -> Any:
   """`pipe(prompt, num_frames=N, long_video=method, ...)`; `settings` are the pipeline's."""
   if method not in METHODS:
     raise ValueError(f'long_video={method!r}; valid: {", ".join(METHODS)}')
@@ -54,7 +54,7 @@ def generate(pipe, method: str, *, prompt=None, num_frames: Optional[int] = None
   overlap = check(window, num_frames, overlap)
   if output_type not in request_lib.OUTPUT_TYPES:
     raise ValueError(f'output_type={output_type!r}; valid: {", ".join(request_lib.OUTPUT_TYPES)}')
-  latents = pipe(prompt, num_frames=window, seed=seed, output_type='latent',
+  latents = pipe(prompt, num_frames=window, seed=seed, output_type='latent', image=image,
                  use_video_vae=use_video_vae, **settings)
   count = windows(num_frames, window, overlap)
   for index in range(1, count):

@@ -184,6 +184,8 @@ class MagicVideoPipeline:
         'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'use_fps', 'show_progress',
         'use_callback', 'sigma_spacing', 'final_sigmas_type', 'clip_sample'))
     self._decode = jax.jit(self._decode_impl, static_argnames=('use_video_vae',))
+    self._encode_frames = jax.jit(lambda params, frames: models_lib.encode_frames(
+        self.modules['vae'], params['vae'], frames, self.config.model.vae.scaling_factor))
 
   # ------------------------------------------------------------------------------------------------
   # Loading.
@@ -382,7 +384,8 @@ class MagicVideoPipeline:
                prompt_embeds: Optional[Any] = None, negative_prompt_embeds: Optional[Any] = None,
                return_dict: bool = False,
                callback_on_step_end: Optional[Callable[[int, int], None]] = None,
-               known_latents: Optional[Any] = None, long_video: Optional[str] = None,
+               known_latents: Optional[Any] = None, image: Optional[Any] = None,
+               long_video: Optional[str] = None,
                long_video_overlap: Optional[int] = None) -> Any:
     """Generates num_videos_per_prompt videos per prompt (through the cascade's stages when the
     pipeline has them).
@@ -437,6 +440,9 @@ class MagicVideoPipeline:
       known_latents: the first k latent frames given, `[B, k, h, w, c]` scaled as 'latent' output
         returns them, k < num_frames: each step sees them noised to its level and the rest is
         generated after them (latent inpainting; the video keeps them exactly).
+      image: the first frame, given (image-to-video without an image-conditioned model): one
+        image `[H, W, 3]` (uint8, or float in [0, 1]; a PIL image) for every video or one per video
+        `[B, H, W, 3]`, at the call's height and width; its VAE latents become known_latents.
       long_video: num_frames beyond the model's length (`max_frames`), generated window by window:
         'causal' continues each window of max_frames from the last `long_video_overlap` latent
         frames of the one before (known_latents), which directed temporal attention lets the new
@@ -456,7 +462,7 @@ class MagicVideoPipeline:
           seed=seed, sampler=sampler, output_type=output_type, sigma_spacing=sigma_spacing,
           use_video_vae=use_video_vae, num_videos_per_prompt=num_videos_per_prompt,
           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-          return_dict=return_dict,
+          return_dict=return_dict, image=image,
           with_stages=bool((self.interpolator and interpolate) or (self.upscaler and upscale)))
     if prompt is not None and prompt_embeds is not None:
       raise ValueError('pass prompt or prompt_embeds, not both')
@@ -516,6 +522,10 @@ class MagicVideoPipeline:
                          f'height/{self.vae_factor}, width/{self.vae_factor}, latent channels]')
     fps_value = req.fps
     known = known_noise = None
+    if image is not None:
+      if known_latents is not None:
+        raise ValueError('pass image or known_latents, not both')
+      known_latents = self.encode(request_lib.first_frames(image, b, req.height, req.width))
     if known_latents is not None:
       known = jnp.asarray(known_latents, jnp.float32)
       if (known.ndim != 5 or known.shape[0] != b or known.shape[2:] != latent_shape[2:]
@@ -610,6 +620,12 @@ class MagicVideoPipeline:
     encode = self._compile(('encode', tuple(ids.shape)),
                            lambda: self._encode.lower(self.params, ids))
     return encode(self.params, ids)
+
+  def encode(self, frames: Any) -> np.ndarray:
+    """Frames `[B, F, H, W, 3]` in [0, 1] -> scaled posterior means `[B, F, h, w, c]` (what 'latent'
+    output and known_latents hold)."""
+    frames = jnp.asarray(frames, jnp.float32) * 2.0 - 1.0
+    return np.asarray(self._encode_frames(self.params, frames))
 
   def decode(self, latents: Any, use_video_vae: bool = True) -> np.ndarray:
     """Scaled latents `[B, F, h, w, c]` -> frames `[B, F, H, W, 3]` float in [0, 1] (batch sharded

@@ -212,3 +212,22 @@ def to_output(frames: Any, output_type: str) -> Any:
   if output_type == 'uint8':
     return uint8
   return [[Image.fromarray(frame) for frame in video] for video in uint8]
+
+
+def first_frames(image: Any, count: int, height: int, width: int) -> np.ndarray:
+  """A given first frame (one image for all `count` videos, or one per video; uint8, float in
+  [0, 1] or PIL) -> float32 `[count, 1, height, width, 3]` in [0, 1]."""
+  if hasattr(image, 'convert'):  # PIL
+    image = np.asarray(image.convert('RGB'))
+  frames = np.asarray(image)
+  if frames.dtype == np.uint8:
+    frames = frames.astype(np.float32) / 255.0
+  frames = frames.astype(np.float32)
+  if frames.ndim == 3:
+    frames = np.broadcast_to(frames, (count,) + frames.shape)
+  if frames.ndim != 4 or frames.shape != (count, height, width, 3):
+    raise ValueError(f'image has shape {np.shape(image)}; expected [{height}, {width}, 3] or '
+                     f'[{count}, {height}, {width}, 3] (the call\'s height and width)')
+  if frames.min() < 0.0 or frames.max() > 1.0:
+    raise ValueError('image: float values must be in [0, 1] (or pass uint8)')
+  return np.ascontiguousarray(frames[:, None])

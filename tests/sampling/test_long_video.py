@@ -111,3 +111,26 @@ def test_window_scores_of_real_clips():
   print('kept (different second clip):', other['colour_and_shape_kept'])
   assert other['colour_and_shape_kept'] < 1.0
   assert other['consistency_straddling'] < same['consistency_straddling']
+
+
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (sampler compiles).
+def test_image_is_the_first_frame(pipes, tmp_path, tiny_converted_dir, capsys):
+  _, pipe = pipes
+  rng = np.random.default_rng(2)
+  image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+  out = pipe(['a red circle', 'the red line'], num_frames=4, image=image, output_type='latent',
+             **SETTINGS)
+  expected = pipe.encode(np.broadcast_to(image[None, None] / 255.0, (2, 1, SIZE, SIZE, 3)))
+  np.testing.assert_array_equal(out[:, :1], expected)
+  with pytest.raises(ValueError, match='image has shape'):
+    pipe('a', num_frames=4, image=image[:16], **SETTINGS)
+  path = str(tmp_path / 'first.png')
+  video_io.iio.imwrite(path, image)
+  video = str(tmp_path / 'i2v.gif')
+  assert sample_cli.main(['--checkpoint', tiny_converted_dir, '--prompt', 'a red circle',
+                          '--output', video, '--image', path, '--num_frames', '3', '--height',
+                          str(SIZE), '--width', str(SIZE), '--steps', str(STEPS)]) == 0
+  assert video_io.read_video(video).shape == (3, SIZE, SIZE, 3)
+  assert sample_cli.main(['--checkpoint', tiny_converted_dir, '--prompt', 'a', '--output', video,
+                          '--image', str(tmp_path / 'missing.png')]) == 2
+  assert 'file not found' in capsys.readouterr().err
