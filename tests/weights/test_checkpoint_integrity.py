@@ -1,6 +1,7 @@
 """Training checkpoints: checksummed, a broken newest one moved aside for the previous, a changed model
 refused before any restore work, a non-finite state never saved."""
 
+import json
 import os
 import shutil
 
@@ -10,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import tiny
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 
 
@@ -143,3 +145,14 @@ def test_a_url_workdir_reaches_orbax_unchanged(monkeypatch):
   assert str(seen['directory']) == 'gs://bucket/runs/mv/checkpoints'  # Never <cwd>/gs:/...
   assert str(ckpt_lib.as_path('gs://bucket/x')) == 'gs://bucket/x'
   assert str(ckpt_lib.as_path('rel/dir')) == os.path.abspath('rel/dir')
+
+
+def test_config_differences_read_missing_sections_at_their_defaults():
+  """A checkpoint written before a config section existed (here `lora`) still matches a run at that
+  section's defaults; a LoRA run against it does not (its state has the adapters)."""
+  config = tiny.get_config()
+  stored = json.loads(ckpt_lib.config_to_json(config))
+  del stored['lora']
+  assert ckpt_lib.config_differences(stored, config) == []
+  config.lora.rank = 4
+  assert ckpt_lib.config_differences(stored, config) == ['lora.rank: 0 -> 4']
