@@ -39,6 +39,8 @@ def score_windows(videos: np.ndarray, prompts: Sequence[str], window: int) -> Di
     per_window.append(scores)
   seams = [judge.score(videos[:, w * window + window // 2:(w + 1) * window + window // 2], prompts)
            for w in range(count - 1)]
+  for scores in seams:
+    scores.pop('judgements')
   kept = float(np.mean([len(set(row)) == 1 for row in identity]))
   later = [s['consistency'] for s in per_window[1:]]
   return dict(

@@ -1,6 +1,8 @@
 """Known latent frames (inpainting) and long videos window by window (sampling/long_video.py), on
 the tiny converted SD pipeline of conftest (4-frame video layers)."""
 
+import json
+
 from flax import traverse_util
 import jax
 import numpy as np
@@ -105,6 +107,7 @@ def test_window_scores_of_real_clips():
   prompts = [e['caption'] for e in examples]
   same = long_eval.score_windows(np.concatenate([clips, clips], axis=1), prompts, 16)
   assert same['colour_and_shape_kept'] == 1.0
+  json.dumps(same)  # What eval.long_video --json writes.
   assert [w['all_acc'] for w in same['windows']] == [1.0, 1.0]
   shuffled = np.concatenate([clips, clips[::-1]], axis=1)
   other = long_eval.score_windows(shuffled, prompts, 16)
