@@ -284,8 +284,8 @@ class KeyframeInterpolator:
       seed: seeds the initial noise (unless `latents`) and DDIM's noise for eta > 0.
       latents: initial unit noise `[B, (K - 1) m + 1, h, w, c]`.
       fps: frame rate of the output clip (fps conditioning); default config.data.fps.
-      output_type: 'latent' `[B, F, h, w, c]`, 'float' (decoded, `[B, F, H, W, 3]` in [0, 1]) or
-        'uint8'.
+      output_type: 'latent' `[B, F, h, w, c]`, 'float' or 'np' (decoded, `[B, F, H, W, 3]` in
+        [0, 1]), 'uint8', or 'pil' (per video a list of PIL images).
     """
     req = request_lib.resolve(self.config, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, sampler=sampler, eta=eta,

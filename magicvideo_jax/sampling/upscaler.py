@@ -231,7 +231,8 @@ class VideoUpscaler:
         1, image-to-image (SDEdit): the latents of the low-res frames upsampled (bilinear) are noised
         to the level of step n - int(n strength) and only the last steps run, so the output keeps
         the input's layout frame by frame (a video's consistency) and the sampler only adds detail.
-      output_type: 'float' (`[B, F, 4h, 4w, 3]` in [0, 1]), 'uint8', or 'latent' (`[B, F, h, w, 4]`).
+      output_type: 'float' or 'np' (`[B, F, 4h, 4w, 3]` in [0, 1]), 'uint8', 'pil' (per video a
+        list of PIL images), or 'latent' (`[B, F, h, w, 4]`).
 
     Returns:
       numpy frames (see `output_type`).
