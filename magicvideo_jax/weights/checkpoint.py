@@ -278,9 +278,11 @@ def _flat_keys(tree: Any, prefix: str = '') -> Dict[str, Any]:
 
 def config_differences(stored: Dict[str, Any], config: ml_collections.ConfigDict) -> List[str]:
   """`STRUCTURAL_KEYS` whose values differ between a checkpoint's config and this run's."""
-  current = json.loads(config_to_json(config))
-  # A section added since the checkpoint was written (e.g. `lora`) compares at its defaults.
-  stored = json.loads(config_to_json(config_lib.fill_defaults(config_from_json(json.dumps(stored)))))
+  # Both filled: a section added since the checkpoint was written (e.g. `lora`), or left out of a
+  # hand-made config, compares at its defaults.
+  filled = lambda c: json.loads(config_to_json(config_lib.fill_defaults(c)))
+  current = filled(config)
+  stored = filled(config_from_json(json.dumps(stored)))
   differences = []
   for key in STRUCTURAL_KEYS:
     a, b = stored, current
