@@ -3,6 +3,7 @@ them in the PEFT layout, and `sample --lora` on the base model samples what the 
 samples."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,9 +39,15 @@ def test_lora_run_trains_adapters_only_and_exports(tmp_path, shapes_data_dir, ca
          '--config.data.prefetch=0', '--config.train.num_steps=3', '--config.train.checkpoint_every=3',
          '--config.train.log_every=1', '--config.train.warmup_steps=1',
          '--config.train.learning_rate=1e-2', '--config.lora.rank=2', '--config.lora.alpha=4',
-         '--config.train.trainable=("^lora/",)']
+         '--config.train.trainable=("^lora/",)', '--config.eval.every_steps=2']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  # Evaluated at step 2 and at the last step; the better one is kept beside the latest ones.
+  losses = {int(s): float(v) for s, v in
+            re.findall(r'evaluation at step (\d+): .*?eval_loss=([-\d.e+]+)', proc.stderr)}
+  assert sorted(losses) == [2, 3]
+  best = [int(d) for d in os.listdir(os.path.join(workdir, ckpt_lib.BEST_DIR)) if d.isdigit()]
+  assert best == [min(losses, key=losses.get)] or losses[2] == losses[3]
   first, last = _params_at(workdir, 1), _params_at(workdir, 3)
   adapters = [k for k in last if k.startswith('lora/')]
   assert adapters and all(k.endswith(('/lora_A', '/lora_B')) for k in adapters)
