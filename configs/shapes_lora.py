@@ -35,11 +35,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config[section] = ml_collections.ConfigDict(loaded[section].to_dict())
   config.data.update(dataset='moving_shapes/default', num_frames=int(loaded.data.num_frames),
                      resolution=int(loaded.data.resolution), fps=float(loaded.data.fps),
-                     global_batch_size=4, caption_dropout=0.1, num_threads=2, prefetch=2,
-                     frame_stride_range=(1, 1))
+                     global_batch_size=4, num_threads=2)
   config.lora.update(rank=8, alpha=8.0, targets=TARGETS)
   config.train.update(init_from=base, trainable=('^lora/',), num_steps=300, learning_rate=1e-3,
-                      warmup_steps=20, end_lr_factor=0.1, ema_decay=0.0, log_every=25,
+                      warmup_steps=20, ema_decay=0.0, log_every=25,
                       checkpoint_every=300, keep_checkpoints=1, sample_every=0,
                       timestep_sampling='logit_normal', timestep_logit_mean=1.2,
                       timestep_logit_std=1.5)

@@ -56,8 +56,7 @@ def main(argv=None) -> None:
     else:
       folder = ckpt_lib.model_folder(args.export_from) or args.export_from
       config, params, tokenizer = ckpt_lib.load_pretrained(folder)
-      if lora_lib.enabled(config):  # A LoRA run exports with its adapters added.
-        params = lora_lib.fold(params, lora_lib.scale(config))
+      params = lora_lib.fold(params, lora_lib.scale(config))  # A LoRA run's adapters added.
       export_diffusers(params, config, args.output, args.reference_dir, tokenizer)
     print(os.path.abspath(args.output))
   except (ConversionError, FileNotFoundError, ValueError) as e:

@@ -20,7 +20,7 @@ writes the diffusers / PEFT safetensors layout.
 
 import math
 import re
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from flax import traverse_util
 import flax.linen as nn
@@ -39,10 +39,14 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
   return lora is not None and int(lora.rank) > 0
 
 
+def alpha(config: ml_collections.ConfigDict) -> float:
+  """config.lora.alpha, 0 meaning alpha = rank."""
+  return float(config.lora.alpha or int(config.lora.rank))
+
+
 def scale(config: ml_collections.ConfigDict) -> float:
-  """alpha / rank (alpha 0 means alpha = rank)."""
-  rank = int(config.lora.rank)
-  return float(config.lora.alpha or rank) / rank
+  """alpha / rank; 1 for a config without adapters (nothing is folded then)."""
+  return alpha(config) / int(config.lora.rank) if enabled(config) else 1.0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -143,7 +147,3 @@ def fold(params: Params, scale_: float = 1.0, lora_params: Optional[Params] = No
 
 def count(lora_params: Params) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(lora_params))
-
-
-def kernel_paths(lora_params: Params) -> Iterable[str]:
-  return (f'{m}/kernel' for m in adapters(lora_params))

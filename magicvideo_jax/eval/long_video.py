@@ -23,6 +23,7 @@ import numpy as np
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes as shapes_eval
+from magicvideo_jax.sampling import long_video
 from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
 
 
@@ -58,19 +59,14 @@ def evaluate(checkpoint: str, num_frames: int = 64, num_prompts: int = 32, split
   window = pipe.max_frames
   if num_frames % window:
     raise ValueError(f'--num_frames={num_frames} must be a multiple of the model\'s {window} frames')
+  overlap = long_video.check(window, num_frames, overlap)
   prompts = shapes_eval.split_prompts(split, num_prompts)
-  videos = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    chunk = chunk + chunk[-1:] * (batch_size - len(chunk))
-    out = pipe(chunk, num_frames=num_frames, long_video='causal', long_video_overlap=overlap,
-               num_inference_steps=steps, seed=seed + start)
-    videos.append(out[:len(prompts) - start])
-    print(f'generated {min(start + batch_size, len(prompts))}/{len(prompts)}', file=sys.stderr,
-          flush=True)
-  result = score_windows(np.concatenate(videos), prompts, window)
+  videos = shapes_eval.generate(pipe, prompts, batch_size=batch_size, num_frames=num_frames,
+                                steps=steps, seed=seed, sampler=None, long_video='causal',
+                                long_video_overlap=overlap)
+  result = score_windows(videos, prompts, window)
   result.update(checkpoint=checkpoint, num_frames=num_frames, num_prompts=len(prompts), split=split,
-                overlap=overlap if overlap is not None else window // 2)
+                overlap=overlap)
   return result
 
 

@@ -34,16 +34,17 @@ def split_prompts(split: str, num_prompts: int, seed: int = 0) -> List[str]:
 
 def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: Optional[int] = None,
              steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
-             sampler: str = 'ddim', video_vae: bool = True) -> np.ndarray:
+             sampler: Optional[str] = 'ddim', video_vae: bool = True, **settings) -> np.ndarray:
   """`[N, F, H, W, 3]` uint8 videos, `batch_size` prompts per call (one compile); settings left None
-  take the checkpoint's defaults (sampling/request.py)."""
+  take the checkpoint's defaults (sampling/request.py); `settings` go to the pipeline as they are
+  (e.g. long_video)."""
   videos = []
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     pad = batch_size - len(chunk)
     out = pipe(chunk + chunk[-1:] * pad, num_frames=num_frames,
                num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + start,
-               sampler=sampler, **({} if video_vae else {'use_video_vae': False}))
+               sampler=sampler, **({} if video_vae else {'use_video_vae': False}), **settings)
     videos.append(out[:len(chunk)])
   return np.concatenate(videos, axis=0)
 

@@ -240,8 +240,7 @@ class MagicVideoPipeline:
 
   @params.setter
   def params(self, params: Dict[str, Any]) -> None:
-    own_scale = lora_io.fold_scale(self.config)
-    base = lora_lib.fold(params, own_scale) if own_scale is not None else lora_lib.fold(params)
+    base = lora_lib.fold(params, lora_lib.scale(self.config))
     self._base_params = jax.device_put(base, self.params_sharding)
     self._apply_adapters()
 

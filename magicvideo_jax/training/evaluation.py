@@ -70,7 +70,7 @@ class Evaluator:
         jnp.arange(size)) for i in range(len(self.batches))]
     objective = functools.partial(losses.LOSSES[config.train.objective], modules=setup.modules,
                                   schedule=setup.schedule, config=config)
-    lora_scale = lora_lib.scale(config) if lora_lib.enabled(config) else 1.0
+    lora_scale = lora_lib.scale(config)
 
     def evaluate(params, ema_params, batch, keys):
       params = lora_lib.fold(state_lib.merge_ema(params, ema_params), lora_scale)

@@ -108,7 +108,7 @@ def make_train_step(config: ml_collections.ConfigDict, modules, schedule, tx, lr
     raise ValueError(f'config.train.objective={objective!r}; valid: {sorted(losses.LOSSES)}')
   objective_fn = functools.partial(losses.LOSSES[objective], modules=modules, schedule=schedule,
                                    config=config)
-  lora_scale = lora_lib.scale(config) if lora_lib.enabled(config) else 1.0
+  lora_scale = lora_lib.scale(config)
 
   def loss_fn(params, batch, keys):  # The models see their kernels with the adapters added.
     return objective_fn(lora_lib.fold(params, lora_scale), batch, keys)

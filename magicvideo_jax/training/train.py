@@ -247,9 +247,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> state_lib.
   if evaluation.enabled(config):
     evaluation.validate(config)
     evaluator = evaluation.Evaluator(config, setup, mesh, tokenizer, make_iterator, device_batch)
-    if config.eval.best_metric not in evaluator.metric_names(state):
+    names = evaluator.metric_names(state)
+    if config.eval.best_metric not in names:
       raise ValueError(f'config.eval.best_metric={config.eval.best_metric!r}; the evaluation writes '
-                       f'{", ".join(evaluator.metric_names(state))}')
+                       f'{", ".join(names)}')
     best_saver = _Saver(ckpt_lib.make_best_manager(workdir, config.eval.best_metric,
                                                    config.eval.best_mode), config)
   writer.write_scalars(start_step, dict(compile_seconds=compile_seconds))

@@ -23,7 +23,7 @@ reads such files) is multiplied into lora_B, so imported adapters have scale 1.
 import collections
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 from flax import traverse_util
 import numpy as np
@@ -117,8 +117,7 @@ def load(path: str, params: Mapping[str, Any]) -> Any:
     torch_layout.ConversionError: a key that is not a PEFT LoRA tensor of a unet / text_encoder
       module we have, a missing half of a pair, or mis-shaped tensors.
   """
-  if str(path).endswith(torch_layout.PICKLE_SUFFIXES):
-    torch_layout.refuse_pickle_args(path)
+  torch_layout.refuse_pickle_args(path)
   flat_params = traverse_util.flatten_dict(params, sep='/')
   pairs: Dict[str, Dict[str, np.ndarray]] = collections.defaultdict(dict)
   alphas: Dict[str, float] = {}
@@ -172,10 +171,4 @@ def export_from_run(params: Mapping[str, Any], config, folder: str) -> Dict[str,
   if not params.get(lora_lib.KEY) or not lora_lib.enabled(config):
     raise ValueError('the checkpoint has no LoRA adapters (it was not trained with config.lora.rank '
                      '> 0)')
-  rank = int(config.lora.rank)
-  return save(folder, params[lora_lib.KEY], float(config.lora.alpha or rank), rank)
-
-
-def fold_scale(config) -> Optional[float]:
-  """The scale a checkpoint's own adapters are folded with (None: it has none)."""
-  return lora_lib.scale(config) if lora_lib.enabled(config) else None
+  return save(folder, params[lora_lib.KEY], lora_lib.alpha(config), int(config.lora.rank))
