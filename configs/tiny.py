@@ -5,7 +5,9 @@ r"""Tiny config: seconds per step on a laptop CPU; used by the tests and as a sm
 
 Variants (`--config=configs/tiny.py:VARIANT`): 'video' (default, MagicVideo's video stage training
 adaptors + temporal attention + fps embedding), 'image' (text-to-image U-Net, all parameters),
-'all' (video model, every parameter trains), 'vae' (autoencoder).
+'all' (video model, every parameter trains), 'vae' (autoencoder), and CMD's three stages
+(configs/cmd_shapes.py in small): 'cmd_ae', 'cmd_content', 'cmd_motion' (chain them with
+--config.train.init_from=<previous run>/model).
 """
 
 import ml_collections
@@ -15,7 +17,7 @@ from magicvideo_jax import config as common
 
 def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
   variant = variant or 'video'
-  variants = ('video', 'image', 'all', 'vae')
+  variants = ('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion')
   if variant not in variants:
     raise ValueError(f'configs/tiny.py:{variant}: unknown variant; choose one of {variants}')
   config = common.base_config()
@@ -48,4 +50,17 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
     config.train.objective = 'vae'
     config.train.trainable = ('^vae/',)
     config.data.num_frames = 1
+  elif variant.startswith('cmd_'):
+    config.model.unet = common.image_only(config.model.unet)
+    config.model.kind = 'cmd'
+    config.model.cmd = ml_collections.ConfigDict(dict(
+        autoencoder=dict(width=16, depth=1, heads=2, patch_size=2, motion_channels=2,
+                         positions='learned', content_frame='learned'),
+        dit=dict(hidden_size=32, depth=1, heads=2, patch_size=2, content_patch_size=2),
+        eos_token_id=2, motion_scale=1.0))
+    config.sampling.motion_guidance_scale = 2.0
+    stage = variant[len('cmd_'):]
+    config.train.objective = {'ae': 'cmd_autoencoder'}.get(stage, variant)
+    config.train.trainable = {'ae': ('^cmd_autoencoder/',), 'content': ('^unet/',),
+                              'motion': ('^motion_dit/',)}[stage]
   return config

@@ -265,6 +265,13 @@ def text_context(model_config: Any, modules, params: Dict[str, Any],
   return embeddings_to_context(model_config, params, out.text_embeds, nonempty)
 
 
+def pooled_text(model_config: Any, hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
+  """CMD's text features for the motion DiT: the final state of each prompt's EOS token `[B, D]`
+  (CLIP's pooled output), the EOS id being `model.cmd.eos_token_id` (None: the largest id, CLIP's
+  rule)."""
+  return text_encoder.pool_eos(hidden, input_ids, model_config.cmd.get('eos_token_id'))
+
+
 def image_context(model_config: Any, modules, params: Dict[str, Any], video: jax.Array,
                   keys: jax.Array, num_frames: int) -> jax.Array:
   """Stage 1: the context of one randomly chosen frame per clip (`random_frames`) of `video`

@@ -11,6 +11,11 @@ maps `config.train.objective` to it:
   'clip'           contrastive (symmetric InfoNCE) training of a CLIP dual encoder on frames and captions.
   'interpolation'  the keyframe interpolation U-Net on clips of (K - 1) m + 1 frames.
   'upscaler'       the video super-resolution U-Net on high-resolution clips.
+  'cmd_autoencoder', 'cmd_content', 'cmd_motion'
+                   CMD's three stages (models/cmd.py) on the frozen VAE's latents of clips: the
+                   autoencoder's reconstruction; the image U-Net's diffusion loss on the content
+                   frames of the frozen autoencoder; the motion DiT's on its motion latents, given
+                   the clean content frame and the caption's pooled text features.
 
 Every loss takes `keys`: one PRNG key per example [B], derived from (seed, step, example index), so
 noise, timesteps and posterior samples do not depend on how the batch is split (devices, hosts,
@@ -27,8 +32,10 @@ import numpy as np
 
 from magicvideo_jax import context as context_lib
 from magicvideo_jax import diffusion
+from magicvideo_jax import models as models_lib
 from magicvideo_jax.models import clip as clip_lib
 from magicvideo_jax.models import clip_vision
+from magicvideo_jax.models import cmd as cmd_lib
 from magicvideo_jax.models import conditioning
 from magicvideo_jax.models import text_encoder
 from magicvideo_jax.sampling import interpolation
@@ -340,5 +347,80 @@ def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modul
   return loss, dict(noise_level=jnp.mean(levels.astype(jnp.float32)))
 
 
+# ----------------------------------------------------------------------------------------------------
+# CMD: the autoencoder, the content-frame model (the image U-Net) and the motion DiT.
+
+
+def cmd_clip_latents(params: Params, batch: Dict[str, jax.Array], *, modules,
+                     config: ml_collections.ConfigDict) -> jax.Array:
+  """CMD's input: a clip's scaled SD latents `[B, L, h, w, c]`, the frozen VAE's posterior means of
+  `batch['video']` (or the stored `latent_mean`), without gradient."""
+  scale = config.model.vae.scaling_factor
+  if 'latent_mean' in batch:
+    latents = batch['latent_mean'].astype(jnp.float32) * scale
+  else:
+    latents = models_lib.encode_frames(modules['vae'], params['vae'], batch['video'], scale)
+  return jax.lax.stop_gradient(latents.astype(jnp.float32))
+
+
+def cmd_encode(params: Params, latents: jax.Array, *, modules) -> Tuple[jax.Array, jax.Array]:
+  """(z_c `[B, h, w, c]`, z_m `[B, L, W' + H', D]`) of the frozen autoencoder."""
+  autoencoder = modules['cmd_autoencoder']
+  content, motion = autoencoder.apply({'params': params['cmd_autoencoder']}, latents,
+                                      method='encode')
+  return jax.lax.stop_gradient(content), jax.lax.stop_gradient(motion)
+
+
+def cmd_autoencoder_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
+                         schedule, config: ml_collections.ConfigDict
+                         ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """MSE of the autoencoder's reconstruction of the clip latents; `clip_mean_mse` is the error of
+  the 'every frame = the clip's mean latent' baseline, which an autoencoder blind to position
+  (or to motion) stays at."""
+  del keys, schedule
+  latents = cmd_clip_latents(params, batch, modules=modules, config=config)
+  autoencoder = modules['cmd_autoencoder']
+  reconstruction, _, motion = autoencoder.apply({'params': params['cmd_autoencoder']}, latents)
+  loss = cmd_lib.reconstruction_loss(reconstruction, latents)
+  baseline = jnp.mean(jnp.square(latents - jnp.mean(latents, axis=1, keepdims=True)))
+  return loss, dict(clip_mean_mse=baseline, motion_abs=jnp.mean(jnp.abs(motion)))
+
+
+def cmd_content_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
+                     schedule, config: ml_collections.ConfigDict
+                     ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The image U-Net's diffusion loss (`diffusion_loss`) on the clips' content frames z_c."""
+  latents = cmd_clip_latents(params, batch, modules=modules, config=config)
+  content, _ = cmd_encode(params, latents, modules=modules)
+  frames = {'latents': content[:, None], 'input_ids': batch['input_ids'],
+            'frame_mask': jnp.ones((content.shape[0], 1), bool)}
+  return diffusion_loss(params, frames, keys, modules=modules, schedule=schedule, config=config)
+
+
+def cmd_motion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules,
+                    schedule, config: ml_collections.ConfigDict
+                    ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The motion DiT's diffusion loss on z_m times `model.cmd.motion_scale` (unit variance for the
+  diffusion), conditioned on the clean z_c and the caption's pooled text features (an empty,
+  dropped caption trains the unconditional branch of guidance)."""
+  latents = cmd_clip_latents(params, batch, modules=modules, config=config)
+  content, motion = cmd_encode(params, latents, modules=modules)
+  motion = motion * config.model.cmd.get('motion_scale', 1.0)
+  hidden = context_lib.text_context(config.model, modules, params, batch['input_ids'])
+  text = context_lib.pooled_text(config.model, hidden, batch['input_ids'])
+  keys_t, keys_n = split_keys(keys, 2)
+  timesteps = train_timesteps(keys_t, schedule, config)
+  noise = example_normal(keys_n, motion.shape[1:])
+  noisy = diffusion.add_noise(schedule, motion, noise, timesteps)
+  prediction = modules['motion_dit'].apply({'params': params['motion_dit']}, noisy, timesteps,
+                                           content, text)
+  target = diffusion.training_target(schedule, motion, noise, timesteps,
+                                     config.diffusion.prediction_type)
+  loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+  return loss, dict(motion_std=jnp.std(motion))
+
+
 LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss,
-          'clip': clip_loss, 'interpolation': interpolation_loss, 'upscaler': upscaler_loss}
+          'clip': clip_loss, 'interpolation': interpolation_loss, 'upscaler': upscaler_loss,
+          'cmd_autoencoder': cmd_autoencoder_loss, 'cmd_content': cmd_content_loss,
+          'cmd_motion': cmd_motion_loss}

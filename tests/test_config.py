@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import pytest
 
+from configs import cmd_shapes
 from configs import shapes
 from configs import shapes_cascade
 from configs import shapes_unsupervised
@@ -35,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 
 VARIANTS = dict(
-    tiny=('video', 'image', 'all', 'vae'),
+    tiny=('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion'),
     sd15_256=('video', 'all', 'lavie'),
     vdm_64=('',),
     cmd=('sd21_512x1024', 'sd15_512'),
@@ -45,6 +46,7 @@ VARIANTS = dict(
     shapes_unsupervised=shapes_unsupervised.VARIANTS + tuple(
         f'{v},tiny' for v in shapes_unsupervised.VARIANTS),
     shapes_lora=('',),
+    cmd_shapes=cmd_shapes.STAGES,
 )
 ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
 

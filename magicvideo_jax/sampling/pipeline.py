@@ -222,6 +222,10 @@ class MagicVideoPipeline:
           folder, num_frames=num_frames or DEFAULT_DIFFUSERS_FRAMES)
     for key, value in overrides.items():
       config.model[key] = value
+    if models_lib.is_cmd(config.model) and not issubclass(cls, CMDPipeline):
+      cls = CMDPipeline  # A CMD checkpoint samples with its own pipeline.
+    elif issubclass(cls, CMDPipeline) and not models_lib.is_cmd(config.model):
+      raise ValueError(f'{path} is not a CMD checkpoint; load it with MagicVideoPipeline')
     interpolator, upscaler = cascade.load_stages(interpolation, upscaler)
     pipe = cls(config, params, tokenizer, mesh=mesh, verbose=verbose, interpolator=interpolator,
                upscaler=upscaler)
@@ -702,3 +706,191 @@ def _without_video_vae(model_config):
   if 'video_vae' in plain:
     plain.video_vae.enabled = False
   return plain
+
+
+# --------------------------------------------------------------------------------------------------
+# CMD: content frame, then motion latent.
+
+
+class CMDPipeline(MagicVideoPipeline):
+  """Text-to-video with a CMD checkpoint (`models.is_cmd`; models/cmd.py), as CMD's App. E samples:
+
+  1. the content frame z_c `[B, h, w, c]` from noise by the image U-Net (DDIM / DPM-Solver++, text
+     guidance `guidance_scale`, negative prompts), the MagicVideo pipeline's own denoising loop run
+     on one frame;
+  2. the motion latent z_m from noise by the motion DiT conditioned on the finished z_c in both
+     guidance branches, guided on the prompt's pooled text features only
+     (`motion_guidance_scale`, default config.sampling.motion_guidance_scale, else guidance_scale);
+  3. CMD's decoder (z_c, z_m) -> clip latents `[B, L, h, w, c]`, then the VAE decoder.
+
+  Guidance is uncond + w (cond - uncond) in both loops; CMD's paper writes (1 + w') e_c - w' e_u,
+  the same with w = w' + 1. The clip size is the autoencoder's (config.data: num_frames frames of
+  resolution x resolution). `MagicVideoPipeline.from_pretrained` returns this class for a CMD
+  checkpoint. Each loop and each decoder is one jit, compiled once per shape and static option.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Dict[str, Any], tokenizer: Any,
+               **kwargs):
+    if not models_lib.is_cmd(config.model):
+      raise ValueError("CMDPipeline needs a CMD checkpoint (config.model.kind == 'cmd'); use "
+                       'MagicVideoPipeline')
+    if kwargs.get('interpolator') is not None or kwargs.get('upscaler') is not None:
+      raise ValueError('CMDPipeline has no cascade stages (interpolation, upscaler)')
+    super().__init__(config, params, tokenizer, **kwargs)
+    self.num_frames = int(config.data.num_frames)
+    self.resolution = int(config.data.resolution)
+    self.motion_scale = float(config.model.cmd.get('motion_scale', 1.0))
+    self._pool = jax.jit(self._pool_impl)
+    self._denoise_motion = jax.jit(self._denoise_motion_impl, static_argnames=(
+        'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'show_progress', 'sigma_spacing',
+        'final_sigmas_type', 'clip_sample'))
+    self._decode_clip = jax.jit(self._decode_clip_impl)
+    self._encode_clip = jax.jit(self._encode_clip_impl)
+
+  def _pool_impl(self, params, input_ids):
+    hidden = context_lib.text_context(self.config.model, self.modules, params, input_ids)
+    return context_lib.pooled_text(self.config.model, hidden, input_ids)
+
+  def _denoise_motion_impl(self, params, content, text, uncond_text, noise, key, guidance_scale, *,
+                           num_inference_steps: int, sampler: str, eta: float, do_cfg: bool,
+                           show_progress: bool, sigma_spacing: Optional[str],
+                           final_sigmas_type: str, clip_sample: Optional[float]):
+    """Unit noise `[B, L, W' + H', D]` -> z_m given z_c `[B, h, w, c]` and pooled text `[B, T]`."""
+    self.trace_count += 1
+    dit = self.modules['motion_dit']
+    if do_cfg:  # The content frame conditions both branches; only the text differs.
+      text = jnp.concatenate([uncond_text, text], axis=0)
+      content = jnp.concatenate([content, content], axis=0)
+
+    def apply(x_in, timesteps):
+      if show_progress:
+        jax.debug.callback(self._on_step, timesteps[0])
+      return dit.apply({'params': params['motion_dit']}, x_in.astype(dit.dtype), timesteps,
+                       content.astype(dit.dtype), text.astype(dit.dtype))
+
+    model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None)
+    options = diffusion.sampler_options(sampler, eta=eta, key=key,
+                                        clip_sample=clip_sample is not None,
+                                        sigma_spacing=sigma_spacing,
+                                        final_sigmas_type=final_sigmas_type)
+    motion = diffusion.sample_loop(model_fn, noise, self.schedule, num_inference_steps,
+                                   sampler=sampler, **options)
+    return motion / self.motion_scale
+
+  def _decode_clip_impl(self, params, content, motion):
+    autoencoder = self.modules['cmd_autoencoder']
+    latents = autoencoder.apply({'params': params['cmd_autoencoder']}, content, motion,
+                                method='decode')
+    return latents.astype(jnp.float32)
+
+  def _encode_clip_impl(self, params, latents):
+    autoencoder = self.modules['cmd_autoencoder']
+    content, motion = autoencoder.apply({'params': params['cmd_autoencoder']}, latents,
+                                        method='encode')
+    return content.astype(jnp.float32), motion.astype(jnp.float32)
+
+  def encode_clip(self, latents: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """Clip latents `[B, L, h, w, c]` (scaled, as `encode` gives) -> (z_c `[B, h, w, c]`, z_m)."""
+    content, motion = self._encode_clip(self.params, jnp.asarray(latents, jnp.float32))
+    return np.asarray(content), np.asarray(motion)
+
+  def decode_clip(self, content: Any, motion: Any) -> np.ndarray:
+    """(z_c, z_m) -> clip latents `[B, L, h, w, c]` (scaled; `decode` makes frames of them)."""
+    return np.asarray(self._decode_clip(self.params, jnp.asarray(content, jnp.float32),
+                                        jnp.asarray(motion, jnp.float32)))
+
+  def motion_shape(self) -> Tuple[int, int, int]:
+    """[L, W' + H', D] of one motion latent."""
+    autoencoder = self.modules['cmd_autoencoder']
+    side = self.resolution // self.vae_factor // autoencoder.patch_size
+    return (self.num_frames, 2 * side, autoencoder.motion_channels)
+
+  def __call__(self, prompt: Union[None, str, Sequence[str]] = None,
+               negative_prompt: Union[None, str, Sequence[str]] = None,
+               num_frames: Optional[int] = None,
+               height: Optional[int] = None, width: Optional[int] = None,
+               num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+               eta: Optional[float] = None, fps: Optional[float] = None, seed: int = 0,
+               sampler: Optional[str] = None, output_type: str = 'uint8',
+               sigma_spacing: Optional[str] = None, use_video_vae: bool = True, *,
+               num_videos_per_prompt: int = 1, return_dict: bool = False,
+               motion_guidance_scale: Optional[float] = None, content_latents: Optional[Any] = None,
+               **unsupported) -> Any:
+    """Generates num_videos_per_prompt videos per prompt (class docstring).
+
+    Arguments as `MagicVideoPipeline.__call__` where they share a name; num_frames, height and width
+    can only be the autoencoder's clip size. `num_inference_steps`, `sampler` and `eta` apply to
+    both loops (CMD uses the same step count for both). `content_latents` `[B, h, w, c]` (scaled
+    z_c, e.g. `encode_clip` of real clips) skips the content loop: the motion DiT alone.
+    'latent' output gives the decoded clip latents `[B, L, h, w, c]`.
+    """
+    given = sorted(k for k, v in unsupported.items() if v is not None)
+    if given:
+      raise ValueError(f'CMDPipeline does not take {", ".join(given)} (a MagicVideoPipeline '
+                       'option)')
+    if prompt is None:
+      raise ValueError('prompt must be a string or a non-empty list of strings')
+    req = validate_request(self.config, num_frames=num_frames, height=height, width=width,
+                           num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
+                           guidance_scale=guidance_scale, output_type=output_type,
+                           sigma_spacing=sigma_spacing, fps=fps, seed=seed,
+                           num_videos_per_prompt=num_videos_per_prompt)
+    if (req.num_frames, req.height, req.width) != (self.num_frames,) + (self.resolution,) * 2:
+      raise ValueError(f'num_frames={req.num_frames}, height={req.height}, width={req.width}: this '
+                       f'CMD autoencoder makes clips of exactly {self.num_frames} frames of '
+                       f'{self.resolution}x{self.resolution}')
+    motion_w = float(self.config.sampling.get('motion_guidance_scale', req.guidance_scale)
+                     if motion_guidance_scale is None else motion_guidance_scale)
+    prompts = request_lib.prompt_list(prompt)
+    negatives = request_lib.per_clip(negative_prompt, len(prompts))
+    n = req.num_videos_per_prompt
+    prompts, negatives = request_lib.per_video(prompts, n), request_lib.per_video(negatives, n)
+    b = len(prompts)
+    pad = (-b) % self.mesh.size
+    side = self.resolution // self.vae_factor
+    noise_key, loop_key = jax.random.split(jax.random.key(req.seed))
+    static = dict(req.static_options(), show_progress=self.verbose,
+                  clip_sample=1.0 if req.clip_sample else None)
+    self._t_start = time.time()
+
+    if content_latents is None:
+      context = self._encode_prompts(prompts)
+      uncond_context = self._encode_prompts(negatives) if req.do_cfg else context
+      noise = diffusion.initial_noise(noise_key, (b, 1, side, side, self.latent_channels), 0.0)
+      dynamic = (self.params, context, uncond_context, self._shard(self._pad(noise, pad)), loop_key,
+                 self._shard(jnp.full((b + pad,), req.fps, jnp.float32)),
+                 jnp.float32(req.guidance_scale))
+      content_static = dict(static, use_fps=False, use_callback=False)
+      denoise = self._compile(('denoise', tuple(dynamic[3].shape),
+                               tuple(sorted(content_static.items())), None),
+                              lambda: self._denoise.lower(*dynamic, **content_static))
+      self._steps_done, self._steps_total = 0, req.num_inference_steps
+      content = jax.block_until_ready(denoise(*dynamic))[:, 0]
+      self.log(f'content frames of {b} videos in {time.time() - self._t_start:.1f} s')
+    else:
+      content = jnp.asarray(content_latents, jnp.float32)
+      if content.shape != (b, side, side, self.latent_channels):
+        raise ValueError(f'content_latents have shape {content.shape}; expected '
+                         f'{(b, side, side, self.latent_channels)}')
+      content = self._shard(self._pad(content, pad))
+
+    ids = lambda texts: self._shard(self._pad(self.tokenizer(list(texts)), pad))
+    text = self._pool(self.params, ids(prompts))
+    uncond_text = self._pool(self.params, ids(negatives)) if motion_w > 1 else text
+    noise = jax.random.normal(jax.random.fold_in(noise_key, 2), (b,) + self.motion_shape())
+    motion_static = dict(static, do_cfg=motion_w > 1)
+    dynamic = (self.params, content, text, uncond_text, self._shard(self._pad(noise, pad)),
+               jax.random.fold_in(loop_key, 2), jnp.float32(motion_w))
+    denoise = self._compile(('denoise_motion', tuple(dynamic[4].shape),
+                             tuple(sorted(motion_static.items()))),
+                            lambda: self._denoise_motion.lower(*dynamic, **motion_static))
+    t0 = time.time()
+    self._steps_done, self._steps_total = 0, req.num_inference_steps
+    motion = jax.block_until_ready(denoise(*dynamic))
+    self.log(f'motion latents of {b} videos in {time.time() - t0:.1f} s')
+    latents = self._decode_clip(self.params, content, motion)
+    if output_type == 'latent':
+      out = sharding_lib.to_host(latents)[:b]
+    else:
+      out = request_lib.to_output(self.decode(latents, use_video_vae)[:b], output_type)
+    return self.output(out) if return_dict else out

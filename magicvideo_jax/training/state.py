@@ -191,9 +191,27 @@ def init_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> P
                                 class_labels=labels)['params'],
   )
   params = context_lib.init_params(modules, config, jax.random.fold_in(key, 3), params)
+  if models_lib.is_cmd(config.model):
+    params.update(init_cmd_params(modules, config, jax.random.fold_in(key, 5)))
   if lora_lib.enabled(config):
     params[lora_lib.KEY] = lora_lib.init(params, config, jax.random.fold_in(key, 4))
   return params
+
+
+def init_cmd_params(modules, config: ml_collections.ConfigDict, key: jax.Array) -> Params:
+  """Boxed params of CMD's autoencoder and motion DiT, at the clip shape of `config.data` (the
+  autoencoder's learned position tables take their sizes from it)."""
+  x = dummy_inputs(config)
+  latents = x['latents']  # [1, L, h, w, c]
+  autoencoder, dit = modules['cmd_autoencoder'], modules['motion_dit']
+  k_ae, k_dit = jax.random.split(key)
+  _, frames, height, width, channels = latents.shape
+  p = autoencoder.patch_size
+  motion = jnp.zeros((1, frames, width // p + height // p, autoencoder.motion_channels), jnp.float32)
+  text = jnp.zeros((1, config.model.text_encoder.hidden_size), jnp.float32)
+  ae_params = autoencoder.init(k_ae, latents)['params']
+  dit_params = dit.init(k_dit, motion, x['timesteps'], latents[:, 0], text)['params']
+  return dict(cmd_autoencoder=ae_params, motion_dit=dit_params)
 
 
 # ----------------------------------------------------------------------------------------------------
