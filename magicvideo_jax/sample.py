@@ -4,7 +4,8 @@ r"""Text-to-video from the command line.
 
 DIR is a checkpoint folder (`python -m magicvideo_jax.convert` or a training export), a training
 workdir, a diffusers SD folder (converted on the fly, video layers at identity init), or a cascade folder
-(base/, interpolation/, upscaler/; see magicvideo_jax/cascade.py). --interpolation DIR and --upscaler DIR
+(base/, interpolation/, upscaler/; see magicvideo_jax/cascade.py), or a CMD checkpoint (content frame,
+then motion latent: configs/cmd_shapes.py). --interpolation DIR and --upscaler DIR
 add the cascade's stages (keyframe interpolation, then super-resolution), each with its own steps and
 guidance; the file's frame rate is then the interpolated one. Options left
 out default to the checkpoint's `config.sampling` (steps, guidance scale, sampler, eta) and
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='LoRA file or folder (diffusers / PEFT safetensors, e.g. from convert '
                       '--export_lora_from) added to the weights')
   parser.add_argument('--lora_scale', type=float, default=1.0, help='its scale (default 1)')
+  parser.add_argument('--motion_guidance_scale', type=float, default=None,
+                      help='CMD checkpoints: the motion DiT\'s text guidance (default: '
+                           'config.sampling.motion_guidance_scale)')
   cascade = parser.add_argument_group('cascade stages (magicvideo_jax/cascade.py)')
   cascade.add_argument('--interpolation', default=None,
                        help='keyframe interpolation model folder: K keyframes -> (K - 1) m + 1 frames')
@@ -175,6 +179,10 @@ def run(args: argparse.Namespace) -> List[str]:
         upscaler=upscaler)
     if args.lora:
       pipe.load_lora_weights(args.lora, scale=args.lora_scale)
+    if args.motion_guidance_scale is not None:
+      if not isinstance(pipe, pipeline_lib.CMDPipeline):
+        raise ValueError('--motion_guidance_scale: only a CMD checkpoint has a motion model')
+      kwargs['motion_guidance_scale'] = args.motion_guidance_scale
   except (ValueError, FileNotFoundError, torch_layout.ConversionError) as e:
     raise UserError(str(e)) from None
   if args.long_video:

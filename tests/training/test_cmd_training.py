@@ -58,8 +58,8 @@ def test_objectives_match_their_definitions():
   """Each loss is its definition computed by hand, and the frozen networks get no gradient."""
   config = tiny.get_config('cmd_motion')
   modules = models_lib.build_models(config.model)
-  params = jax.tree.map(jnp.asarray, jax.device_get(nn.unbox(
-      state_lib.init_params(modules, config, jax.random.key(0)))))
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, config, k)))(
+      jax.random.key(0))
   # The DiT's adaLN and output layers start at zero: give it a random output layer.
   params['motion_dit']['proj_out_2']['kernel'] = 0.1 * jax.random.normal(
       jax.random.key(1), params['motion_dit']['proj_out_2']['kernel'].shape)
@@ -70,41 +70,46 @@ def test_objectives_match_their_definitions():
   keys = jax.random.split(jax.random.key(3), 2)
   kw = dict(modules=modules, schedule=schedule, config=config)
 
-  latents = models_lib.encode_frames(modules['vae'], params['vae'], video,
-                                     config.model.vae.scaling_factor)
+  # Everything jitted: eager dispatch of these models costs minutes on 2 cores.
+  objective = lambda name: jax.jit(lambda p, b, k: losses.LOSSES[name](p, b, k, **kw))
+  latents = jax.jit(lambda p, v: models_lib.encode_frames(
+      modules['vae'], p['vae'], v, config.model.vae.scaling_factor))(params, video)
   ae = modules['cmd_autoencoder']
-  reconstruction, content, motion = ae.apply({'params': params['cmd_autoencoder']}, latents)
-  loss, _ = losses.cmd_autoencoder_loss(params, batch, keys, **kw)
+  reconstruction, content, motion = jax.jit(lambda p, x: ae.apply(
+      {'params': p['cmd_autoencoder']}, x))(params, latents)
+  loss, _ = objective('cmd_autoencoder')(params, batch, keys)
   np.testing.assert_allclose(loss, np.mean((np.asarray(reconstruction) - np.asarray(latents)) ** 2),
                              rtol=1e-5)
 
   # The content stage is the diffusion loss of a one-frame clip of z_c.
-  content_loss, _ = losses.cmd_content_loss(params, batch, keys, **kw)
-  reference, _ = losses.diffusion_loss(
+  content_loss, _ = objective('cmd_content')(params, batch, keys)
+  reference, _ = objective('diffusion')(
       params, dict(latents=content[:, None], input_ids=batch['input_ids'],
-                   frame_mask=jnp.ones((2, 1), bool)), keys, **kw)
+                   frame_mask=jnp.ones((2, 1), bool)), keys)
   np.testing.assert_allclose(content_loss, reference, rtol=1e-5)
 
   # The motion stage by hand: pooled text at <eos> (id 2), noise and timesteps from the keys.
-  hidden = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
+  hidden = jax.jit(lambda p, ids: modules['text_encoder'].apply({'params': p['text_encoder']}, ids))(
+      params, batch['input_ids'])
   text = hidden[jnp.arange(2), jnp.asarray([3, 1])]
   keys_t, keys_n = losses.split_keys(keys, 2)
   t = losses.train_timesteps(keys_t, schedule, config)
   noise = losses.example_normal(keys_n, motion.shape[1:])
   alpha = np.asarray(schedule.alphas_cumprod)[np.asarray(t)][:, None, None, None]
   noisy = np.sqrt(alpha) * np.asarray(motion) + np.sqrt(1 - alpha) * np.asarray(noise)
-  prediction = modules['motion_dit'].apply({'params': params['motion_dit']},
-                                           jnp.asarray(noisy, jnp.float32), t, content, text)
+  prediction = jax.jit(lambda p, *a: modules['motion_dit'].apply({'params': p['motion_dit']}, *a))(
+      params, jnp.asarray(noisy, jnp.float32), t, content, text)
   assert config.diffusion.prediction_type == 'epsilon'
-  motion_loss, _ = losses.cmd_motion_loss(params, batch, keys, **kw)
+  motion_loss, _ = objective('cmd_motion')(params, batch, keys)
   np.testing.assert_allclose(motion_loss, np.mean((np.asarray(prediction) - np.asarray(noise)) ** 2),
                              rtol=1e-4)
 
-  for objective, owner in (('cmd_content', 'unet'), ('cmd_motion', 'motion_dit')):
-    grads = jax.grad(lambda p: losses.LOSSES[objective](p, batch, keys, **kw)[0])(params)
+  # The frozen autoencoder (cmd_encode, shared by both diffusion stages) passes no gradient.
+  for name, owner in (('cmd_motion', 'motion_dit'),):
+    grads = jax.jit(jax.grad(lambda p: losses.LOSSES[name](p, batch, keys, **kw)[0]))(params)
     frozen = float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads['cmd_autoencoder'])))
     trained = float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads[owner])))
-    assert frozen == 0.0 and trained > 0.0, (objective, frozen, trained)
+    assert frozen == 0.0 and trained > 0.0, (name, frozen, trained)
 
 
 @pytest.mark.slow  # Three tiny training runs (three compiles) and the samplings.
@@ -166,8 +171,11 @@ def _magicvideo_folder(tmp_path):
 def test_sample_cli_and_shapes_eval_take_cmd_checkpoint(cmd_runs, tmp_path):
   out = str(tmp_path / 'clip.gif')
   sample_cli.main(['--checkpoint', cmd_runs['motion'], '--prompt', 'a red circle moving left',
-                   '--output', out, '--steps', '2'])
+                   '--output', out, '--steps', '2', '--motion_guidance_scale', '1.5'])
   assert os.path.getsize(out) > 0
+  # A MagicVideo option on a CMD checkpoint: one line, exit status 2.
+  assert sample_cli.main(['--checkpoint', cmd_runs['motion'], '--prompt', 'a red circle',
+                          '--output', out, '--long_video', 'causal', '--num_frames', '12']) == 2
   pipe = pipeline_lib.MagicVideoPipeline.from_pretrained(cmd_runs['motion'])
   videos = shapes_eval.generate(pipe, ['a red circle moving left'] * 2, batch_size=2, steps=2)
   assert videos.shape == (2, 8, 16, 16, 3)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# CMD in miniature (configs/cmd_shapes.py): the autoencoder, the content-frame model and the motion
+# DiT, each from the previous stage's export, then the evaluation (autoencoder gates, the motion DiT
+# alone, CMD beside MagicVideo) and the judge on full generations.
+#
+#   bash launch/train_cmd.sh [RUNS_DIR]        (default RUNS_DIR=runs/cmd_shapes)
+#
+# BASE: the shapes model the VAE, text encoder and U-Net start from (default the bundled
+#       magicvideo_jax/assets/shapes). NUM_PROMPTS: prompts / clips per split of the evaluation
+#       (default 64). Each stage resumes from its workdir if interrupted; a finished stage is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${1:-runs/cmd_shapes}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+BASE="${BASE:-magicvideo_jax/assets/shapes}"
+NUM_PROMPTS="${NUM_PROMPTS:-64}"
+[[ -f "$BASE/config.json" ]] || { echo "base model folder $BASE not found" >&2; exit 1; }
+start=$(date +%s)
+
+stage() {  # stage NAME
+  local name="$1"
+  if [[ -f "$RUNS/$name/model/config.json" ]]; then
+    echo "== $name: done already ($RUNS/$name/model)"; return
+  fi
+  echo "== $name ($(($(date +%s) - start)) s elapsed)"
+  "$PYTHON" -m magicvideo_jax.main --config="configs/cmd_shapes.py:$name,base=$BASE,runs=$RUNS" \
+    --workdir="$RUNS/$name" 2>&1 \
+    | grep --line-buffered -E "train.py|steps_per_sec|loss=|evaluation at|Error|error" || true
+  [[ -f "$RUNS/$name/model/config.json" ]] || { echo "stage $name failed" >&2; exit 1; }
+}
+
+stage ae
+stage content
+stage motion
+echo "== trained in $(($(date +%s) - start)) s; evaluating"
+"$PYTHON" -m magicvideo_jax.eval.cmd --checkpoint "$RUNS/motion/model" --magicvideo "$BASE" \
+  --num_clips "$NUM_PROMPTS" --json "$RUNS/eval_cmd.json"
+for split in test validation; do
+  "$PYTHON" -m magicvideo_jax.eval.shapes --checkpoint "$RUNS/motion/model" --split "$split" \
+    --num_prompts "$NUM_PROMPTS" --json "$RUNS/judge_$split.json"
+done
+echo "== done in $(($(date +%s) - start)) s"
