@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -114,9 +115,21 @@ def load_pretrained(folder: str) -> Tuple[ml_collections.ConfigDict, Any, Any]:
     raise FileNotFoundError(f'{os.path.join(folder, PARAMS_DIR)} not found: {folder} is not a '
                             'magicvideo_jax checkpoint folder (config.json + params/ + tokenizer/)')
   config = load_config(folder)
-  params = jax.tree.map(np.asarray, load_params(folder))
+  # A folder may store its floats in a smaller dtype (`cast_pretrained`); the model gets its own.
+  param_dtype = np.dtype(config.model.get('param_dtype', 'float32'))
+  params = jax.tree.map(lambda x: np.asarray(x, param_dtype) if jnp.issubdtype(
+      np.asarray(x).dtype, jnp.floating) else np.asarray(x), load_params(folder))
   logging.info('loaded %s', folder)
   return config, params, load_tokenizer(folder, config)
+
+
+def cast_pretrained(folder: str, output: str, dtype: str = 'float16') -> None:
+  """Writes `output`: `folder` with its floating-point params stored as `dtype` (e.g. a bundle at
+  half the size); `load_pretrained` casts them back to the model's param_dtype."""
+  config, params, tokenizer = load_pretrained(folder)
+  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params)
+  save_pretrained(output, config, params, tokenizer)
 
 
 def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/',
@@ -147,18 +160,31 @@ def merge_pretrained(base: str, other: str, output: str, *, params: str = '^vae/
 
 def main(argv=None) -> int:
   """`python -m magicvideo_jax.weights.checkpoint merge --base DIR --other DIR --output DIR [--params RE]
-  [--config_keys model.vae,model.video_vae]`: see `merge_pretrained`."""
+  [--config_keys model.vae,model.video_vae]` (see `merge_pretrained`), or
+  `... cast --input DIR --output DIR [--dtype float16]` (see `cast_pretrained`)."""
   parser = argparse.ArgumentParser(prog='python -m magicvideo_jax.weights.checkpoint', description=main.__doc__)
-  parser.add_argument('command', choices=('merge',))
-  parser.add_argument('--base', required=True)
-  parser.add_argument('--other', required=True)
-  parser.add_argument('--output', required=True)
-  parser.add_argument('--params', default='^vae/', help='regex over parameter paths')
-  parser.add_argument('--config_keys', default='model.vae,model.video_vae')
+  commands = parser.add_subparsers(dest='command', required=True)
+  merge = commands.add_parser('merge', help='take some params and config sections from another folder')
+  merge.add_argument('--base', required=True)
+  merge.add_argument('--other', required=True)
+  merge.add_argument('--output', required=True)
+  merge.add_argument('--params', default='^vae/', help='regex over parameter paths')
+  merge.add_argument('--config_keys', default='model.vae,model.video_vae')
+  cast = commands.add_parser('cast', help='store the floating-point params in another dtype')
+  cast.add_argument('--input', required=True)
+  cast.add_argument('--output', required=True)
+  cast.add_argument('--dtype', default='float16', choices=('float16', 'bfloat16', 'float32'))
   args = parser.parse_args(argv)
   logging.getLogger().setLevel(logging.INFO)
-  merge_pretrained(args.base, args.other, args.output, params=args.params,
-                   config_keys=tuple(k for k in args.config_keys.split(',') if k))
+  try:
+    if args.command == 'merge':
+      merge_pretrained(args.base, args.other, args.output, params=args.params,
+                       config_keys=tuple(k for k in args.config_keys.split(',') if k))
+    else:
+      cast_pretrained(args.input, args.output, args.dtype)
+  except FileNotFoundError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
   print(f'wrote {args.output}')
   return 0
 

@@ -1,5 +1,7 @@
 """`checkpoint.merge_pretrained`: a separately trained VideoVAE goes into a text-to-video folder."""
 
+import os
+
 import flax.linen as nn
 import jax
 import pytest
@@ -38,3 +40,25 @@ def test_merge_takes_the_vae_params_and_config(tmp_path):
   for k, v in merged.items():
     np.testing.assert_array_equal(v, (other if k.startswith('vae/') else base)[k])
   assert tokenizer is not None
+
+
+def _param_bytes(folder):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
+             os.walk(os.path.join(folder, ckpt_lib.PARAMS_DIR)) for f in files)
+
+
+def test_cast_stores_half_and_loads_as_the_models_dtype(tmp_path):
+  config = tiny.get_config('image')
+  original = _folder(tmp_path / 'full', config, 0)
+  for dtype in ('float16', 'bfloat16'):
+    half = str(tmp_path / dtype)
+    assert ckpt_lib.main(['cast', '--input', str(tmp_path / 'full'), '--output', half,
+                          '--dtype', dtype]) == 0
+    ratio = _param_bytes(half) / _param_bytes(str(tmp_path / 'full'))
+    assert ratio < 0.6, (dtype, ratio)
+    _, params, _ = ckpt_lib.load_pretrained(half)
+    for k, v in traverse_util.flatten_dict(params, sep='/').items():
+      assert v.dtype == original[k].dtype == np.float32, k
+      np.testing.assert_array_equal(v, original[k].astype(dtype).astype(np.float32))
+  assert ckpt_lib.main(['cast', '--input', str(tmp_path / 'missing'), '--output',
+                        str(tmp_path / 'x')]) == 2
