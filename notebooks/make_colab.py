@@ -283,6 +283,34 @@ for name, path, variant in flops.COMPARE:
 display(Markdown("| model | denoiser input | TFLOPs / forward | vs MagicVideo | steps | "
                  "PFLOPs / clip | vs MagicVideo |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)))"""
 
+CMD_MD = r"""## 8. The second family: CMD
+
+CMD (Yu et al., ICLR 2024, [arXiv 2403.14148](https://arxiv.org/abs/2403.14148)) writes a clip as one
+*content frame* (an image latent, made by the image U-Net) plus a small *motion latent* (made by a
+light DiT given the content frame), which its autoencoder decodes back to the clip's latents. The
+bundled `shapes_cmd` checkpoint is that recipe in miniature (`configs/cmd_shapes.py`); the same
+`from_pretrained` returns a `CMDPipeline` for it. Below: the prompt above, both families side by
+side, and what one clip costs each (XLA FLOPs of the networks times steps and guidance, decoders
+included)."""
+
+CMD = r"""from magicvideo_jax.eval import cmd as cmd_eval
+from magicvideo_jax.sampling.pipeline import CMDPipeline
+
+cmd_dir = os.path.join(os.path.dirname(DEFAULT_CHECKPOINT), "shapes_cmd")
+cmd_pipe = MagicVideoPipeline.from_pretrained(cmd_dir)
+assert isinstance(cmd_pipe, CMDPipeline)
+cmd_video = cmd_pipe(prompt, negative_prompt=negative_prompt or None, seed=seed)[0]
+# Every fourth frame top to bottom: this checkpoint's video (when of the same size) | CMD's.
+shown = np.concatenate([video, cmd_video], axis=2) if video.shape == cmd_video.shape else cmd_video
+display(PILImage.fromarray(video_io.upscale_nearest(np.concatenate(list(shown[::4]), axis=0), 4)))
+if all(asked.values()):
+  print("CMD, judge sees:", {k: judge.score(cmd_video[None], [prompt])["judgements"][0][k]
+                             for k in ("colour", "shape", "motion")})
+for name, p in (("this checkpoint", pipe), ("CMD", cmd_pipe)):
+  cost = cmd_eval.per_clip_flops(p)
+  print(f"{name:16s} {cost['total'] / 1e9:8.2f} GFLOPs per clip: " +
+        ", ".join(f"{k} {v / 1e9:.2f}" for k, v in cost.items() if k != "total"))"""
+
 NEXT_MD = r"""## Next
 
 ```bash
@@ -306,6 +334,7 @@ CELLS = (
     ('markdown', JUDGE_MD), ('code', JUDGE),
     ('markdown', FLOPS_MD), ('code', FLOPS),
     ('markdown', PAPER_MD), ('code', PAPER),
+    ('markdown', CMD_MD), ('code', CMD),
     ('markdown', NEXT_MD),
 )
 

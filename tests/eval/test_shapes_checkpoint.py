@@ -24,14 +24,20 @@ def pipe():
   return MagicVideoPipeline.from_pretrained(demo.DEFAULT_CHECKPOINT)
 
 
-@pytest.mark.slow
-def test_bundled_checkpoint_follows_validation_prompts(pipe):
+def _validation_scores(pipe, name):
+  """The judge's scores of `pipe` on the first NUM_PROMPTS validation prompts (one batch)."""
   prompts = shapes.split_prompts('validation', NUM_PROMPTS)
   videos = shapes.generate(pipe, prompts, batch_size=NUM_PROMPTS)
   assert videos.shape == (NUM_PROMPTS, 16, 32, 32, 3)
   scores = judge.score(videos, prompts)
   scores.pop('judgements')
-  print(judge.format_scores(scores, f'bundled checkpoint, {NUM_PROMPTS} validation prompts'))
+  print(judge.format_scores(scores, f'{name}, {NUM_PROMPTS} validation prompts'))
+  return scores
+
+
+@pytest.mark.slow
+def test_bundled_checkpoint_follows_validation_prompts(pipe):
+  scores = _validation_scores(pipe, 'bundled checkpoint')
   assert scores['colour_acc'] >= COLOUR_FLOOR
   assert scores['motion_acc'] >= MOTION_FLOOR
   assert scores['shape_acc'] >= SHAPE_FLOOR
@@ -65,3 +71,32 @@ def test_quick_recipe_is_the_same_model_on_a_smaller_budget():
                                       shapes_config.QUICK_STEPS['video'])
   with pytest.raises(ValueError, match='quick recipe has the stages'):
     shapes_config.get_config('video2,quick')
+
+
+CMD_CHECKPOINT = os.path.join(os.path.dirname(demo.DEFAULT_CHECKPOINT), 'shapes_cmd')
+# Under the CMD bundle's 64-prompt validation scores (1.00 / 0.69 / 0.81), BENCHMARKS.md.
+CMD_FLOORS = dict(colour=0.85, shape=0.45, motion=0.55)
+
+
+@pytest.mark.slow
+def test_bundled_cmd_checkpoint_follows_validation_prompts():
+  """The CMD bundle (configs/cmd_shapes.py) through the same pipeline API and judge."""
+  from magicvideo_jax.sampling.pipeline import CMDPipeline, MagicVideoPipeline
+  pipe = MagicVideoPipeline.from_pretrained(CMD_CHECKPOINT)
+  assert isinstance(pipe, CMDPipeline)
+  scores = _validation_scores(pipe, 'bundled CMD checkpoint')
+  assert scores['colour_acc'] >= CMD_FLOORS['colour']
+  assert scores['shape_acc'] >= CMD_FLOORS['shape']
+  assert scores['motion_acc'] >= CMD_FLOORS['motion']
+
+
+def test_cmd_recipe_matches_the_cmd_bundle():
+  """The CMD bundle was made by configs/cmd_shapes.py's model, its stages chained by init_from."""
+  from configs import cmd_shapes
+  from magicvideo_jax.weights import checkpoint
+  assert cmd_shapes.get_config('content').train.init_from == 'runs/cmd_shapes/ae/model'
+  assert cmd_shapes.get_config('motion').train.init_from == 'runs/cmd_shapes/content/model'
+  bundled = checkpoint.load_config(CMD_CHECKPOINT)
+  config = cmd_shapes.get_config('motion')
+  assert bundled.model.to_dict() == config.model.to_dict()
+  assert bundled.diffusion.to_dict() == config.diffusion.to_dict()
