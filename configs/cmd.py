@@ -50,9 +50,9 @@ def get_config(variant: str = 'sd21_512x1024') -> ml_collections.ConfigDict:
     content_patch = 4
     config.flops = ml_collections.ConfigDict(dict(train_size=(512, 512), published=False))
   config.model.unet = unet
-  config.model.cmd = ml_collections.ConfigDict(dict(
-      autoencoder=dict(width=384, depth=8, heads=8, patch_size=2, motion_channels=8,
-                       content_frame='learned'),
-      dit=dict(size='XL', patch_size=2, content_patch_size=content_patch)))
+  config.model.cmd = common.cmd_defaults()
+  config.model.cmd.autoencoder.update(width=384, depth=8, heads=8, patch_size=2,
+                                      motion_channels=8, content_frame='learned')
+  config.model.cmd.dit.update(size='XL', patch_size=2, content_patch_size=content_patch)
   config.sampling.num_inference_steps = 50
   return config

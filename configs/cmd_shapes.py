@@ -54,14 +54,12 @@ def get_config(arg: str = 'motion') -> ml_collections.ConfigDict:
     config[section] = ml_collections.ConfigDict(loaded[section].to_dict())
   config.model.unet = common.image_only(config.model.unet)
   config.model.kind = 'cmd'
-  config.model.cmd = ml_collections.ConfigDict(dict(
-      autoencoder=dict(width=64, depth=2, heads=4, patch_size=2, motion_channels=4,
-                       positions='learned', content_frame='learned'),
-      dit=dict(hidden_size=128, depth=4, heads=4, patch_size=2, content_patch_size=4,
-               position_grid='true'),
-      eos_token_id=2,  # The word tokenizer's <eos> (tokenizer.WordTokenizer).
-      motion_scale=1.0,  # z_m times this is what the motion DiT diffuses.
-  ))
+  config.model.cmd = common.cmd_defaults()
+  config.model.cmd.autoencoder.update(width=64, depth=2, heads=4, patch_size=2, motion_channels=4,
+                                      positions='learned', content_frame='learned')
+  config.model.cmd.dit.update(hidden_size=128, depth=4, heads=4, patch_size=2,
+                              content_patch_size=4, position_grid='true')
+  config.model.cmd.eos_token_id = 2  # The word tokenizer's <eos> (tokenizer.WordTokenizer).
   # Our guidance convention: uncond + w (cond - uncond); CMD's paper writes (1 + w') e_c - w' e_u,
   # so w = w' + 1. The motion DiT is guided on text only; the content frame is in both branches.
   # Both 3 (the bundle's): on 64 validation prompts, motion guidance 1 / 2 / 3 / 4 / 6 traded shape

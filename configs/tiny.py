@@ -53,11 +53,13 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
   elif variant.startswith('cmd_'):
     config.model.unet = common.image_only(config.model.unet)
     config.model.kind = 'cmd'
-    config.model.cmd = ml_collections.ConfigDict(dict(
-        autoencoder=dict(width=16, depth=1, heads=2, patch_size=2, motion_channels=2,
-                         positions='learned', content_frame='learned'),
-        dit=dict(hidden_size=32, depth=1, heads=2, patch_size=2, content_patch_size=2),
-        eos_token_id=2, motion_scale=1.0))
+    config.model.cmd = common.cmd_defaults()
+    config.model.cmd.autoencoder.update(width=16, depth=1, heads=2, patch_size=2,
+                                        motion_channels=2, positions='learned',
+                                        content_frame='learned')
+    config.model.cmd.dit.update(hidden_size=32, depth=1, heads=2, patch_size=2,
+                                content_patch_size=2)
+    config.model.cmd.eos_token_id = 2  # tokenizer.WordTokenizer's <eos>.
     config.sampling.motion_guidance_scale = 2.0
     stage = variant[len('cmd_'):]
     config.train.objective = {'ae': 'cmd_autoencoder'}.get(stage, variant)

@@ -119,6 +119,18 @@ def video_vae_defaults() -> ml_collections.ConfigDict:
                                         temporal_attention=True))
 
 
+def cmd_defaults() -> ml_collections.ConfigDict:
+  """`config.model.cmd` of a CMD model (`model.kind = 'cmd'`, models/cmd.py): `autoencoder` and `dit`
+  hold `CMDAutoencoder` / `build_motion_dit` fields (their defaults are the modules'); the keys
+  here are the ones no module owns."""
+  return ml_collections.ConfigDict(dict(
+      autoencoder={}, dit={},
+      # The EOS id whose final state is the motion DiT's pooled text; None: the largest id (CLIP's).
+      eos_token_id=ml_collections.config_dict.placeholder(int),
+      motion_scale=1.0,  # z_m times this is what the motion DiT diffuses.
+  ))
+
+
 def clip_defaults() -> ml_collections.ConfigDict:
   """The keys of `config.model.clip` (a CLIP dual encoder, models/clip.py) that have a default; its
   `text`, `vision` and `projection_dim` describe one encoder and have none."""
@@ -227,7 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
       # diffusers' default spacing does not.
       sigma_spacing='lu_lambdas',
       # DDIM's x0 clipping and DPM-Solver++'s last sigma: as diffusers' schedulers (weights/convert.py).
-      clip_sample=False, clip_sample_range=1.0, final_sigmas_type='zero'))
+      clip_sample=False, clip_sample_range=1.0, final_sigmas_type='zero',
+      # CMD models: the motion DiT's text guidance (None: guidance_scale).
+      motion_guidance_scale=placeholder(float)))
   config.data = data_defaults()
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
@@ -302,6 +316,7 @@ OPTIONAL: Dict[str, Callable[[], ml_collections.ConfigDict]] = {
     'model.unet': unet_sd15,
     'model.clip': clip_defaults,
     'model.video_vae': video_vae_defaults,
+    'model.cmd': cmd_defaults,
     'interpolation': interpolation_defaults,
     'upscaler': upscaler_defaults,
 }

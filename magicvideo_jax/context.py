@@ -269,7 +269,7 @@ def pooled_text(model_config: Any, hidden: jax.Array, input_ids: jax.Array) -> j
   """CMD's text features for the motion DiT: the final state of each prompt's EOS token `[B, D]`
   (CLIP's pooled output), the EOS id being `model.cmd.eos_token_id` (None: the largest id, CLIP's
   rule)."""
-  return text_encoder.pool_eos(hidden, input_ids, model_config.cmd.get('eos_token_id'))
+  return text_encoder.pool_eos(hidden, input_ids, model_config.cmd.eos_token_id)
 
 
 def image_context(model_config: Any, modules, params: Dict[str, Any], video: jax.Array,

@@ -405,7 +405,7 @@ def cmd_motion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array
   dropped caption trains the unconditional branch of guidance)."""
   latents = cmd_clip_latents(params, batch, modules=modules, config=config)
   content, motion = cmd_encode(params, latents, modules=modules)
-  motion = motion * config.model.cmd.get('motion_scale', 1.0)
+  motion = motion * config.model.cmd.motion_scale
   hidden = context_lib.text_context(config.model, modules, params, batch['input_ids'])
   text = context_lib.pooled_text(config.model, hidden, batch['input_ids'])
   keys_t, keys_n = split_keys(keys, 2)

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 from magicvideo_jax import flops as flops_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
+from magicvideo_jax.eval import shapes
 from magicvideo_jax.eval.image_to_video import psnr
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.sampling.pipeline import CMDPipeline, MagicVideoPipeline
@@ -122,7 +124,7 @@ def per_clip_flops(pipe: MagicVideoPipeline) -> Dict[str, float]:
   if isinstance(pipe, CMDPipeline):
     motion = jnp.zeros((1,) + pipe.motion_shape(), jnp.float32)
     text = jnp.zeros((1, int(config.model.text_encoder.hidden_size)), jnp.float32)
-    motion_w = config.sampling.get('motion_guidance_scale', config.sampling.guidance_scale)
+    motion_w = pipe.motion_guidance()
     out['motion_dit'] = _evaluation_flops(pipe.modules['motion_dit'], pipe.params['motion_dit'],
                                           motion, t, clip[:, 0], text) * steps * guidance(motion_w)
     out['cmd_decoder'] = flops_lib.xla_flops(pipe._decode_clip_impl, pipe.params, clip[:, 0],
@@ -149,11 +151,11 @@ def evaluate(checkpoint: str, magicvideo: Optional[str] = None, num_clips: int =
     videos, prompts = real_clips(split, num_clips, *size)
     results[f'autoencoder_{split}'] = autoencoder_scores(pipe, videos, prompts, batch_size)
     print(f'autoencoder on {split}: {results[f"autoencoder_{split}"]}', file=sys.stderr)
-    if np.any(jax.tree.leaves(jax.tree.map(lambda x: np.any(np.asarray(x) != 0),
-                                           pipe.params['motion_dit']['proj_out_2']))):
+    # The DiT's output layer starts at zero: only a trained one (the motion stage's) generates.
+    if np.any(np.asarray(pipe.params['motion_dit']['proj_out_2']['kernel']) != 0):
       results[f'dit_alone_{split}'] = dit_alone_scores(pipe, videos, prompts, batch_size, seed)
       print(f'motion DiT alone on {split}: {results[f"dit_alone_{split}"]}', file=sys.stderr)
-  prompts = real_clips('test', batch_size, *size)[1]
+  prompts = shapes.split_prompts('test', batch_size)
   results['cmd_cost'] = dict(flops=per_clip_flops(pipe), seconds=per_clip_seconds(pipe, prompts))
   if magicvideo:
     other = MagicVideoPipeline.from_pretrained(magicvideo)
@@ -210,8 +212,7 @@ def main(argv=None) -> int:
     return 2
   print(format_results(results))
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+    epath.Path(args.json).write_text(json.dumps(results, indent=1))
   return 0
 
 

@@ -23,6 +23,7 @@ guidance (`interpolation_steps`, `upscale_steps`, ...).
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -617,9 +618,15 @@ class MagicVideoPipeline:
       self._context_spec = jax.eval_shape(self._encode_text, self.params, ids)
     return self._context_spec
 
+  def _prompt_ids(self, prompts: Sequence[str]) -> jax.Array:
+    """Prompts -> token ids `[B + pad, L]`, the batch padded to the mesh and sharded."""
+    return self._shard(self._pad(self.tokenizer(list(prompts)), (-len(prompts)) % self.mesh.size))
+
   def _encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """Prompts -> their encodings `[B + pad, L, D]`, the batch padded to the mesh and sharded."""
-    ids = self._shard(self._pad(self.tokenizer(list(prompts)), (-len(prompts)) % self.mesh.size))
+    return self._encode_ids(self._prompt_ids(prompts))
+
+  def _encode_ids(self, ids: jax.Array) -> jax.Array:
     encode = self._compile(('encode', tuple(ids.shape)),
                            lambda: self._encode.lower(self.params, ids))
     return encode(self.params, ids)
@@ -739,17 +746,13 @@ class CMDPipeline(MagicVideoPipeline):
     super().__init__(config, params, tokenizer, **kwargs)
     self.num_frames = int(config.data.num_frames)
     self.resolution = int(config.data.resolution)
-    self.motion_scale = float(config.model.cmd.get('motion_scale', 1.0))
-    self._pool = jax.jit(self._pool_impl)
+    self.motion_scale = float(config.model.cmd.motion_scale)
+    self._pool = jax.jit(functools.partial(context_lib.pooled_text, config.model))
     self._denoise_motion = jax.jit(self._denoise_motion_impl, static_argnames=(
         'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'show_progress', 'sigma_spacing',
         'final_sigmas_type', 'clip_sample'))
     self._decode_clip = jax.jit(self._decode_clip_impl)
     self._encode_clip = jax.jit(self._encode_clip_impl)
-
-  def _pool_impl(self, params, input_ids):
-    hidden = context_lib.text_context(self.config.model, self.modules, params, input_ids)
-    return context_lib.pooled_text(self.config.model, hidden, input_ids)
 
   def _denoise_motion_impl(self, params, content, text, uncond_text, noise, key, guidance_scale, *,
                            num_inference_steps: int, sampler: str, eta: float, do_cfg: bool,
@@ -799,6 +802,16 @@ class CMDPipeline(MagicVideoPipeline):
     return np.asarray(self._decode_clip(self.params, jnp.asarray(content, jnp.float32),
                                         jnp.asarray(motion, jnp.float32)))
 
+  def motion_guidance(self, motion_guidance_scale: Optional[float] = None,
+                      guidance_scale: Optional[float] = None) -> float:
+    """The motion DiT's guidance: the one given, else config.sampling.motion_guidance_scale, else
+    the content frame's (`guidance_scale`, default config.sampling.guidance_scale)."""
+    for value in (motion_guidance_scale, self.config.sampling.motion_guidance_scale,
+                  guidance_scale):
+      if value is not None:
+        return float(value)
+    return float(self.config.sampling.guidance_scale)
+
   def motion_shape(self) -> Tuple[int, int, int]:
     """[L, W' + H', D] of one motion latent."""
     autoencoder = self.modules['cmd_autoencoder']
@@ -839,8 +852,7 @@ class CMDPipeline(MagicVideoPipeline):
       raise ValueError(f'num_frames={req.num_frames}, height={req.height}, width={req.width}: this '
                        f'CMD autoencoder makes clips of exactly {self.num_frames} frames of '
                        f'{self.resolution}x{self.resolution}')
-    motion_w = float(self.config.sampling.get('motion_guidance_scale', req.guidance_scale)
-                     if motion_guidance_scale is None else motion_guidance_scale)
+    motion_w = self.motion_guidance(motion_guidance_scale, req.guidance_scale)
     prompts = request_lib.prompt_list(prompt)
     negatives = request_lib.per_clip(negative_prompt, len(prompts))
     n = req.num_videos_per_prompt
@@ -853,9 +865,11 @@ class CMDPipeline(MagicVideoPipeline):
                   clip_sample=1.0 if req.clip_sample else None)
     self._t_start = time.time()
 
+    # The text encoder runs once per prompt set: the motion DiT pools the content model's context.
+    ids, negative_ids = self._prompt_ids(prompts), self._prompt_ids(negatives)
+    context = self._encode_ids(ids)
+    uncond_context = self._encode_ids(negative_ids) if req.do_cfg or motion_w > 1 else context
     if content_latents is None:
-      context = self._encode_prompts(prompts)
-      uncond_context = self._encode_prompts(negatives) if req.do_cfg else context
       noise = diffusion.initial_noise(noise_key, (b, 1, side, side, self.latent_channels), 0.0)
       dynamic = (self.params, context, uncond_context, self._shard(self._pad(noise, pad)), loop_key,
                  self._shard(jnp.full((b + pad,), req.fps, jnp.float32)),
@@ -874,9 +888,8 @@ class CMDPipeline(MagicVideoPipeline):
                          f'{(b, side, side, self.latent_channels)}')
       content = self._shard(self._pad(content, pad))
 
-    ids = lambda texts: self._shard(self._pad(self.tokenizer(list(texts)), pad))
-    text = self._pool(self.params, ids(prompts))
-    uncond_text = self._pool(self.params, ids(negatives)) if motion_w > 1 else text
+    text = self._pool(context, ids)
+    uncond_text = self._pool(uncond_context, negative_ids) if motion_w > 1 else text
     noise = jax.random.normal(jax.random.fold_in(noise_key, 2), (b,) + self.motion_shape())
     motion_static = dict(static, do_cfg=motion_w > 1)
     dynamic = (self.params, content, text, uncond_text, self._shard(self._pad(noise, pad)),

@@ -205,7 +205,7 @@ def init_cmd_params(modules, config: ml_collections.ConfigDict, key: jax.Array) 
   latents = x['latents']  # [1, L, h, w, c]
   autoencoder, dit = modules['cmd_autoencoder'], modules['motion_dit']
   k_ae, k_dit = jax.random.split(key)
-  _, frames, height, width, channels = latents.shape
+  _, frames, height, width, _ = latents.shape
   p = autoencoder.patch_size
   motion = jnp.zeros((1, frames, width // p + height // p, autoencoder.motion_channels), jnp.float32)
   text = jnp.zeros((1, config.model.text_encoder.hidden_size), jnp.float32)

@@ -116,7 +116,7 @@ def load_pretrained(folder: str) -> Tuple[ml_collections.ConfigDict, Any, Any]:
                             'magicvideo_jax checkpoint folder (config.json + params/ + tokenizer/)')
   config = load_config(folder)
   # A folder may store its floats in a smaller dtype (`cast_pretrained`); the model gets its own.
-  param_dtype = np.dtype(config.model.get('param_dtype', 'float32'))
+  param_dtype = np.dtype(config.model.param_dtype)
   params = jax.tree.map(lambda x: np.asarray(x, param_dtype) if jnp.issubdtype(
       np.asarray(x).dtype, jnp.floating) else np.asarray(x), load_params(folder))
   logging.info('loaded %s', folder)
