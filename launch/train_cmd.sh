@@ -21,17 +21,9 @@ DATA_DIR="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
 [[ -f "$BASE/config.json" ]] || { echo "base model folder $BASE not found" >&2; exit 1; }
 start=$(date +%s)
 
+source launch/stage.sh
 stage() {  # stage NAME
-  local name="$1"
-  if [[ -f "$RUNS/$name/model/config.json" ]]; then
-    echo "== $name: done already ($RUNS/$name/model)"; return
-  fi
-  echo "== $name ($(($(date +%s) - start)) s elapsed)"
-  "$PYTHON" -m magicvideo_jax.main \
-    --config="configs/cmd_shapes.py:$name,base=$BASE,runs=$RUNS,latents=$LATENTS" \
-    --workdir="$RUNS/$name" 2>&1 \
-    | grep --line-buffered -E "train.py|steps_per_sec|loss=|evaluation at|Error|error" || true
-  [[ -f "$RUNS/$name/model/config.json" ]] || { echo "stage $name failed" >&2; exit 1; }
+  train_stage "$1" "configs/cmd_shapes.py:$1,base=$BASE,runs=$RUNS,latents=$LATENTS"
 }
 
 if [[ "$LATENTS" != none && ! -d "$DATA_DIR/encoded_latents/$LATENTS" ]]; then
