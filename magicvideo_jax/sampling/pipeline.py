@@ -99,6 +99,8 @@ def max_frames(config: ml_collections.ConfigDict) -> Optional[int]:
   limits = []
   if is_video_model(config):
     limits.append(int(config.model.unet.get('num_frames', 1)))
+    if config.model.unet.get('temporal_attention') == 'animatediff':  # Its frame-position table.
+      limits.append(int(config.model.unet.get('motion_max_seq_length', 32)))
   if models_lib.uses_video_vae(config.model):
     vv = config.model.video_vae
     limits.append(int(vv.get('num_frames', config.model.unet.get('num_frames', 16))))

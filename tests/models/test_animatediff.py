@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from conftest import TINY_SD
+from conftest import TINY_MOTION_ADAPTER, TINY_SD
 from magicvideo_jax import config as common
 from magicvideo_jax import flops
 from magicvideo_jax.models import unet as unet_lib
@@ -18,10 +18,7 @@ from magicvideo_jax.weights import torch_layout
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-# A tiny MotionAdapter for the tiny SD U-Net of conftest (channels (32, 64), 1 layer per block).
-TINY_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=1,
-                    motion_num_attention_heads=2, motion_norm_num_groups=8,
-                    motion_max_seq_length=6, use_motion_mid_block=True)
+TINY_ADAPTER = TINY_MOTION_ADAPTER
 FRAMES, LATENT = 4, 8
 REL_TOLERANCE = 1e-5
 
