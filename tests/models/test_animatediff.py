@@ -149,3 +149,31 @@ def test_analytic_flops_match_xla():
   entry = flops.count_flops(config, memory=False)['denoiser']
   ratio = entry['analytic']['total'] / entry['xla']
   assert abs(ratio - 1) <= 0.05, f'analytic / XLA FLOPs {ratio:.4f}'
+
+
+def test_image_frames_bypass_the_motion_modules():
+  """Joint image-video batches: frames with frame_mask False go through the image model, and the
+  video frames do not see them (neither in the attention nor in the clip GroupNorm)."""
+  rng = np.random.default_rng(4)
+  sample, timesteps, context = _inputs(rng, batch=1)
+  model = unet_lib.UNet(**_our_unet_config(frame_adaptor=False, fps_embedding=False))
+  params = jax.device_get(model.init(jax.random.key(0), sample, timesteps, context)['params'])
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape), params)
+  mask = np.array([[True, True, False, False]])
+  got = model.apply({'params': params}, sample, timesteps, context, frame_mask=mask)
+  image_model = unet_lib.UNet(**dict(_our_unet_config(), temporal_attention='none',
+                                     frame_adaptor=False, fps_embedding=False))
+  image_params = {k: v for k, v in params.items()}
+  for name in list(image_params):
+    if isinstance(image_params[name], dict):
+      image_params[name] = {k: v for k, v in image_params[name].items()
+                            if not k.startswith('motion_modules')}
+  image = image_model.apply({'params': image_params}, sample, timesteps, context)
+  err = float(jnp.abs(got[:, 2:] - image[:, 2:]).max())
+  assert err <= 1e-5, f'image frames: max abs err {err:.2e} from the image U-Net'
+  other = sample.copy()
+  other[:, 2:] = rng.standard_normal(other[:, 2:].shape)
+  moved = model.apply({'params': params}, other, timesteps, context, frame_mask=mask)
+  err = float(jnp.abs(moved[:, :2] - got[:, :2]).max())
+  assert err <= 1e-5, f'video frames changed by {err:.2e} with the image frames'
+  assert float(jnp.abs(got[:, :2] - image[:, :2]).max()) > 1e-3  # The motion modules act.
