@@ -119,8 +119,11 @@ def validate_request(config: ml_collections.ConfigDict, **settings) -> request_l
   req = request_lib.resolve(config, geometry=True, **settings)
   limit = max_frames(config)
   if limit is not None and req.num_frames > limit:
+    keys = 'config.model.unet.num_frames'
+    if config.model.unet.get('temporal_attention') == 'animatediff':
+      keys += ' / motion_max_seq_length'
     raise ValueError(f'num_frames={req.num_frames} is more than this model makes at once ({limit}, '
-                     "config.model.unet.num_frames): long_video='causal' (sample --long_video "
+                     f"{keys}): long_video='causal' (sample --long_video "
                      'causal) generates longer videos window by window')
   vae_factor, multiple = size_multiple(config)
   for name, size in (('height', req.height), ('width', req.width)):
