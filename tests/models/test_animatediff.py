@@ -62,7 +62,7 @@ def _our_params(image_unet, adapter, model, sample, timesteps, context):
       allow_missing_video=True)
   motion = ma_lib.state_to_params({k: v.numpy() for k, v in adapter.state_dict().items()},
                                   template)
-  return jax.tree.map(np.asarray, {**image, **_merge(image, motion)})
+  return jax.tree.map(np.asarray, _merge(image, motion))
 
 
 def _merge(a, b):
