@@ -37,7 +37,7 @@ BUNDLED = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 
 VARIANTS = dict(
     tiny=('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion'),
-    sd15_256=('video', 'all', 'lavie'),
+    sd15_256=('video', 'all', 'lavie', 'animatediff'),
     vdm_64=('',),
     cmd=('sd21_512x1024', 'sd15_512'),
     vdm_256=('same', 'absolute'),

@@ -99,6 +99,8 @@ def max_frames(config: ml_collections.ConfigDict) -> Optional[int]:
   limits = []
   if is_video_model(config):
     limits.append(int(config.model.unet.get('num_frames', 1)))
+    if config.model.unet.get('temporal_attention') == 'animatediff':  # Its frame-position table.
+      limits.append(int(config.model.unet.get('motion_max_seq_length', 32)))
   if models_lib.uses_video_vae(config.model):
     vv = config.model.video_vae
     limits.append(int(vv.get('num_frames', config.model.unet.get('num_frames', 16))))
@@ -119,9 +121,12 @@ def validate_request(config: ml_collections.ConfigDict, *, windowed: bool = Fals
   req = request_lib.resolve(config, geometry=True, **settings)
   limit = max_frames(config)
   if limit is not None and req.num_frames > limit and not windowed:
+    keys = 'config.model.unet.num_frames'
+    if config.model.unet.get('temporal_attention') == 'animatediff':
+      keys += ' / motion_max_seq_length'
     raise ValueError(f'num_frames={req.num_frames} is more than this model makes at once ({limit}, '
-                     "config.model.unet.num_frames): long_video='causal' or 'freenoise' (sample "
-                     '--long_video) generates longer videos')
+                     f"{keys}): long_video='causal' or 'freenoise' (sample --long_video) "
+                     'generates longer videos')
   vae_factor, multiple = size_multiple(config)
   for name, size in (('height', req.height), ('width', req.width)):
     if size % multiple:

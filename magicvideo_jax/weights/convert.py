@@ -238,6 +238,18 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
     ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
       mis-shaped tensor (named in the message).
   """
+  check_pipeline_folder(src)
+  config = model_config_from_diffusers(src, num_frames)
+  modules = models_lib.build_models(config.model)
+  params = load_pipeline_params(src, surgery.abstract_params_for(config, modules))
+  params = surgery.grow_video_params(config, params, modules, seed)
+  tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
+                                     config.model.text_encoder.max_position_embeddings)
+  return config, params, tokenizer
+
+
+def check_pipeline_folder(src: str) -> None:
+  """Raises unless `src` is a folder (a pickle file is refused with the way to convert it)."""
   if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
                           'code). Convert it to a diffusers folder with safetensors weights first, '
@@ -245,9 +257,11 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
                           '.save_pretrained(out, safe_serialization=True)`.')
   if not os.path.isdir(src):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
-  config = model_config_from_diffusers(src, num_frames)
-  modules = models_lib.build_models(config.model)
-  template = surgery.abstract_params_for(config, modules)
+
+
+def load_pipeline_params(src: str, template: Mapping[str, Any]) -> Params:
+  """{'unet', 'vae', 'text_encoder'} params of a diffusers folder on `template`'s names and shapes;
+  the video-only leaves left out."""
   params = {}
   for name in MODEL_FILES:
     state, prefix = load_model_state(os.path.join(src, name), name)
@@ -256,10 +270,7 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
                                           allow_missing_video=True)
     except ConversionError as e:
       raise ConversionError(f'{os.path.join(src, name)}: {e}') from None
-  params = surgery.grow_video_params(config, params, modules, seed)
-  tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
-                                     config.model.text_encoder.max_position_embeddings)
-  return config, params, tokenizer
+  return params
 
 
 def export_diffusers(params: Mapping[str, Any], config, dst: str,
