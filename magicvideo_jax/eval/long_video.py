@@ -1,15 +1,17 @@
 r"""Long videos from a shapes checkpoint, judged window by window.
 
   python -m magicvideo_jax.eval.long_video --checkpoint magicvideo_jax/assets/shapes \
-      --num_frames 64 --num_prompts 32 [--overlap 8 --split validation --json out.json]
+      --num_frames 64 --num_prompts 32 [--method freenoise --overlap 8 --split validation \
+      --json out.json]
 
-Generates `num_frames`-frame videos (`long_video='causal'`) for the captions of a split's first
-clips and judges each aligned window of the model's length (frames 0-15, 16-31, ...) for colour,
+Generates `num_frames`-frame videos (`long_video='causal'`, or `--method freenoise`) for the
+captions of a split's first clips and judges each aligned window of the model's length (frames 0-15, 16-31, ...) for colour,
 shape and motion, and its frame-to-frame consistency. The first window is one sampler call; every
 later one holds points where the generation continued from earlier frames (every
 window - overlap frames), so "first window" vs "later windows" (and the windows straddling two
 aligned ones, frames 8-23, 24-39, ...) compares consistency inside one generation with
-consistency across seams. Also: the fraction of videos whose judged colour and shape are the same
+consistency across seams (with 'freenoise' there are no seams: every frame is denoised at once,
+the windows fused at every step). Also: the fraction of videos whose judged colour and shape are the same
 in every window.
 """
 
@@ -54,7 +56,7 @@ def score_windows(videos: np.ndarray, prompts: Sequence[str], window: int) -> Di
 
 def evaluate(checkpoint: str, num_frames: int = 64, num_prompts: int = 32, split: str = 'validation',
              overlap: Optional[int] = None, steps: Optional[int] = None, seed: int = 0,
-             batch_size: int = 16) -> Dict[str, object]:
+             batch_size: int = 16, method: str = 'causal') -> Dict[str, object]:
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
   window = pipe.max_frames
   if num_frames % window:
@@ -62,11 +64,11 @@ def evaluate(checkpoint: str, num_frames: int = 64, num_prompts: int = 32, split
   overlap = long_video.check(window, num_frames, overlap)
   prompts = shapes_eval.split_prompts(split, num_prompts)
   videos = shapes_eval.generate(pipe, prompts, batch_size=batch_size, num_frames=num_frames,
-                                steps=steps, seed=seed, sampler=None, long_video='causal',
+                                steps=steps, seed=seed, sampler=None, long_video=method,
                                 long_video_overlap=overlap)
   result = score_windows(videos, prompts, window)
   result.update(checkpoint=checkpoint, num_frames=num_frames, num_prompts=len(prompts), split=split,
-                overlap=overlap)
+                overlap=overlap, method=method)
   return result
 
 
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
   parser.add_argument('--num_frames', type=int, default=64)
   parser.add_argument('--num_prompts', type=int, default=32)
   parser.add_argument('--split', default='validation', choices=moving_shapes.SPLITS)
+  parser.add_argument('--method', default='causal', choices=long_video.METHODS)
   parser.add_argument('--overlap', type=int, default=None)
   parser.add_argument('--steps', type=int, default=None)
   parser.add_argument('--seed', type=int, default=0)
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     result = evaluate(args.checkpoint, args.num_frames, args.num_prompts, args.split, args.overlap,
-                      args.steps, args.seed)
+                      args.steps, args.seed, method=args.method)
   except (ValueError, FileNotFoundError) as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2

@@ -33,4 +33,8 @@ def test_clis(tmp_path, capsys):
   result = json.load(open(out))
   assert len(result['windows']) == 2 and result['num_frames'] == 32
   assert '| frames 16-31 |' in capsys.readouterr().out
+  assert long_eval.main(['--checkpoint', BUNDLED, '--num_frames', '32', '--num_prompts', '2',
+                         '--steps', '3', '--method', 'freenoise', '--json', out]) == 0
+  result = json.load(open(out))
+  assert result['method'] == 'freenoise' and len(result['windows']) == 2
   assert long_eval.main(['--checkpoint', BUNDLED, '--num_frames', '20']) == 2
