@@ -41,6 +41,7 @@ from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import tokenizer as tok_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import hub
 from magicvideo_jax.weights import surgery
 from magicvideo_jax.weights.torch_layout import (PICKLE_SUFFIXES, ConversionError, load_safetensors_folder,
                                                  params_to_state_dict, save_safetensors,
@@ -257,10 +258,12 @@ def load_video_layers(src: str) -> Dict[str, Dict[str, np.ndarray]]:
 
 
 def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
-  """(config, params, tokenizer) of a diffusers SD folder; video-only params at identity init.
+  """(config, params, tokenizer) of a diffusers SD folder (or a Hub repository id in the local
+  Hugging Face cache, `hub.resolve`); video-only params at identity init, or an export's own.
 
   Raises:
-    FileNotFoundError: `src` or one of its model folders does not exist.
+    FileNotFoundError: `src` or one of its model folders does not exist (a repository id: is not
+      in the cache; the message names the command that downloads it).
     ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
       mis-shaped tensor (named in the message).
   """
@@ -269,6 +272,7 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
                           'code). Convert it to a diffusers folder with safetensors weights first, '
                           'e.g. with diffusers `StableDiffusionPipeline.from_single_file(path)'
                           '.save_pretrained(out, safe_serialization=True)`.')
+  src = hub.resolve(src)
   if not os.path.isdir(src):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
   config = model_config_from_diffusers(src, num_frames)
