@@ -22,7 +22,7 @@ workdirs, from which content and motion start (default runs/cmd_shapes). Ablatio
 
 import ml_collections
 
-from configs import shapes_cascade
+from magicvideo_jax.configs import shapes_cascade
 from magicvideo_jax import config as common
 
 STAGES = ('ae', 'content', 'motion')
