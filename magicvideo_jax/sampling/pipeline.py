@@ -216,7 +216,6 @@ class MagicVideoPipeline:
       torch_layout.ConversionError: a diffusers folder that does not fit (named tensor or config key).
     """
     t0 = time.time()
-    path = hub.resolve(path)
     path, interpolation, upscaler = cascade.resolve_folders(path, interpolation, upscaler)
     kind, folder = checkpoint_kind(path)
     if verbose:

@@ -66,3 +66,14 @@ def test_missing_repo_names_the_download_command(hub_cache, tmp_path):
     pipeline_lib.MagicVideoPipeline.from_pretrained(missing)
   with pytest.raises(SystemExit, match=rf'error: {missing} is neither a local folder.*hf download'):
     convert_cli.main(['--diffusers_dir', missing, '--output', str(tmp_path / 'out')])
+
+
+def test_sample_cli_takes_a_repo_id(hub_cache, tmp_path):
+  """`sample --checkpoint org/name` (the request checked against the cached folder's config)."""
+  from magicvideo_jax import sample as sample_cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out.gif'
+  status = sample_cli.main(['--checkpoint', REPO, '--prompt', 'a red circle', '--num_frames', '1',
+                            '--height', '32', '--width', '32', '--steps', '2', '--output', str(out)])
+  assert status == 0 and out.is_file()
+  assert sample_cli.main(['--checkpoint', 'tiny-org/not-downloaded', '--prompt', 'a red circle',
+                          '--output', str(tmp_path / 'x.gif')]) != 0
