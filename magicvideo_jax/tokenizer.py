@@ -76,9 +76,8 @@ class WordTokenizer:
   def to_transformers(self):
     """The same tokenizer as a `transformers.PreTrainedTokenizerFast` (a word-level `tokenizers`
     model: lower-cased, the words of `split`, `<bos> ... <eos>`), for diffusers pipelines."""
-    # pylint: disable=g-import-not-at-top
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+    from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
     backend = Tokenizer(models.WordLevel(vocab=dict(self.vocab), unk_token='<unk>'))
     backend.normalizer = normalizers.Lowercase()
     # The pattern's matches are the words; everything between them is dropped, as in `split`.
