@@ -13,11 +13,19 @@ Stages (each a run of magicvideo_jax.main; launch/train_cmd.sh runs them all and
 
   python -m magicvideo_jax.main --config=configs/cmd_shapes.py:ae --workdir=runs/cmd_shapes/ae
 
-The argument is `STAGE[,base=DIR][,runs=DIR]`: base is the shapes model the VAE, text encoder and
-U-Net start from (default the bundled magicvideo_jax/assets/shapes); runs the folder of the stages'
-workdirs, from which content and motion start (default runs/cmd_shapes). Ablations (CMD's Tab.
-4b/4c) are overrides of the ae stage: `--config.model.cmd.autoencoder.content_frame=mean`,
-`--config.model.cmd.autoencoder.motion_channels=8`, `--config.model.cmd.dit.content_patch_size=2`.
+The argument is `STAGE[,base=DIR][,runs=DIR][,latents=NAME]`: base is the shapes model the VAE, text
+encoder and U-Net start from (default the bundled magicvideo_jax/assets/shapes); runs the folder of
+the stages' workdirs, from which content and motion start (default runs/cmd_shapes); latents the
+dataset `encoded_latents/NAME` of moving_shapes encoded by the base's VAE, which every stage reads
+instead of pixels (the frozen VAE encoder was about two thirds of a motion step; default shapes_bundle,
+`none` for pixels). launch/train_cmd.sh builds it first:
+
+  python -m magicvideo_jax.tools.encode_latents --source moving_shapes/default \
+      --checkpoint magicvideo_jax/assets/shapes --resolution 32 --name shapes_bundle --dtype float32
+
+Ablations (CMD's Tab. 4b/4c) are overrides: of the ae stage
+`--config.model.cmd.autoencoder.content_frame=mean`, `--config.model.cmd.autoencoder.motion_channels=8`;
+of the motion stage `--config.model.cmd.dit.content_patch_size=2` (BENCHMARKS.md).
 """
 
 import ml_collections
@@ -26,28 +34,30 @@ from magicvideo_jax.configs import shapes_cascade
 from magicvideo_jax import config as common
 
 STAGES = ('ae', 'content', 'motion')
-STEPS = dict(ae=1500, content=800, motion=1500)
+STEPS = dict(ae=1500, content=800, motion=5000)
+DEFAULT_LATENTS = 'shapes_bundle'
 DEFAULT_RUNS = 'runs/cmd_shapes'
 
 
 def parse_arg(arg: str):
-  """'STAGE[,base=DIR][,runs=DIR]' -> (stage, base, runs)."""
+  """'STAGE[,base=DIR][,runs=DIR][,latents=NAME]' -> (stage, base, runs, latents or None)."""
   stage, *options = (arg or 'motion').split(',')
   stage = stage or 'motion'
   if stage not in STAGES:
     raise ValueError(f'configs/cmd_shapes.py:{stage}: unknown stage; choose one of {STAGES}')
-  values = dict(base=shapes_cascade.DEFAULT_BASE, runs=DEFAULT_RUNS)
+  values = dict(base=shapes_cascade.DEFAULT_BASE, runs=DEFAULT_RUNS, latents=DEFAULT_LATENTS)
   for option in options:
     key, _, value = option.partition('=')
     if key not in values or not value:
-      raise ValueError(f'configs/cmd_shapes.py:{arg}: options are base=DIR and runs=DIR, got '
-                       f'{option!r}')
+      raise ValueError(f'configs/cmd_shapes.py:{arg}: options are base=DIR, runs=DIR and '
+                       f'latents=NAME, got {option!r}')
     values[key] = value
-  return stage, values['base'], values['runs']
+  latents = None if values['latents'] == 'none' else values['latents']
+  return stage, values['base'], values['runs'], latents
 
 
 def get_config(arg: str = 'motion') -> ml_collections.ConfigDict:
-  stage, base, runs = parse_arg(arg)
+  stage, base, runs, latents = parse_arg(arg)
   loaded = shapes_cascade.base_model_config(base)
   config = common.base_config()
   for section in ('model', 'tokenizer', 'diffusion', 'sampling'):
@@ -69,6 +79,8 @@ def get_config(arg: str = 'motion') -> ml_collections.ConfigDict:
   config.data.update(dataset='moving_shapes', split='train', num_frames=int(loaded.data.num_frames),
                      resolution=int(loaded.data.resolution), fps=float(loaded.data.fps),
                      global_batch_size=8, caption_dropout=0.1, num_threads=2, prefetch=2)
+  if latents:
+    config.data.update(dataset=f'encoded_latents/{latents}', precomputed_latents=True)
   config.train.update(log_every=50, checkpoint_every=500, keep_checkpoints=1, warmup_steps=50,
                       learning_rate=1e-3, ema_decay=0.99, sample_every=0)
   config.eval.update(every_steps=500, split='validation', num_batches=4)

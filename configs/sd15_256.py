@@ -9,7 +9,8 @@ Latents are 16 x 32 x 32 x 4. Start from converted SD 1.5 weights:
 
 Variants: 'video' (default: train adaptors + directed temporal attention + fps embedding, as
 MagicVideo), 'all' (every U-Net parameter), 'lavie' (sequential temporal attention with RoPE,
-bidirectional, joint image-video batches).
+bidirectional, joint image-video batches), 'animatediff' (AnimateDiff's motion modules alone train;
+init_from a checkpoint converted with --motion_adapter_dir to fine-tune a released adapter).
 """
 
 import ml_collections
@@ -19,7 +20,7 @@ from magicvideo_jax import config as common
 
 def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
   variant = variant or 'video'
-  variants = ('video', 'all', 'lavie')
+  variants = ('video', 'all', 'lavie', 'animatediff')
   if variant not in variants:
     raise ValueError(f'configs/sd15_256.py:{variant}: unknown variant; choose one of {variants}')
   config = common.base_config()
@@ -41,4 +42,8 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
                              temporal_position='rope')
     config.data.update(num_image_frames=4)
     config.train.image_loss_weight = 1.0
+  elif variant == 'animatediff':
+    config.model.unet.update(temporal_attention='animatediff', temporal_mask='none',
+                             frame_adaptor=False, fps_embedding=False)
+    config.train.trainable = (r'^unet/.*motion_modules(?!.*/pos_embed/)',)
   return config

@@ -25,16 +25,9 @@ EXTRA=()
 [[ -n "${STEPS:-}" ]] && EXTRA+=("--config.train.num_steps=$STEPS")
 start=$(date +%s)
 
+source launch/stage.sh
 stage() {  # stage NAME
-  local name="$1"
-  if [[ -f "$RUNS/$name/model/config.json" ]]; then
-    echo "== $name: done already ($RUNS/$name/model)"; return
-  fi
-  echo "== $name: training from $BASE ($(($(date +%s) - start)) s elapsed)"
-  "$PYTHON" -m magicvideo_jax.main --config="configs/shapes_cascade.py:$name,base=$BASE" \
-    --workdir="$RUNS/$name" "${EXTRA[@]}" \
-    2>&1 | grep --line-buffered -E "train.py|steps_per_sec|loss=|Error|error" || true
-  [[ -f "$RUNS/$name/model/config.json" ]] || { echo "stage $name failed" >&2; exit 1; }
+  train_stage "$1" "configs/shapes_cascade.py:$1,base=$BASE" "${EXTRA[@]}"
 }
 
 stage interpolation

@@ -31,16 +31,10 @@ fi
 ASSET="${ASSET:-magicvideo_jax/assets/shapes}"
 start=$(date +%s)
 
+source launch/stage.sh
 stage() {  # stage NAME [extra main.py flags]
   local name="$1"; shift
-  if [[ -f "$RUNS/$name/model/config.json" ]]; then
-    echo "== $name: done already ($RUNS/$name/model)"; return
-  fi
-  echo "== $name: training ($(($(date +%s) - start)) s elapsed)"
-  "$PYTHON" -m magicvideo_jax.main --config="configs/shapes.py:$name$VARIANT" --workdir="$RUNS/$name" "$@" \
-    2>&1 | grep --line-buffered -E "train.py|steps_per_sec|loss=|Error|error" | sed -u "s/^/[$name] /" || true
-  [[ -f "$RUNS/$name/model/config.json" ]] || { echo "stage $name failed" >&2; return 1; }
-  echo "== $name: finished ($(($(date +%s) - start)) s elapsed)"
+  train_stage "$name" "configs/shapes.py:$name$VARIANT" "$@"
 }
 
 stage vae "${EARLY_DEVICES[@]}"

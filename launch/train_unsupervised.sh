@@ -30,17 +30,11 @@ EVAL_FLAGS="${EVAL_FLAGS:-}"
 CLIP="$RUNS/clip/model"
 start=$(date +%s)
 
+source launch/stage.sh
 run() {  # run NAME [extra main.py flags]
   local name="$1"; shift
-  if [[ -f "$RUNS/$name/model/config.json" ]]; then
-    echo "== $name: done already ($RUNS/$name/model)"; return
-  fi
-  echo "== $name: training ($(($(date +%s) - start)) s elapsed)"
   # shellcheck disable=SC2086
-  "$PYTHON" -m magicvideo_jax.main --config="configs/shapes_unsupervised.py:$name" \
-    --workdir="$RUNS/$name" "$@" $EXTRA_FLAGS \
-    2>&1 | grep --line-buffered -E "train.py|context.py|steps_per_sec|loss=|Error|error:" || true
-  [[ -f "$RUNS/$name/model/config.json" ]] || { echo "run $name failed" >&2; exit 1; }
+  train_stage "$name" "configs/shapes_unsupervised.py:$name" "$@" $EXTRA_FLAGS
 }
 
 run clip --config.train.num_steps="$CLIP_STEPS"

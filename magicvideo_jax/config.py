@@ -70,9 +70,18 @@ def unet_sd15() -> ml_collections.ConfigDict:
       # Video extensions. num_frames is the largest clip the adaptors support.
       num_frames=16,
       frame_adaptor=True,
-      temporal_attention='parallel',  # 'parallel' (MagicVideo), 'sequential' (LaVie), 'none'.
+      # 'parallel' (MagicVideo), 'sequential' (LaVie), 'animatediff' (motion modules), 'none'.
+      temporal_attention='parallel',
       temporal_mask='causal',  # 'causal' (additive), 'causal_post_softmax' (paper), 'none'.
       temporal_position='none',  # 'none' or 'rope' (LaVie: RoPE on the first 32 dims of a head).
+      # temporal_attention='animatediff' (AnimateDiff's MotionAdapter config): frame positions known
+      # (clips are at most this long), heads (one int, or one per level), transformer blocks per
+      # motion module, and whether the mid block has one.
+      motion_max_seq_length=32,
+      motion_num_attention_heads=8,
+      motion_transformer_layers_per_block=1,
+      motion_transformer_layers_per_mid_block=1,
+      use_motion_mid_block=True,
       fps_embedding=True,
       num_class_embeds=None,  # The SD x4 upscaler's noise-level embedding (sampling/upscaler.py).
       only_cross_attention=False,
@@ -251,7 +260,9 @@ def base_config() -> ml_collections.ConfigDict:
                               # 'interpolation', 'upscaler'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
-      trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_'),
+      # Motion modules' position tables (`pos_embed/pe`) are fixed: left out.
+      trainable=(r'^unet/.*(adaptor|temporal)', r'^unet/fps_',
+                 r'^unet/.*motion_modules(?!.*/pos_embed/)'),
       learning_rate=1e-4,
       end_lr_factor=0.1,
       warmup_steps=100,

@@ -3,6 +3,8 @@ r"""Weight import from diffusers / transformers folders (safetensors) and export
     python -m magicvideo_jax.convert --diffusers_dir SRC --output DST [--num_frames 16]
     python -m magicvideo_jax.convert --export_from DST --output OUT [--reference_dir SRC]
     python -m magicvideo_jax.convert --export_lora_from RUN --output LORA_DIR
+    python -m magicvideo_jax.convert --diffusers_dir SRC --motion_adapter_dir MA --output DST
+    python -m magicvideo_jax.convert --export_motion_adapter DST --output MA_OUT
 
 The conversion itself is `magicvideo_jax.weights.convert`; see its docstring for the layouts.
 """
@@ -14,6 +16,7 @@ import sys
 from magicvideo_jax import lora as lora_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import lora_io
+from magicvideo_jax.weights import motion_adapter
 from magicvideo_jax.weights.convert import convert_diffusers_folder, export_diffusers
 from magicvideo_jax.weights.torch_layout import ConversionError, refuse_pickle_args
 
@@ -35,12 +38,29 @@ def main(argv=None) -> None:
                       'tensor layouts and key style to reuse')
   parser.add_argument('--export_lora_from', help='a LoRA training run (workdir or checkpoint folder) '
                       'whose adapters to write as diffusers / PEFT safetensors (weights/lora_io.py)')
+  parser.add_argument('--motion_adapter_dir', help='with --diffusers_dir: a diffusers MotionAdapter '
+                      'folder (AnimateDiff) whose motion modules to add (weights/motion_adapter.py)')
+  parser.add_argument('--export_motion_adapter', help='our checkpoint folder (or workdir) whose '
+                      'AnimateDiff motion modules to write as a diffusers MotionAdapter folder')
   args = parser.parse_args(argv)
-  if sum(map(bool, (args.diffusers_dir, args.export_from, args.export_lora_from))) != 1:
-    parser.error('give exactly one of --diffusers_dir (import), --export_from (export) or '
-                 '--export_lora_from (LoRA export)')
+  if sum(map(bool, (args.diffusers_dir, args.export_from, args.export_lora_from,
+                    args.export_motion_adapter))) != 1:
+    parser.error('give exactly one of --diffusers_dir (import), --export_from (export), '
+                 '--export_lora_from (LoRA export) or --export_motion_adapter')
+  if args.motion_adapter_dir and not args.diffusers_dir:
+    parser.error('--motion_adapter_dir needs --diffusers_dir (the SD model it animates)')
   try:
-    refuse_pickle_args(args.diffusers_dir, args.export_from, args.reference_dir)
+    refuse_pickle_args(args.diffusers_dir, args.export_from, args.reference_dir,
+                       args.motion_adapter_dir, args.export_motion_adapter)
+    if args.export_motion_adapter:
+      folder = ckpt_lib.model_folder(args.export_motion_adapter) or args.export_motion_adapter
+      config, params, _ = ckpt_lib.load_pretrained(folder)
+      params = lora_lib.fold(params, lora_lib.scale(config))
+      count = motion_adapter.export_motion_adapter(params['unet'], config.model.unet.to_dict(),
+                                                   args.output)
+      print(f'motion adapter: {count} tensors', file=sys.stderr)
+      print(os.path.abspath(args.output))
+      return
     if args.export_lora_from:
       folder = ckpt_lib.model_folder(args.export_lora_from) or args.export_lora_from
       config, params, _ = ckpt_lib.load_pretrained(folder)
@@ -51,7 +71,11 @@ def main(argv=None) -> None:
     if args.diffusers_dir:
       if args.num_frames < 1:
         raise ConversionError(f'--num_frames={args.num_frames} must be >= 1')
-      config, params, tokenizer = convert_diffusers_folder(args.diffusers_dir, args.num_frames)
+      if args.motion_adapter_dir:
+        config, params, tokenizer = motion_adapter.convert_with_motion_adapter(
+            args.diffusers_dir, args.motion_adapter_dir, args.num_frames)
+      else:
+        config, params, tokenizer = convert_diffusers_folder(args.diffusers_dir, args.num_frames)
       ckpt_lib.save_pretrained(args.output, config, params, tokenizer)
     else:
       folder = ckpt_lib.model_folder(args.export_from) or args.export_from

@@ -140,7 +140,9 @@ def analytic_unet_flops(unet: Any, *, batch: int, frames: int, height: int, widt
   if unet.get('fps_embedding', False) and use_fps:
     t.dense(batch, ch[0], temb)
     t.dense(batch, temb, temb)
-  temporal = unet.get('temporal_attention', 'none') != 'none'
+  temporal = unet.get('temporal_attention', 'none') in ('parallel', 'sequential')
+  animatediff = unet.get('temporal_attention', 'none') == 'animatediff'
+  motion_heads = unet.get('motion_num_attention_heads', 8)
   adaptor = unet.get('frame_adaptor', False)
 
   def resnet(h, w, cin, cout):
@@ -183,6 +185,30 @@ def analytic_unet_flops(unet: Any, *, batch: int, frames: int, height: int, widt
     t.conv(n, h, w, c, c, kernel=1)  # proj_out
     t.ew(tokens * c, 'add')
 
+  def motion(h, w, c, level, mid=False):
+    """AnimateDiff motion module: clip GroupNorm, proj_in, blocks of 2 temporal self-attentions
+    and a GEGLU feed-forward, proj_out, residual."""
+    if not animatediff or (mid and not unet.get('use_motion_mid_block', True)):
+      return
+    tokens = n * h * w
+    heads = _heads(motion_heads, level)
+    t.ew(tokens * c, 'group_norm')
+    t.dense(tokens, c, c)  # proj_in
+    key = 'motion_transformer_layers_per_mid_block' if mid else 'motion_transformer_layers_per_block'
+    for _ in range(unet.get(key, 1)):
+      for _ in range(2):
+        t.ew(tokens * c, 'layer_norm', 'add', 'add')  # norm, + positions, residual
+        for _ in range(3):
+          t.dense(tokens, c, c, bias=False)
+        t.attention(batch * h * w, frames, frames, c, heads)
+        t.dense(tokens, c, c)
+      t.ew(tokens * c, 'layer_norm', 'add')
+      t.dense(tokens, c, 8 * c)
+      t.ew(tokens * 4 * c, 'gelu', 'add')
+      t.dense(tokens, 4 * c, c)
+    t.dense(tokens, c, c)  # proj_out
+    t.ew(tokens * c, 'add')
+
   h, w = height, width
   t.conv(n, h, w, unet.in_channels, ch[0])
   skips = [ch[0]]
@@ -193,12 +219,14 @@ def analytic_unet_flops(unet: Any, *, batch: int, frames: int, height: int, widt
       c = ch[i]
       if kind == 'CrossAttnDownBlock2D':
         transformer(h, w, c, _heads(unet.attention_head_dim, i))
+      motion(h, w, c, i)
       skips.append(c)
     if i < levels - 1:
       h, w = t.conv(n, h, w, c, c, stride=2)
       skips.append(c)
   resnet(h, w, c, c)
   transformer(h, w, c, _heads(unet.attention_head_dim, levels - 1))
+  motion(h, w, c, levels - 1, mid=True)
   resnet(h, w, c, c)
   for i, kind in enumerate(unet.up_block_types):
     level = levels - 1 - i
@@ -207,6 +235,7 @@ def analytic_unet_flops(unet: Any, *, batch: int, frames: int, height: int, widt
       c = ch[level]
       if kind == 'CrossAttnUpBlock2D':
         transformer(h, w, c, _heads(unet.attention_head_dim, level))
+      motion(h, w, c, level)
     if i < levels - 1:
       h, w = 2 * h, 2 * w
       t.conv(n, h, w, c, c)

@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--image', default=None,
                       help='the first frame (an image file at the output size): the video starts '
                       'from it (image-to-video through known latents, sampling/pipeline.py)')
-  parser.add_argument('--long_video', choices=('causal',), default=None,
-                      help='--num_frames beyond the model\'s length, window by window: each window '
-                      'continues from the last frames of the one before (sampling/long_video.py)')
+  parser.add_argument('--long_video', choices=long_video.METHODS, default=None,
+                      help='--num_frames beyond the model\'s length: causal (window by window, each '
+                      'continuing from the last frames of the one before) or freenoise (all frames '
+                      'at once, the U-Net on overlapping windows; sampling/long_video.py)')
   parser.add_argument('--long_video_overlap', type=int, default=None,
                       help='frames each window shares with the previous (default: half the model\'s)')
   parser.add_argument('--lora', default=None,

@@ -53,6 +53,11 @@ TINY_SD = dict(
              up_block_types=('UpDecoderBlock2D',) * 2, sample_size=32),
 )
 TINY_SD_FRAMES = 4  # Frames the converted video layers support.
+# A tiny AnimateDiff MotionAdapter for TINY_SD's U-Net (tests/models/test_animatediff.py,
+# tests/weights/test_motion_adapter.py).
+TINY_MOTION_ADAPTER = dict(block_out_channels=(32, 64), motion_layers_per_block=1,
+                           motion_num_attention_heads=2, motion_norm_num_groups=8,
+                           motion_max_seq_length=6, use_motion_mid_block=True)
 
 
 def _write_tiny_clip_vocab(folder):

@@ -37,7 +37,7 @@ BUNDLED = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 
 VARIANTS = dict(
     tiny=('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion'),
-    sd15_256=('video', 'all', 'lavie'),
+    sd15_256=('video', 'all', 'lavie', 'animatediff'),
     vdm_64=('',),
     cmd=('sd21_512x1024', 'sd15_512'),
     vdm_256=('same', 'absolute'),
@@ -205,3 +205,15 @@ def test_documented_image_noise_override_trains(tmp_path, monkeypatch, shapes_da
   assert exported.model.conditioning.image_noise == 0.78
   assert exported.model.clip.projection_dim == shapes_unsupervised.dual_encoder('tiny').projection_dim
   shutil.rmtree(workdir)
+
+
+def test_cmd_recipe_reads_encoded_latents_unless_told_otherwise():
+  for stage in cmd_shapes.STAGES:
+    data = cmd_shapes.get_config(stage).data
+    assert (data.dataset, data.precomputed_latents) == ('encoded_latents/shapes_bundle', True)
+    data = cmd_shapes.get_config(f'{stage},latents=mine').data
+    assert data.dataset == 'encoded_latents/mine'
+    data = cmd_shapes.get_config(f'{stage},latents=none').data
+    assert (data.dataset, data.precomputed_latents) == ('moving_shapes', False)
+  with pytest.raises(ValueError, match='latents=NAME'):
+    cmd_shapes.get_config('motion,latent=x')

@@ -20,13 +20,13 @@ against its input (does SR keep the content?).
 """
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes
 from magicvideo_jax.sampling import request as request_lib
@@ -155,8 +155,7 @@ def main(argv=None) -> int:
   print(format_scores(scores, f'{args.checkpoint} on {args.num_prompts} {args.split} prompts'))
   print(f'({time.time() - t0:.0f} s)', file=sys.stderr)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(scores, f, indent=1)
+    eval_lib.write_json(args.json, scores)
   return 0
 
 

@@ -13,7 +13,6 @@ teach the video model about motion has to come from elsewhere. The checkpoint is
 """
 
 import argparse
-import json
 import sys
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -21,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.models import clip as clip_lib
 from magicvideo_jax.models import clip_vision
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
   for key, value in chance.items():
     print(f'  {key:<11} {scores[key]:6.3f}  (chance {value:.3f})')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(scores, f, indent=1)
+    eval_lib.write_json(args.json, scores)
   return 0
 
 

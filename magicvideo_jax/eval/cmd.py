@@ -18,16 +18,15 @@ Full generation judged on prompts is `python -m magicvideo_jax.eval.shapes --che
 """
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax import flops as flops_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
@@ -212,7 +211,7 @@ def main(argv=None) -> int:
     return 2
   print(format_results(results))
   if args.json:
-    epath.Path(args.json).write_text(json.dumps(results, indent=1))
+    eval_lib.write_json(args.json, results)
   return 0
 
 

@@ -12,7 +12,6 @@ Scale: every metric is computed on the [0, 1] pixel scale. Inputs are in `value_
 """
 
 import argparse
-import json
 from typing import Any, Dict, Optional, Tuple
 
 import einops
@@ -20,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.data import input_pipeline
 from magicvideo_jax.data import moving_shapes
@@ -182,8 +182,7 @@ def main(argv=None) -> int:
                         {m: float(x) for m, x in v.items() if m != 'psnr_per_frame'})
                     for k, v in results.items()}
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(report, f, indent=1)
+    eval_lib.write_json(args.json, report)
   return 0
 
 

@@ -21,7 +21,6 @@ magicvideo_jax.eval.fvd --help`) scores a checkpoint or two folders of videos.
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax import video_io
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import clip_zero_shot
@@ -438,9 +438,8 @@ def _run(argv) -> int:
     scores['clipsim_real'] = clipsim_shapes(real, captions, args.clip_checkpoint)
     print(f'CLIPSIM-shapes: {scores["clipsim"]:.4f}  (real clips {scores["clipsim_real"]:.4f})')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(scores, features=args.features, name=name, num_real=len(real),
-                     num_fake=len(fake)), f, indent=1)
+    eval_lib.write_json(args.json, dict(scores, features=args.features, name=name, num_real=len(real),
+                     num_fake=len(fake)))
   print(f'fvd {scores["fvd"]:.6g}')
   return 0
 

@@ -11,12 +11,12 @@ are the given frame's.
 """
 
 import argparse
-import json
 import sys
 from typing import Dict
 
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
 from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
@@ -77,8 +77,7 @@ def main(argv=None) -> int:
         f'consistency {scores["consistency"]:.3f}; the given colour and shape kept '
         f'{scores["given_colour_and_shape"]:.3f}')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(scores, f, indent=1)
+    eval_lib.write_json(args.json, scores)
   return 0
 
 

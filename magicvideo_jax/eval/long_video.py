@@ -14,12 +14,12 @@ in every window.
 """
 
 import argparse
-import json
 import sys
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes as shapes_eval
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         f'{result["consistency_straddling"]:.3f}; colour and shape the same in every window: '
         f'{result["colour_and_shape_kept"]:.3f}')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=1)
+    eval_lib.write_json(args.json, result)
   return 0
 
 

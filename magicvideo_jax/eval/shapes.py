@@ -9,13 +9,13 @@ frame-to-frame consistency, with chance levels beside them.
 """
 
 import argparse
-import json
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.eval import judge
 from magicvideo_jax.sampling.pipeline import MagicVideoPipeline
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
   print(judge.format_scores(scores, f'{args.checkpoint} on {args.num_prompts} {args.split} prompts'))
   print(f'({time.time() - t0:.0f} s)', file=sys.stderr)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({k: v for k, v in scores.items() if isinstance(v, (int, float))}, f, indent=1)
+    eval_lib.write_json(args.json, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
   return 0
 
 

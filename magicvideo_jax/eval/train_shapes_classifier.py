@@ -12,7 +12,6 @@ folder gets `model.safetensors`, `config.json`, `metrics.json` and a PROVENANCE.
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import sys
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from magicvideo_jax import eval as eval_lib
 from magicvideo_jax.data import moving_shapes
 from magicvideo_jax.models import shapes_classifier as sc
 
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
     metrics[split] = accuracy(model, params, *load_clips(split, 0, 512))
     log(f'{split}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics[split].items()))
   sc.save(args.output, model, params)
-  with open(os.path.join(args.output, 'metrics.json'), 'w') as f:
-    json.dump(metrics, f, indent=1)
+  eval_lib.write_json(os.path.join(args.output, 'metrics.json'), metrics)
   size = os.path.getsize(os.path.join(args.output, sc.PARAMS_FILE))
   rows = '\n'.join(f'| {split} (512 clips) | ' + ' | '.join(f'{metrics[split][k]:.4f}'
                                                             for k in LABELS + ('all',)) + ' |'

@@ -19,6 +19,13 @@ Video extensions (DESIGN.md section 2), each a field, each the identity at init:
   softmax normaliser still sees later frames, so this form is not strictly causal), 'none'.
   `temporal_position`: 'rope' (rotary embedding of the frame index on the first 32 dims of each head) or
   'none'.
+  'animatediff' (AnimateDiff's motion modules, diffusers' `UNetMotionModel` layout): the transformer
+  blocks stay the image ones; a `MotionModule` follows every res block (+ attention) of the down and up
+  levels (`down_blocks_0/motion_modules_1/...`) and, with `use_motion_mid_block`, the mid block's
+  attention (`mid_block/motion_modules_0`). Each is GroupNorm over the clip, proj_in, transformer
+  blocks of two temporal self-attentions (sinusoidal frame positions up to `motion_max_seq_length`)
+  and a feed-forward, proj_out (zero-init) and a residual. `temporal_mask` applies ('none' is
+  AnimateDiff's own); `temporal_position` must be 'none' (the positions are the sinusoidal table).
 - `fps_embedding`: sinusoidal embedding of the clip's frame rate -> Linear-SiLU-Linear (last one zero-init)
   added to the timestep embedding (`fps_embedding/linear_{1,2}`).
 
@@ -36,6 +43,7 @@ Options of diffusers' U-Net used by the SD x4 upscaler (off by default, so SD 1.
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import einops
@@ -47,7 +55,7 @@ from magicvideo_jax.models import layers
 
 Dtype = Any
 
-TEMPORAL_ATTENTION = ('parallel', 'sequential', 'none')
+TEMPORAL_ATTENTION = ('parallel', 'sequential', 'animatediff', 'none')
 TEMPORAL_MASK = ('causal', 'causal_post_softmax', 'none')
 TEMPORAL_POSITION = ('rope', 'none')
 ROPE_DIMS = 32  # LaVie: rotary embedding on the first 32 dims of a head.
@@ -347,6 +355,133 @@ class Transformer2DModel(nn.Module):
     return layers.constrain(h + x, SPATIAL_AXES)
 
 
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+  """AnimateDiff's frame-position table `[1, length, dim]`: sin on even dims, cos on odd ones, of
+  `position * 10000^(-2i/dim)`."""
+  position = jnp.arange(length, dtype=jnp.float32)[:, None]
+  freqs = jnp.exp(jnp.arange(0, dim, 2, dtype=jnp.float32) * (-math.log(10000.0) / dim))
+  angles = position * freqs[None]
+  table = jnp.zeros((length, dim), jnp.float32)
+  table = table.at[:, 0::2].set(jnp.sin(angles)).at[:, 1::2].set(jnp.cos(angles))
+  return table[None]
+
+
+class PositionTable(nn.Module):
+  """The sinusoidal table `pe` `[1, max_length, C]` of a motion module's block.
+
+  Kept as a parameter (diffusers stores it in the MotionAdapter state dict), so a converted table is
+  used and exported bit for bit; the model reads it through `stop_gradient`, it is not learnt.
+  """
+  max_length: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames: int) -> jax.Array:
+    init = lambda _, shape, dtype: sinusoidal_positions(shape[1], shape[2]).astype(dtype)
+    table = self.param('pe', layers.partitioned(init, (None, None, None)),
+                       (1, self.max_length, self.features), self.param_dtype)
+    return jax.lax.stop_gradient(table[:, :frames])
+
+
+class ClipGroupNorm(nn.Module):
+  """GroupNorm whose statistics span the whole clip (torch's GroupNorm on `[B, C, F, h, w]`).
+
+  `x` `[B, F, h, w, C]`; with `frame_mask` `[B, F]` the statistics are over the video frames only.
+  Two-pass variance in float32, as torch.
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frame_mask: Optional[jax.Array] = None) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param('scale', layers.partitioned(nn.initializers.ones, ('norm',)), (channels,),
+                       self.param_dtype)
+    bias = self.param('bias', layers.partitioned(nn.initializers.zeros, ('norm',)), (channels,),
+                      self.param_dtype)
+    g = einops.rearrange(x.astype(jnp.float32), 'b f h w (g c) -> b f h w g c', g=self.num_groups)
+    axes = (1, 2, 3, 5)
+    if frame_mask is None:
+      mean = g.mean(axes, keepdims=True)
+      var = jnp.square(g - mean).mean(axes, keepdims=True)
+    else:
+      weight = frame_mask.astype(jnp.float32)[:, :, None, None, None, None]
+      count = jnp.maximum(weight.sum(1, keepdims=True), 1.0) * (g.shape[2] * g.shape[3] * g.shape[5])
+      mean = (g * weight).sum(axes, keepdims=True) / count
+      var = (jnp.square(g - mean) * weight).sum(axes, keepdims=True) / count
+    g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = einops.rearrange(g, 'b f h w g c -> b f h w (g c)')
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class MotionTransformerBlock(nn.Module):
+  """diffusers `BasicTransformerBlock` as AnimateDiff configures it, over frames `[N, F, C]`:
+  x + attn1(norm1(x) + pe), + attn2(norm2(.) + pe) (both self-attention), + ff(norm3(.))."""
+  heads: int
+  dim_head: int
+  max_length: int
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+               is_causal: bool = False) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    positions = PositionTable(self.max_length, x.shape[-1], param_dtype=self.param_dtype,
+                              name='pos_embed')(x.shape[1]).astype(self.dtype)
+    attn = functools.partial(Attention, self.heads, self.dim_head,
+                             attention_impl=self.attention_impl, **kw)
+    for i in (1, 2):
+      h = layers.layer_norm(name=f'norm{i}', **kw)(x) + positions
+      x = x + attn(name=f'attn{i}')(h, mask=mask, is_causal=is_causal)
+    return x + FeedForward(name='ff', **kw)(layers.layer_norm(name='norm3', **kw)(x))
+
+
+class MotionModule(nn.Module):
+  """AnimateDiff's motion module (diffusers `AnimateDiffTransformer3D`); `[B*F, h, w, C]` -> same.
+
+  Every position attends over the clip's frames; the output projection starts at zero, so a fresh
+  module is the identity. Image frames (`frame_mask` False) pass unchanged and are not attended.
+  """
+  heads: int
+  num_layers: int
+  max_length: int
+  frames: int
+  norm_num_groups: int = 32
+  temporal_mask: str = 'none'
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frame_mask: Optional[jax.Array] = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    _, height, width, channels = x.shape
+    t = einops.rearrange(x, '(b f) h w c -> b f h w c', f=self.frames)
+    t = ClipGroupNorm(self.norm_num_groups, name='norm', **kw)(t, frame_mask)
+    t = einops.rearrange(t, 'b f h w c -> (b h w) f c')
+    t = layers.constrain(t, ('batch', 'frames', 'channels'))
+    t = layers.dense(channels, name='proj_in', **kw)(t)
+    attend, _ = temporal_masks(self.frames, self.temporal_mask, frame_mask)
+    is_causal = self.temporal_mask == 'causal' and frame_mask is None
+    attend = None if is_causal else attend
+    if attend is not None and attend.shape[0] > 1:
+      attend = jnp.repeat(attend, height * width, axis=0)  # [B, 1, F, F] -> [(b h w), 1, F, F]
+    for i in range(self.num_layers):
+      t = MotionTransformerBlock(self.heads, channels // self.heads, self.max_length,
+                                 attention_impl=self.attention_impl,
+                                 name=f'transformer_blocks_{i}', **kw)(t, attend, is_causal)
+    t = layers.dense(channels, name='proj_out', zero_init=True, **kw)(t)
+    t = einops.rearrange(t, '(b h w) f c -> (b f) h w c', h=height, w=width)
+    if frame_mask is not None:  # Image frames get no temporal contribution.
+      t = t * einops.rearrange(frame_mask, 'b f -> (b f) 1 1 1').astype(t.dtype)
+    return layers.constrain(x + t, SPATIAL_AXES)
+
+
 class Downsample2D(nn.Module):
   """Stride-2 3x3 conv (padding 1), named `conv`."""
   dtype: Dtype = jnp.float32
@@ -403,6 +538,10 @@ class BlockConfig:
   temporal_attention: str
   temporal_mask: str
   temporal_position: str
+  motion_max_seq_length: int
+  motion_transformer_layers_per_block: int
+  motion_transformer_layers_per_mid_block: int
+  use_motion_mid_block: bool
   attention_impl: Optional[str]
   remat: bool
   remat_policy: Optional[str]
@@ -423,7 +562,8 @@ class UNetBlock(nn.Module):
 
   Down: `num_layers` x (resnet [+ attention]), then an optional downsampler; returns the output and the
   skip activations. Up: `num_layers` x (concat skip, resnet [+ attention]), then an optional upsampler.
-  Mid: resnet, attention, resnet.
+  Mid: resnet, attention, resnet. With temporal_attention='animatediff', a motion module (`motion_heads`
+  heads) follows each attention (or res block without one), the mid block's before its second resnet.
   """
   kind: str
   out_channels: int
@@ -434,6 +574,21 @@ class UNetBlock(nn.Module):
   config: BlockConfig
   frames: int = 1
   only_cross_attention: bool = False
+  motion_heads: int = 8
+
+  def _motion(self, x, frame_mask, i: int):
+    u = self.config
+    if u.temporal_attention != 'animatediff':
+      return x
+    num_layers = (u.motion_transformer_layers_per_mid_block if self.kind == 'mid' else
+                  u.motion_transformer_layers_per_block)
+    if self.kind == 'mid' and not u.use_motion_mid_block:
+      return x
+    cls = u.remat_wrap(MotionModule)
+    return cls(self.motion_heads, num_layers, u.motion_max_seq_length, self.frames,
+               norm_num_groups=u.norm_num_groups, temporal_mask=u.temporal_mask,
+               attention_impl=u.attention_impl, dtype=u.dtype, param_dtype=u.param_dtype,
+               name=f'motion_modules_{i}')(x, frame_mask)
 
   def _resnet(self, i: int):
     u = self.config
@@ -459,6 +614,7 @@ class UNetBlock(nn.Module):
     if self.kind == 'mid':
       x = self._resnet(0)(x, temb, frame_mask)
       x = self._attention(0)(x, context, frame_mask)
+      x = self._motion(x, frame_mask, 0)
       return self._resnet(1)(x, temb, frame_mask)
     if self.kind == 'down':
       outputs = []
@@ -466,6 +622,7 @@ class UNetBlock(nn.Module):
         x = self._resnet(i)(x, temb, frame_mask)
         if self.cross_attention:
           x = self._attention(i)(x, context, frame_mask)
+        x = self._motion(x, frame_mask, i)
         outputs.append(x)
       if self.resample:
         x = Downsample2D(name='downsamplers_0', **kw)(x)
@@ -478,6 +635,7 @@ class UNetBlock(nn.Module):
       x = self._resnet(i)(x, temb, frame_mask)
       if self.cross_attention:
         x = self._attention(i)(x, context, frame_mask)
+      x = self._motion(x, frame_mask, i)
     if self.resample:
       x = Upsample2D(name='upsamplers_0', **kw)(x)
     return x
@@ -523,6 +681,11 @@ class UNet(nn.Module):
   temporal_attention: str = 'parallel'
   temporal_mask: str = 'causal'
   temporal_position: str = 'none'
+  motion_max_seq_length: int = 32
+  motion_num_attention_heads: Union[int, Sequence[int]] = 8
+  motion_transformer_layers_per_block: int = 1
+  motion_transformer_layers_per_mid_block: int = 1
+  use_motion_mid_block: bool = True
   fps_embedding: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -558,6 +721,18 @@ class UNet(nn.Module):
     if height % factor or width % factor:
       raise ValueError(f'latent height and width must be multiples of {factor} '
                        f'(2 ** (len(block_out_channels) - 1)), got {height}x{width}.')
+    if self.temporal_attention == 'animatediff':
+      if self.temporal_position != 'none':
+        raise ValueError("temporal_attention='animatediff' has its own sinusoidal frame positions: "
+                         f"temporal_position must be 'none', got {self.temporal_position!r}.")
+      if frames > self.motion_max_seq_length:
+        raise ValueError(f'the clip has {frames} frames but the motion modules know positions of at '
+                         f'most motion_max_seq_length={self.motion_max_seq_length} frames: use fewer '
+                         "frames (or long_video='causal' to sample longer clips window by window).")
+      heads = self.motion_num_attention_heads
+      if not isinstance(heads, int) and len(heads) != levels:
+        raise ValueError(f'motion_num_attention_heads needs one int per level ({levels}), got '
+                         f'{heads!r}.')
     if self.frame_adaptor and frames > self.num_frames:
       raise ValueError(f'the clip has {frames} frames but the frame adaptors support at most '
                        f'num_frames={self.num_frames}: raise the config key `num_frames` (the '
@@ -565,6 +740,10 @@ class UNet(nn.Module):
 
   def _heads(self, level: int) -> int:
     heads = self.attention_head_dim
+    return int(heads) if isinstance(heads, int) else int(heads[level])
+
+  def _motion_heads(self, level: int) -> int:
+    heads = self.motion_num_attention_heads
     return int(heads) if isinstance(heads, int) else int(heads[level])
 
   def _only_cross(self, level: int) -> bool:
@@ -644,11 +823,11 @@ class UNet(nn.Module):
       x, outputs = block('down', channels[i], self.layers_per_block, _DOWN_TYPES[kind],
                          resample=i < levels - 1, heads=self._heads(i),
                          only_cross_attention=self._only_cross(i),
-                         name=f'down_blocks_{i}')(x, temb, context, frame_mask)
+                         motion_heads=self._motion_heads(i), name=f'down_blocks_{i}')(x, temb, context, frame_mask)
       skips.extend(outputs)
 
     x = block('mid', channels[-1], 1, True, resample=False, heads=self._heads(levels - 1),
-              name='mid_block')(x, temb, context, frame_mask)
+              motion_heads=self._motion_heads(levels - 1), name='mid_block')(x, temb, context, frame_mask)
 
     for i, kind in enumerate(self.up_block_types):
       level = levels - 1 - i
@@ -656,7 +835,7 @@ class UNet(nn.Module):
       level_skips, skips = skips[-n:], skips[:-n]
       x = block('up', channels[level], n, _UP_TYPES[kind], resample=i < levels - 1,
                 heads=self._heads(level), only_cross_attention=self._only_cross(level),
-                name=f'up_blocks_{i}')(
+                motion_heads=self._motion_heads(level), name=f'up_blocks_{i}')(
                     x, temb, context, frame_mask, level_skips)
       x = layers.constrain(x, SPATIAL_AXES)
 

@@ -102,6 +102,8 @@ def max_frames(config: ml_collections.ConfigDict) -> Optional[int]:
   limits = []
   if is_video_model(config):
     limits.append(int(config.model.unet.get('num_frames', 1)))
+    if config.model.unet.get('temporal_attention') == 'animatediff':  # Its frame-position table.
+      limits.append(int(config.model.unet.get('motion_max_seq_length', 32)))
   if models_lib.uses_video_vae(config.model):
     vv = config.model.video_vae
     limits.append(int(vv.get('num_frames', config.model.unet.get('num_frames', 16))))
@@ -114,15 +116,20 @@ def size_multiple(config: ml_collections.ConfigDict) -> Tuple[int, int]:
   return vae_factor, vae_factor * 2 ** (len(config.model.unet.block_out_channels) - 1)
 
 
-def validate_request(config: ml_collections.ConfigDict, **settings) -> request_lib.Request:
+def validate_request(config: ml_collections.ConfigDict, *, windowed: bool = False,
+                     **settings) -> request_lib.Request:
   """The base stage's request (`request.resolve` with the clip size) checked against the model: a
-  ValueError names the offending argument and what the model supports."""
+  ValueError names the offending argument and what the model supports. `windowed`: the U-Net runs
+  on windows of the model's length, so num_frames may exceed it."""
   req = request_lib.resolve(config, geometry=True, **settings)
   limit = max_frames(config)
-  if limit is not None and req.num_frames > limit:
+  if limit is not None and req.num_frames > limit and not windowed:
+    keys = 'config.model.unet.num_frames'
+    if config.model.unet.get('temporal_attention') == 'animatediff':
+      keys += ' / motion_max_seq_length'
     raise ValueError(f'num_frames={req.num_frames} is more than this model makes at once ({limit}, '
-                     "config.model.unet.num_frames): long_video='causal' (sample --long_video "
-                     'causal) generates longer videos window by window')
+                     f"{keys}): long_video='causal' or 'freenoise' (sample --long_video) "
+                     'generates longer videos')
   vae_factor, multiple = size_multiple(config)
   for name, size in (('height', req.height), ('width', req.width)):
     if size % multiple:
@@ -186,7 +193,7 @@ class MagicVideoPipeline:
     self._encode = jax.jit(self._encode_text)
     self._denoise = jax.jit(self._denoise_impl, static_argnames=(
         'num_inference_steps', 'sampler', 'eta', 'do_cfg', 'use_fps', 'show_progress',
-        'use_callback', 'sigma_spacing', 'final_sigmas_type', 'clip_sample'))
+        'use_callback', 'sigma_spacing', 'final_sigmas_type', 'clip_sample', 'temporal_window'))
     self._decode = jax.jit(self._decode_impl, static_argnames=('use_video_vae',))
     self._encode_frames = jax.jit(lambda params, frames: models_lib.encode_frames(
         self.modules['vae'], params['vae'], frames, self.config.model.vae.scaling_factor))
@@ -309,7 +316,8 @@ class MagicVideoPipeline:
                     known=None, known_noise=None, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,
                     show_progress: bool, use_callback: bool, sigma_spacing: Optional[str],
-                    final_sigmas_type: str, clip_sample: Optional[float]):
+                    final_sigmas_type: str, clip_sample: Optional[float],
+                    temporal_window: Optional[Tuple[int, int]] = None):
     """Unit-noise latents `[B, F, h, w, c]` -> denoised latents (as the U-Net sees them, scaled),
     conditioned on encoded prompts `[B, L, D]` (`_encode_text`; uncond_context used with do_cfg).
 
@@ -317,6 +325,9 @@ class MagicVideoPipeline:
     call sees them noised to its timestep with the fixed `known_noise` (latent inpainting, as
     RePaint without resampling), and the result holds them exactly. Under directed temporal
     attention the given frames lead and the rest follow them.
+
+    With `temporal_window` (length, stride) the U-Net runs on overlapping windows of the frames,
+    fused frame by frame (`long_video.fuse_windows`).
     """
     self.trace_count += 1  # Python side effect: runs once per trace, not per call.
     unet = self.modules['unet']
@@ -328,8 +339,13 @@ class MagicVideoPipeline:
     def apply(x_in, timesteps):
       if show_progress:
         jax.debug.callback(self._on_step, timesteps[0])
-      return unet.apply({'params': params['unet']}, x_in.astype(unet.dtype), timesteps, context,
-                        fps=fps)
+      if temporal_window is None:
+        return unet.apply({'params': params['unet']}, x_in.astype(unet.dtype), timesteps, context,
+                          fps=fps)
+      return long_video_lib.fuse_windows(
+          lambda windows, repeat: unet.apply({'params': params['unet']}, windows.astype(unet.dtype),
+                                             repeat(timesteps), repeat(context), fps=repeat(fps)),
+          x_in, *temporal_window)
 
     model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None)
     if known is not None:
@@ -394,7 +410,8 @@ class MagicVideoPipeline:
                callback_on_step_end: Optional[Callable[[int, int], None]] = None,
                known_latents: Optional[Any] = None, image: Optional[Any] = None,
                long_video: Optional[str] = None,
-               long_video_overlap: Optional[int] = None) -> Any:
+               long_video_overlap: Optional[int] = None,
+               temporal_window: Optional[Tuple[int, int]] = None) -> Any:
     """Generates num_videos_per_prompt videos per prompt (through the cascade's stages when the
     pipeline has them).
 
@@ -455,7 +472,13 @@ class MagicVideoPipeline:
         'causal' continues each window of max_frames from the last `long_video_overlap` latent
         frames of the one before (known_latents), which directed temporal attention lets the new
         frames follow (`sampling/long_video.py`). Not with the cascade's stages.
+        'freenoise' denoises all frames at once, the U-Net on overlapping windows (FreeNoise:
+        `temporal_window`, its initial noise rescheduled).
       long_video_overlap: frames each window shares with the previous one (default max_frames / 2).
+      temporal_window: (length, stride), length at most max_frames: the U-Net runs on windows of
+        `length` frames every `stride` frames and each frame's predictions are averaged, so
+        num_frames may exceed max_frames; the initial noise (unless `latents` is given) is
+        FreeNoise's rescheduling of the first window's (`sampling/long_video.py`).
 
     Returns:
       numpy `[B, F, H, W, 3]` (see `output_type`; a list for 'pil'), or with return_dict=True a
@@ -479,7 +502,10 @@ class MagicVideoPipeline:
     if prompt is None and prompt_embeds is None:
       raise ValueError('prompt must be a string or a non-empty list of strings (or pass '
                        'prompt_embeds)')
-    req = validate_request(self.config, num_frames=num_frames, height=height, width=width,
+    if temporal_window is not None:
+      temporal_window = long_video_lib.check_window(temporal_window, self.max_frames)
+    req = validate_request(self.config, windowed=temporal_window is not None,
+                           num_frames=num_frames, height=height, width=width,
                            num_inference_steps=num_inference_steps, sampler=sampler, eta=eta,
                            guidance_scale=guidance_scale, output_type=output_type,
                            sigma_spacing=sigma_spacing, fps=fps, seed=seed,
@@ -506,6 +532,9 @@ class MagicVideoPipeline:
     interpolator = self.interpolator if interpolate else None
     upscaler = self.upscaler if upscale else None
     if interpolator is not None or upscaler is not None:
+      if temporal_window is not None:
+        raise ValueError('temporal_window: not with the cascade\'s stages (pass interpolate=False, '
+                         'upscale=False)')
       if prompts is None or negatives is None:
         raise ValueError('prompt_embeds / negative_prompt_embeds: the cascade\'s stages encode the '
                          'prompts with their own text encoders; pass prompt and negative_prompt '
@@ -519,9 +548,14 @@ class MagicVideoPipeline:
     latent_shape = (b, req.num_frames, req.height // self.vae_factor, req.width // self.vae_factor,
                     self.latent_channels)
     noise_key, loop_key = jax.random.split(jax.random.key(req.seed))
+    if temporal_window is not None and req.num_frames <= temporal_window[0]:
+      temporal_window = None  # One window: the ordinary loop.
     if latents is None:
       latents = diffusion.initial_noise(noise_key, latent_shape, float(
           self.config.diffusion.get('frame_noise_correlation', 0.0)))
+      if temporal_window is not None:
+        latents = long_video_lib.reschedule_noise(jax.random.fold_in(noise_key, 2), latents,
+                                                  *temporal_window)
     else:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.shape != latent_shape:
@@ -563,7 +597,7 @@ class MagicVideoPipeline:
     static = dict(req.static_options(),
                   use_fps=bool(self.config.model.unet.get('fps_embedding', False)),
                   show_progress=self.verbose, use_callback=callback_on_step_end is not None,
-                  clip_sample=1.0 if req.clip_sample else None)
+                  clip_sample=1.0 if req.clip_sample else None, temporal_window=temporal_window)
     dynamic = (self.params, context, uncond_context, latents, loop_key, fps_array,
                jnp.float32(req.guidance_scale))
     if known is not None:
@@ -595,6 +629,9 @@ class MagicVideoPipeline:
         out = request_lib.to_output(stages.get('upscaled', stages['frames']), output_type)
     elif output_type == 'latent':
       out = sharding_lib.to_host(z0)[:b]
+    elif temporal_window is not None:  # Decoded a model's clip at a time.
+      out = request_lib.to_output(long_video_lib.decode(
+          self, sharding_lib.to_host(z0)[:b], self.max_frames, use_video_vae), output_type)
     else:
       out = request_lib.to_output(self.decode(z0, use_video_vae)[:b], output_type)
     return self.output(out) if return_dict else out

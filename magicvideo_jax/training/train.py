@@ -400,13 +400,18 @@ def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return out
 
 
+# Objectives whose input is the frozen VAE's posterior, which a precomputed-latents dataset stores.
+LATENT_OBJECTIVES = ('diffusion', 'cmd_autoencoder', 'cmd_content', 'cmd_motion')
+
+
 def latents_dataset_metadata(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Metadata of a precomputed-latents dataset ({} unless config.data.precomputed_latents)."""
   if not config.data.get('precomputed_latents', False):
     return {}
-  if config.train.objective != 'diffusion':
+  if config.train.objective not in LATENT_OBJECTIVES:
     raise ValueError(f'config.train.objective={config.train.objective!r} trains on pixels; '
-                     'config.data.precomputed_latents=True only feeds the diffusion objective.')
+                     'config.data.precomputed_latents=True only feeds the objectives '
+                     f'{LATENT_OBJECTIVES}.')
   directory = input_pipeline.prepared_directory(config.data.dataset, config.data.get('data_dir'))
   metadata = latents_dataset.read_metadata(directory) if directory else {}
   if 'vae_probe' not in metadata:

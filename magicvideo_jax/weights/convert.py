@@ -267,6 +267,21 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
     ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
       mis-shaped tensor (named in the message).
   """
+  src = check_pipeline_folder(src)
+  config = model_config_from_diffusers(src, num_frames)
+  modules = models_lib.build_models(config.model)
+  video = load_video_layers(src)
+  params = load_pipeline_params(src, surgery.abstract_params_for(config, modules), video)
+  if not video:  # An image checkpoint: the video layers at their identity init.
+    params = surgery.grow_video_params(config, params, modules, seed)
+  tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
+                                     config.model.text_encoder.max_position_embeddings)
+  return config, params, tokenizer
+
+
+def check_pipeline_folder(src: str) -> str:
+  """The folder `src` names (a Hub id: its snapshot in the local cache, `hub.resolve`); raises unless
+  it is one (a pickle file is refused with the way to convert it)."""
   if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
                           'code). Convert it to a diffusers folder with safetensors weights first, '
@@ -275,25 +290,25 @@ def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
   src = hub.resolve(src)
   if not os.path.isdir(src):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
-  config = model_config_from_diffusers(src, num_frames)
-  modules = models_lib.build_models(config.model)
-  template = surgery.abstract_params_for(config, modules)
-  video = load_video_layers(src)
+  return src
+
+
+def load_pipeline_params(src: str, template: Mapping[str, Any],
+                         video: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> Params:
+  """{'unet', 'vae', 'text_encoder'} params of a diffusers folder on `template`'s names and shapes,
+  the video-only leaves left out; with `video` (an export's `load_video_layers`), every group and
+  leaf of `template`, from both."""
   params = {}
-  for name in template:
+  for name in (template if video else MODEL_FILES):
     state, prefix = load_model_state(os.path.join(src, name), name) if name in MODEL_FILES else ({}, '')
     state.update({k[len(prefix) + 1:] if prefix and k.startswith(prefix + '.') else k: v
-                  for k, v in video.get(name, {}).items()})
+                  for k, v in (video or {}).get(name, {}).items()})
     try:
       params[name] = state_dict_to_params(state, template[name], prefix=prefix,
                                           allow_missing_video=not video)
     except ConversionError as e:
       raise ConversionError(f'{os.path.join(src, name)}: {e}') from None
-  if not video:
-    params = surgery.grow_video_params(config, params, modules, seed)
-  tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
-                                     config.model.text_encoder.max_position_embeddings)
-  return config, params, tokenizer
+  return params
 
 
 def export_diffusers(params: Mapping[str, Any], config, dst: str,

@@ -21,7 +21,7 @@ Params = Dict[str, Any]
 
 
 VIDEO_ONLY_PATTERN = re.compile(
-    r'(^|/)([^/]*(temporal|adaptor)[^/]*|fps_[^/]*|embedding_to_context)(/|$)')
+    r'(^|/)([^/]*(temporal|adaptor)[^/]*|fps_[^/]*|embedding_to_context|motion_modules_\d+)(/|$)')
 
 
 PICKLE_SUFFIXES = ('.ckpt', '.bin', '.pt', '.pth', '.pkl', '.pickle')
@@ -36,8 +36,8 @@ class ConversionError(ValueError):
 
 
 def is_video_only(path: str) -> bool:
-  """True for parameters that image checkpoints do not have (adaptors, temporal layers, fps embedding,
-  the embedding-to-context layer of CLIP-embedding conditioning)."""
+  """True for parameters that image checkpoints do not have (adaptors, temporal layers, AnimateDiff
+  motion modules, fps embedding, the embedding-to-context layer of CLIP-embedding conditioning)."""
   return VIDEO_ONLY_PATTERN.search(path) is not None
 
 
@@ -162,7 +162,7 @@ def flax_path_to_torch_key(path: str) -> str:
 # PyTorch ModuleList / Sequential attributes in the SD and CLIP models (indexed as `name.N`).
 _TORCH_CONTAINERS = frozenset({
     'down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks', 'downsamplers',
-    'upsamplers', 'to_out', 'net', 'layers',
+    'upsamplers', 'to_out', 'net', 'layers', 'motion_modules',
 })
 
 

@@ -128,6 +128,43 @@ def test_latents_batch_equals_encoded_pixel_batch_and_same_loss(encoded):
   assert rel < 1e-4
 
 
+@pytest.mark.slow  # Fast tier: about 10 s on 2 cores.
+@pytest.mark.parametrize('stage', ['ae', 'content', 'motion'])
+def test_cmd_objectives_from_latents_equal_from_pixels(encoded, stage):
+  """CMD's three objectives read the stored posterior means as they read the VAE's on pixels."""
+  configs = []
+  for precomputed in (False, True):
+    config = tiny.get_config(f'cmd_{stage}')
+    config.data.update(data_dir=encoded['data_dir'], prefetch=0, caption_dropout=0.1)
+    if precomputed:
+      config.data.update(dataset=encoded['dataset'], precomputed_latents=True)
+    configs.append(config)
+  train.latents_dataset_metadata(configs[1])  # CMD objectives take precomputed latents.
+  tokenizer = train.build_tokenizer(configs[0])
+  pix, lat = (train.make_iterator(c, tokenizer).make_batch(1, 2) for c in configs)
+  modules = models_lib.build_models(configs[0].model)
+  params = jax.jit(lambda k: nn.unbox(state_lib.init_params(modules, configs[0], k)))(
+      jax.random.key(1))
+  params['vae'] = encoded['vae_params']
+  schedule = diffusion.Schedule.from_config(configs[0].diffusion)
+  keys = jax.random.split(jax.random.key(7), pix['video'].shape[0])
+  objective = losses.LOSSES[configs[0].train.objective]
+  values = [float(objective(params, jax.tree.map(jnp.asarray, train.device_batch(batch)), keys,
+                            modules=modules, schedule=schedule, config=config)[0])
+            for config, batch in zip(configs, (pix, lat))]
+  rel = abs(values[0] - values[1]) / abs(values[0])
+  print(f'{stage}: loss from pixels {values[0]:.6f}, from stored latents {values[1]:.6f} '
+        f'(rel {rel:.1e})')
+  assert rel < 1e-4, (values, rel)
+
+
+def test_objectives_on_pixels_refuse_precomputed_latents(encoded):
+  config = _config(encoded, True)
+  config.train.objective = 'video_vae'
+  with pytest.raises(ValueError, match='trains on pixels'):
+    train.latents_dataset_metadata(config)
+
+
 def test_abstract_batch_of_latents_is_the_first_batch(encoded):
   """state.abstract_batch with precomputed latents: 'latent_mean', 'latent_std' as the stream has them."""
   config = _config(encoded, True)

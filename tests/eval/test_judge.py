@@ -3,6 +3,8 @@
 Run with `pytest -s` to see the score tables.
 """
 
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -130,3 +132,10 @@ def test_empty_video():
   result = judge.judge_video(np.full((8, 32, 32, 3), 20, np.uint8))
   assert result['colour'] is None and result['shape'] is None and result['motion'] is None
   assert result['consistency'] == 0.0 and result['present'] == 0.0
+
+
+def test_json_report_makes_its_folder(tmp_path):
+  from magicvideo_jax import eval as eval_lib
+  path = tmp_path / 'new' / 'folder' / 'scores.json'
+  eval_lib.write_json(str(path), {'motion_acc': 0.75, 'num_videos': 4})
+  assert json.loads(path.read_text()) == {'motion_acc': 0.75, 'num_videos': 4}

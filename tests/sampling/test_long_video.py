@@ -1,5 +1,6 @@
-"""Known latent frames (inpainting) and long videos window by window (sampling/long_video.py), on
-the tiny converted SD pipeline of conftest (4-frame video layers)."""
+"""Known latent frames (inpainting) and long videos (sampling/long_video.py): window by window
+('causal') and all at once on fused windows ('freenoise'), on the tiny converted SD pipeline of
+conftest (4-frame video layers)."""
 
 import json
 
@@ -72,14 +73,92 @@ def test_long_video_windows(pipes):
       [pipe.decode(long[:, :4]), pipe.decode(long[:, 4:8])], axis=1), atol=1e-6)
 
 
+def test_window_starts_cover_every_frame_and_end_at_the_last():
+  assert long_video.window_starts(10, 4, 3) == (0, 3, 6)
+  assert long_video.window_starts(10, 4, 4) == (0, 4, 6)
+  assert long_video.window_starts(4, 4, 2) == (0,) and long_video.window_starts(3, 4, 2) == (0,)
+  assert long_video.window_starts(64, 16, 8) == tuple(range(0, 49, 8))
+
+
+def test_fuse_windows_is_the_weighted_mean_of_each_frames_windows():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 10, 3, 1)).astype(np.float32)
+  context = np.arange(2, dtype=np.float32)
+
+  def fn(windows, repeat):  # Depends on the frame's place in its window and on its video.
+    place = np.arange(4, dtype=np.float32)[None, :, None, None]
+    return windows * (1 + place) + repeat(context)[:, None, None, None]
+
+  fused = np.asarray(long_video.fuse_windows(fn, x, 4, 3))
+  weights = np.array([1, 2, 2, 1], np.float32)
+  total = np.zeros((2, 10, 3, 1)); norm = np.zeros(10)
+  for start in (0, 3, 6):
+    for place in range(4):
+      frame = start + place
+      total[:, frame] += weights[place] * (x[:, frame] * (1 + place) + context[:, None, None])
+      norm[frame] += weights[place]
+  np.testing.assert_allclose(fused, total / norm[None, :, None, None], rtol=1e-6)
+  local = lambda windows, repeat: 3 * windows - 1  # Frame by frame: fusing changes nothing.
+  np.testing.assert_allclose(long_video.fuse_windows(local, x, 4, 3), 3 * x - 1, rtol=1e-6)
+
+
+def test_rescheduled_noise_repeats_shuffled_blocks():
+  noise = jax.random.normal(jax.random.key(0), (2, 11, 2, 2, 1))
+  out = np.asarray(long_video.reschedule_noise(jax.random.key(1), noise, 4, 2))
+  np.testing.assert_array_equal(out[:, :4], np.asarray(noise)[:, :4])
+  for start in range(4, 11, 2):
+    block, source = out[:, start:start + 2], out[:, start - 4:start - 2]
+    # Every frame of the block is one frame of its source block, none twice.
+    order = [int(np.flatnonzero([np.array_equal(f, g) for g in source[0]])[0]) for f in block[0]]
+    assert len(set(order)) == block.shape[1]
+    np.testing.assert_array_equal(block, source[:, order])
+  assert not np.array_equal(out[:, 4:8], out[:, :4])  # Shuffled (seeded: not the identity here).
+
+
+@pytest.mark.slow  # Fast tier: over 6 s on 2 cores (sampler compiles).
+def test_freenoise_windows_of_the_model(pipes):
+  """Frames independent (identity video layers): every window predicts a frame alike, so fused
+  windows give each frame its own 4-frame sample. Directed temporal attention: frames only the first
+  window holds see only earlier frames of it, so they match the first window sampled alone."""
+  plain, mixed = pipes
+  rng = np.random.default_rng(3)
+  latents = rng.standard_normal((1, 9, LATENT, LATENT, 4)).astype(np.float32)
+  for pipe in pipes:
+    fused = pipe('a red circle', num_frames=9, latents=latents, temporal_window=(4, 2),
+                 output_type='latent', **SETTINGS)
+    assert fused.shape == (1, 9, LATENT, LATENT, 4)
+    alone = pipe('a red circle', num_frames=4, latents=latents[:, :4], output_type='latent',
+                 **SETTINGS)
+    if pipe is plain:
+      rest = pipe('a red circle', num_frames=4, latents=latents[:, 5:], output_type='latent',
+                  **SETTINGS)
+      np.testing.assert_allclose(fused[:, :4], alone, atol=2e-5)
+      np.testing.assert_allclose(fused[:, 5:], rest, atol=2e-5)
+    else:
+      np.testing.assert_allclose(fused[:, :2], alone[:, :2], atol=2e-5)
+      later = float(np.abs(fused[:, 2:4] - alone[:, 2:4]).max())
+      print(f'freenoise: frames 2-3 moved by {later:.3f} by the windows that share them')
+      assert later > 1e-2
+  video = mixed('a red circle', num_frames=9, long_video='freenoise', long_video_overlap=2,
+                seed=5, output_type='float', **SETTINGS)
+  assert video.shape == (1, 9, SIZE, SIZE, 3) and np.isfinite(video).all()
+  one = mixed('a red circle', num_frames=4, temporal_window=(4, 2), latents=latents[:, :4],
+              output_type='latent', **SETTINGS)
+  np.testing.assert_array_equal(one, alone)  # A single window is the ordinary loop.
+
+
 def test_bad_requests(pipes):
   pipe = pipes[0]
   with pytest.raises(ValueError, match="long_video='causal'"):
     pipe('a', num_frames=9, **SETTINGS)
   with pytest.raises(ValueError, match='long_video_overlap=4'):
     pipe('a', num_frames=9, long_video='causal', long_video_overlap=4, **SETTINGS)
-  with pytest.raises(ValueError, match="long_video='freenoise'; valid: causal"):
-    pipe('a', num_frames=9, long_video='freenoise', **SETTINGS)
+  with pytest.raises(ValueError, match="long_video='noise'; valid: causal, freenoise"):
+    pipe('a', num_frames=9, long_video='noise', **SETTINGS)
+  with pytest.raises(ValueError, match=r'temporal_window=\(5, 2\): length must be in \[2, 4\]'):
+    pipe('a', num_frames=9, temporal_window=(5, 2), **SETTINGS)
+  with pytest.raises(ValueError, match='stride in'):
+    pipe('a', num_frames=9, temporal_window=(4, 4), **SETTINGS)
   with pytest.raises(ValueError, match='known_latents have shape'):
     pipe('a', num_frames=4, known_latents=np.zeros((1, 4, LATENT, LATENT, 4)), **SETTINGS)
 
@@ -89,8 +168,9 @@ def test_cli(tiny_converted_dir, tmp_path, capsys):
   out = str(tmp_path / 'long.gif')
   args = ['--checkpoint', tiny_converted_dir, '--prompt', 'a red circle', '--output', out,
           '--num_frames', '7', '--height', str(SIZE), '--width', str(SIZE), '--steps', str(STEPS)]
-  assert sample_cli.main(args + ['--long_video', 'causal', '--long_video_overlap', '2']) == 0
-  assert video_io.read_video(out).shape == (7, SIZE, SIZE, 3)
+  for method in long_video.METHODS:
+    assert sample_cli.main(args + ['--long_video', method, '--long_video_overlap', '2']) == 0
+    assert video_io.read_video(out).shape == (7, SIZE, SIZE, 3)
   assert sample_cli.main(args) == 2
   assert sample_cli.main(args + ['--long_video', 'causal', '--long_video_overlap', '9']) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
