@@ -30,7 +30,7 @@ of the motion stage `--config.model.cmd.dit.content_patch_size=2` (BENCHMARKS.md
 
 import ml_collections
 
-from configs import shapes_cascade
+from magicvideo_jax.configs import shapes_cascade
 from magicvideo_jax import config as common
 
 STAGES = ('ae', 'content', 'motion')

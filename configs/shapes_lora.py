@@ -15,7 +15,7 @@ passes the one it built).
 
 import ml_collections
 
-from configs import shapes_cascade
+from magicvideo_jax.configs import shapes_cascade
 from magicvideo_jax import config as common
 
 DEFAULT_BASE = shapes_cascade.DEFAULT_BASE

@@ -24,8 +24,8 @@ RUNS=runs/shapes_unsupervised (the launch script passes them explicitly).
 
 import ml_collections
 
-from configs import shapes
-from configs import tiny
+from magicvideo_jax.configs import shapes
+from magicvideo_jax.configs import tiny
 
 VARIANTS = ('clip', 'text_only', 'stage1', 'stage2', 'text_tokens')
 RUNS = 'runs/shapes_unsupervised'

@@ -21,7 +21,7 @@ further models, so "VDM at 256x256" needs a choice. Two readings, as variants:
 
 import ml_collections
 
-from configs import vdm_64
+from magicvideo_jax.configs import vdm_64
 
 
 def get_config(variant: str = 'same') -> ml_collections.ConfigDict:

@@ -30,6 +30,7 @@ Library: `MacTally`, `unet_macs`, `motion_dit_macs`, `cmd_encoder_macs`, `cmd_de
 
 import functools
 import json
+import sys
 import types
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -38,6 +39,7 @@ from absl import flags
 from ml_collections import config_flags
 import ml_collections
 
+from magicvideo_jax import config as config_lib
 from magicvideo_jax.models import cmd as cmd_lib
 
 CONVENTION = ('CMD / fvcore: 1 multiply-add = 1 FLOP; linear and conv layers only (attention QK^T '
@@ -388,5 +390,6 @@ def main(argv: Sequence[str], f: types.SimpleNamespace) -> None:
 
 
 if __name__ == '__main__':
+  sys.argv = config_lib.resolve_config_flag(sys.argv)  # --config=NAME: a shipped config.
   _FLAGS = define_flags()
   app.run(functools.partial(main, f=_FLAGS))

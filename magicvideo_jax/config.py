@@ -12,7 +12,9 @@ here rather than in context.py / sampling/.
 """
 
 import copy
-from typing import Any, Callable, Dict, Tuple
+import os
+import re
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import ml_collections
 
@@ -366,4 +368,43 @@ def fill_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       section = _lookup(out, dotted)
       if isinstance(section, ml_collections.ConfigDict):
         _fill(section, defaults().to_dict(preserve_field_references=True), dotted + '.', ())
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped configs by name: `--config=tiny[:ARG]` works from an installed package (the repository's
+# configs/ is the package's `magicvideo_jax.configs`).
+
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def shipped_config_names() -> Tuple[str, ...]:
+  return tuple(sorted(n[:-3] for n in os.listdir(SHIPPED_CONFIGS)
+                      if n.endswith('.py') and not n.startswith('_')))
+
+
+def resolve_config_file(value: str) -> str:
+  """`--config`'s value with a shipped config's name (`tiny`, `tiny:ARG`) or a `configs/NAME.py` path
+  that does not exist here (run outside the repository) as the shipped file's path; any other value
+  (an existing file, a URL, a typo that the flag reports) as it is."""
+  file, colon, arg = value.partition(':')
+  if '://' in value or os.path.isfile(file):
+    return value
+  name = file[len('configs/'):] if file.startswith('configs/') else file
+  name = name[:-3] if name.endswith('.py') else name
+  path = os.path.join(SHIPPED_CONFIGS, f'{name}.py')
+  if re.fullmatch(r'\w+', name) and os.path.isfile(path):
+    return path + colon + arg
+  return value
+
+
+def resolve_config_flag(argv: Sequence[str], flag: str = 'config') -> List[str]:
+  """argv with `--config=VALUE` / `--config VALUE` passed through `resolve_config_file`
+  (`--config.key=value` overrides untouched)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(f'--{flag}='):
+      out[i] = f'--{flag}=' + resolve_config_file(arg[len(flag) + 3:])
+    elif arg == f'--{flag}' and i + 1 < len(out):
+      out[i + 1] = resolve_config_file(out[i + 1])
   return out

@@ -21,6 +21,9 @@ from magicvideo_jax.weights.convert import convert_diffusers_folder, export_diff
 from magicvideo_jax.weights.torch_layout import ConversionError, refuse_pickle_args
 
 
+MOTION_ADAPTER_DIR = 'motion_adapter'  # An AnimateDiff model's export: its MotionAdapter folder.
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       prog='python -m magicvideo_jax.convert',
@@ -82,6 +85,9 @@ def main(argv=None) -> None:
       config, params, tokenizer = ckpt_lib.load_pretrained(folder)
       params = lora_lib.fold(params, lora_lib.scale(config))  # A LoRA run's adapters added.
       export_diffusers(params, config, args.output, args.reference_dir, tokenizer)
+      if config.model.unet.get('temporal_attention') == 'animatediff':  # Also diffusers' own form.
+        motion_adapter.export_motion_adapter(params['unet'], config.model.unet.to_dict(),
+                                             os.path.join(args.output, MOTION_ADAPTER_DIR))
     print(os.path.abspath(args.output))
   except (ConversionError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None

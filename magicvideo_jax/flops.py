@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import ml_collections
 import numpy as np
 
+from magicvideo_jax import cli
 from magicvideo_jax import cmd_flops
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
@@ -763,7 +764,7 @@ def compare(memory: bool = False, mesh: Optional[Dict[str, int]] = None, **kwarg
   """`count_flops` of MagicVideo (sd15_256) and the VDM configs, in `COMPARE` order."""
   reports = []
   for name, path, variant in COMPARE:
-    module = importlib.import_module(path[:-3].replace('/', '.'))
+    module = importlib.import_module('magicvideo_jax.' + path[:-3].replace('/', '.'))
     reports.append((name, count_flops(module.get_config(variant), memory=memory, mesh=mesh,
                                       **kwargs)))
   return reports
@@ -777,7 +778,7 @@ def define_flags() -> types.SimpleNamespace:
   """The command-line flags; defined only when run as a program, so importing defines no flags."""
   return types.SimpleNamespace(
       config=config_flags.DEFINE_config_file(
-          'config', None, 'Config file (e.g. configs/sd15_256.py).', lock_config=False),
+          'config', None, 'Config file (e.g. configs/sd15_256.py) or a shipped config by name (sd15_256).', lock_config=False),
       json=flags.DEFINE_bool('json', False, 'Print one JSON document instead of the tables.'),
       mesh=flags.DEFINE_string('mesh', None, 'Mesh for the memory counts, e.g. "data=1,fsdp=8" '
                                '(default: config.mesh).'),
@@ -855,7 +856,9 @@ def reports_to_json(reports: Sequence[Tuple[str, Dict[str, Any]]]) -> Dict[str, 
 
 def run() -> None:
   """The `magicvideo-flops` console script."""
-  app.run(functools.partial(main, f=define_flags()))
+  f = define_flags()
+  cli.prepare_console_script(__name__)
+  app.run(functools.partial(main, f=f))
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@ r"""Entry point: train a model described by a config, in a workdir it resumes fr
   python -m magicvideo_jax.main --config=configs/tiny.py --workdir=/tmp/tiny \
       [--config.train.num_steps=100 ...]
 
-`--config=FILE:ARG` passes ARG to the file's `get_config(arg)` (e.g. a stage variant); `--config.a.b=v`
+`--config=NAME` (e.g. `tiny`, `shapes:arg`) names a shipped config, so the installed `magicvideo-train`
+works from any folder; `--config=FILE:ARG` passes ARG to the file's `get_config(arg)` (e.g. a stage variant); `--config.a.b=v`
 overrides a key, and a mistyped key fails at once, naming it. Several processes (hosts) join with
 `--coordinator_address`, `--num_processes`, `--process_id` (or the cluster's own environment, e.g. on a
 TPU pod or under Slurm, with `--distributed`).
@@ -19,12 +20,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from magicvideo_jax import cli
 from magicvideo_jax import config as config_lib
 from magicvideo_jax.training import train
 from magicvideo_jax.training import workdir as workdir_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]) or a shipped config by name (tiny[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
@@ -72,7 +74,7 @@ def parse_flags(argv):
   """absl's flag parsing, with a bad flag, a missing config file or an unknown config key (with its
   'Did you mean' suggestion) as one line and exit status 2 instead of chained tracebacks."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(config_lib.resolve_config_flag(argv))
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     what = 'bad config override' if isinstance(e, (AttributeError, KeyError)) else 'bad flag'
     print(f'{os.path.basename(argv[0])}: error: {what}: {_one_line(e)}', file=sys.stderr)
@@ -129,6 +131,7 @@ def main(argv):
 
 def run() -> None:
   """The `magicvideo-train` console script."""
+  cli.prepare_console_script(__name__)
   app.run(main, flags_parser=parse_flags)
 
 

@@ -25,6 +25,7 @@ from magicvideo_jax import video_io
 from magicvideo_jax.sampling import cascade
 from magicvideo_jax.sampling import long_video
 from magicvideo_jax.sampling import pipeline as pipeline_lib
+from magicvideo_jax.weights import hub
 from magicvideo_jax.weights import torch_layout
 
 VIDEO_EXTENSIONS = video_io.VIDEO_EXTENSIONS
@@ -123,7 +124,11 @@ def request_settings(args: argparse.Namespace) -> dict:
 
 def check_flags(args: argparse.Namespace) -> None:
   """Checks that need no jax (fast failure)."""
-  if not os.path.isdir(args.checkpoint):
+  try:  # A Hub id: its folder in the local Hugging Face cache.
+    checkpoint = hub.resolve(args.checkpoint)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from None
+  if not os.path.isdir(checkpoint):
     raise UserError(f'checkpoint folder not found: {args.checkpoint}')
   ext = os.path.splitext(args.output)[1].lower()
   if ext not in VIDEO_EXTENSIONS:

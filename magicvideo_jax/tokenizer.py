@@ -14,6 +14,7 @@ from etils import epath
 import numpy as np
 
 WORDS_FILE = 'words_tokenizer.json'
+WORD_PATTERN = r"[a-z0-9']+"  # A word of a (lower-cased) prompt.
 SHOWN_CHARS = 80  # Prompts in warnings are cut to this many characters.
 
 
@@ -41,7 +42,7 @@ class WordTokenizer:
 
   @staticmethod
   def split(text: str) -> List[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
+    return re.findall(WORD_PATTERN, text.lower())
 
   @property
   def vocab_size(self) -> int:
@@ -71,6 +72,33 @@ class WordTokenizer:
     words = [w for w in self.vocab if w not in self.SPECIALS]
     (folder / WORDS_FILE).write_text(json.dumps({'words': words, 'max_length': self.max_length},
                                                 indent=1))
+
+  def to_transformers(self):
+    """The same tokenizer as a `transformers.PreTrainedTokenizerFast` (a word-level `tokenizers`
+    model: lower-cased, the words of `split`, `<bos> ... <eos>`), for diffusers pipelines."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+    from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+    backend = Tokenizer(models.WordLevel(vocab=dict(self.vocab), unk_token='<unk>'))
+    backend.normalizer = normalizers.Lowercase()
+    # The pattern's matches are the words; everything between them is dropped, as in `split`.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior='removed', invert=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single='<bos> $A <eos>', pair='<bos> $A <eos> $B <eos>',
+        special_tokens=[('<bos>', self.bos_id), ('<eos>', self.eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='<bos>', eos_token='<eos>',
+                                   pad_token='<pad>', unk_token='<unk>',
+                                   model_max_length=self.max_length)
+
+  def save_transformers(self, folder: str) -> None:
+    """Writes `tokenizer.json` + `tokenizer_config.json` beside `words_tokenizer.json`:
+    `AutoTokenizer.from_pretrained(folder)` loads it as a `PreTrainedTokenizerFast`."""
+    self.save(folder)
+    self.to_transformers().save_pretrained(os.fspath(folder))
+    # transformers 5 names the class TokenizersBackend; the older name loads in 4.x and 5.x alike.
+    config_path = epath.Path(folder) / 'tokenizer_config.json'
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config['tokenizer_class'] = 'PreTrainedTokenizerFast'
+    config_path.write_text(json.dumps(tokenizer_config, indent=1))
 
   @classmethod
   def load(cls, folder: str) -> 'WordTokenizer':

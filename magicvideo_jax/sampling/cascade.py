@@ -36,6 +36,7 @@ import numpy as np
 from magicvideo_jax.sampling import interpolation as interpolation_lib
 from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import hub
 
 STAGE_DIRS = ('base', 'interpolation', 'upscaler')
 
@@ -55,7 +56,9 @@ def _model_folder(path: str) -> str:
 
 def resolve_folders(path: str, interpolation: Optional[str] = None, upscaler: Optional[str] = None
                     ) -> Tuple[str, Optional[str], Optional[str]]:
-  """(base, interpolation, upscaler) folders of a cascade folder or a base folder plus stages."""
+  """(base, interpolation, upscaler) folders of a cascade folder or a base folder plus stages (a Hub
+  id: its snapshot in the local Hugging Face cache, `weights/hub.py`)."""
+  path = hub.resolve(path)
   if is_cascade_folder(path):
     found = {name: os.path.join(path, name) for name in STAGE_DIRS
              if os.path.isdir(os.path.join(path, name))}

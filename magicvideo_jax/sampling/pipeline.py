@@ -47,6 +47,7 @@ from magicvideo_jax.sampling import long_video as long_video_lib
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
 from magicvideo_jax.weights import convert
+from magicvideo_jax.weights import hub
 from magicvideo_jax.weights import lora_io
 from magicvideo_jax.weights import torch_layout
 
@@ -58,8 +59,10 @@ DEFAULT_DIFFUSERS_FRAMES = 16
 
 
 def checkpoint_kind(path: str) -> Tuple[str, str]:
-  """('pretrained' | 'diffusers', folder) of a checkpoint folder, a training workdir or a diffusers
-  folder. Raises FileNotFoundError naming what was expected."""
+  """('pretrained' | 'diffusers', folder) of a checkpoint folder, a training workdir, a diffusers
+  folder, or a Hub repository id in the local Hugging Face cache (`weights/hub.py`). Raises
+  FileNotFoundError naming what was expected."""
+  path = hub.resolve(path)
   if os.path.isfile(path):
     if path.endswith(torch_layout.PICKLE_SUFFIXES):
       raise torch_layout.ConversionError(
@@ -203,7 +206,8 @@ class MagicVideoPipeline:
                       mesh: Optional[jax.sharding.Mesh] = None, verbose: bool = False,
                       interpolation: Optional[str] = None, upscaler: Optional[str] = None,
                       **overrides) -> 'MagicVideoPipeline':
-    """From a checkpoint folder (convert / training export), a training workdir, or a diffusers folder.
+    """From a checkpoint folder (convert / training export), a training workdir, a diffusers folder,
+    or a Hub repository id (`org/name`) already in the local Hugging Face cache (`weights/hub.py`).
 
     With `interpolation` / `upscaler` (checkpoint folders or workdirs), or when `path` is a cascade
     folder (base/, interpolation/, upscaler/), the pipeline runs those stages after the base

@@ -7,9 +7,13 @@ upscaler: class-embedded noise level, only-cross-attention blocks, 3-level VAE) 
 `low_res_scheduler/`, whose noise schedule becomes the config's `upscaler` section (read by
 `magicvideo_jax.sampling.upscaler`). DST becomes a checkpoint folder that the rest of the project loads
 (`magicvideo_jax.weights.checkpoint.load_pretrained`): `config.json` (our config: model, diffusion and sampling
-from the scheduler config, data), Orbax params and the tokenizer files. Export writes our
-image-part weights back as diffusers / transformers safetensors, in the reference folder's layout and
-CLIP key style when `--reference_dir` is given.
+from the scheduler config, data), Orbax params and the tokenizer files. Export writes a folder
+`diffusers.DiffusionPipeline.from_pretrained` loads (a StableDiffusionPipeline: our image-part weights as
+diffusers / transformers safetensors, a DDIMScheduler config on our schedule, a word-level tokenizer also
+as a `PreTrainedTokenizerFast`, `model_index.json`), in the reference folder's layout and CLIP key style
+when `--reference_dir` is given, and beside it `magicvideo_video_layers/` (`VIDEO_LAYERS_DIR`): our
+config.json and the video-only tensors, `<model>.<torch key>` in `video_layers.safetensors`. Importing
+such a folder reads both back, so export -> import gives the same video model exactly.
 
 Our Linen trees mirror the PyTorch state dicts, so the mapping is by name:
   torch `down_blocks.0.resnets.1.conv1.weight` <-> flax `down_blocks_0/resnets_1/conv1/kernel`
@@ -17,9 +21,9 @@ with `weight` -> `kernel` (transposed), `scale` (norms) or `embedding`, and `bia
 transformers 5 writes CLIPTextModel without SD's `text_model.` prefix; both styles import.
 Video-only parameters (a path component containing 'temporal' or 'adaptor', or starting with 'fps_',
 or the `embedding_to_context` layer of models conditioned on CLIP embeddings, context.py) do not exist
-in image checkpoints and are not exported: `surgery.grow_video_params` initialises the U-Net's and VAE's
-(identity at init) in one small jitted `apply`, so the converted video model equals the image model
-frame by frame.
+in image checkpoints: importing a folder without `magicvideo_video_layers/`, `surgery.grow_video_params`
+initialises the U-Net's and VAE's (identity at init) in one small jitted `apply`, so the converted video
+model equals the image model frame by frame.
 Pickle checkpoints (.ckpt, .bin, .pt, .pth) are never loaded; a missing, unexpected or mis-shaped tensor
 is a `ConversionError` naming it.
 """
@@ -36,6 +40,8 @@ from magicvideo_jax import config as common
 from magicvideo_jax import diffusion
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import tokenizer as tok_lib
+from magicvideo_jax.weights import checkpoint as ckpt_lib
+from magicvideo_jax.weights import hub
 from magicvideo_jax.weights import surgery
 from magicvideo_jax.weights.torch_layout import (PICKLE_SUFFIXES, ConversionError, load_safetensors_folder,
                                                  params_to_state_dict, save_safetensors,
@@ -83,6 +89,10 @@ _SCHEDULER_CLASS_DEFAULTS = {
     'EulerDiscreteScheduler': dict(timestep_spacing='linspace'),
     'EulerAncestralDiscreteScheduler': dict(timestep_spacing='linspace'),
 }
+# The video layers and our config beside an exported pipeline (`export_diffusers`).
+VIDEO_LAYERS_DIR = 'magicvideo_video_layers'
+VIDEO_LAYERS_FILE = 'video_layers.safetensors'
+DIFFUSERS_VERSION = '0.42.1'  # The diffusers release exports are tested with.
 MODEL_FILES = {'unet': 'diffusion_pytorch_model.safetensors',
                'vae': 'diffusion_pytorch_model.safetensors', 'text_encoder': 'model.safetensors'}
 
@@ -189,7 +199,12 @@ def upscaler_config_from_diffusers(src: str) -> Optional[Dict[str, Any]]:
 
 def model_config_from_diffusers(src: str, num_frames: int = 16):
   """Our full config (model, diffusion, sampling, tokenizer, data) for a diffusers pipeline folder,
-  plus an `upscaler` section for an upscale pipeline folder."""
+  plus an `upscaler` section for an upscale pipeline folder. A folder we exported carries our own
+  config beside its video layers (`VIDEO_LAYERS_DIR/config.json`): that one, whatever `num_frames`."""
+  stored = os.path.join(src, VIDEO_LAYERS_DIR, 'config.json')
+  if os.path.isfile(stored):
+    with open(stored) as f:
+      return common.fill_defaults(ckpt_lib.config_from_json(f.read()))
   unet_cfg = _read_json(os.path.join(src, 'unet', 'config.json'))
   vae_cfg = _read_json(os.path.join(src, 'vae', 'config.json'))
   text_cfg = _read_json(os.path.join(src, 'text_encoder', 'config.json'))
@@ -230,44 +245,67 @@ def load_model_state(folder: str, name: str) -> Tuple[Dict[str, np.ndarray], str
   return state, prefix
 
 
+def load_video_layers(src: str) -> Dict[str, Dict[str, np.ndarray]]:
+  """{model: state dict} of an exported folder's `VIDEO_LAYERS_DIR` ({} when it has none)."""
+  path = os.path.join(src, VIDEO_LAYERS_DIR, VIDEO_LAYERS_FILE)
+  if not os.path.isfile(path):
+    return {}
+  out: Dict[str, Dict[str, np.ndarray]] = {}
+  for key, value in load_safetensors_folder(os.path.dirname(path)).items():
+    name, _, torch_key = key.partition('.')
+    out.setdefault(name, {})[torch_key] = value
+  return out
+
+
 def convert_diffusers_folder(src: str, num_frames: int = 16, seed: int = 0):
-  """(config, params, tokenizer) of a diffusers SD folder; video-only params at identity init.
+  """(config, params, tokenizer) of a diffusers SD folder (or a Hub repository id in the local
+  Hugging Face cache, `hub.resolve`); video-only params at identity init, or an export's own.
 
   Raises:
-    FileNotFoundError: `src` or one of its model folders does not exist.
+    FileNotFoundError: `src` or one of its model folders does not exist (a repository id: is not
+      in the cache; the message names the command that downloads it).
     ConversionError: pickle-only weights, an unsupported config, or a missing / unexpected /
       mis-shaped tensor (named in the message).
   """
-  check_pipeline_folder(src)
+  src = check_pipeline_folder(src)
   config = model_config_from_diffusers(src, num_frames)
   modules = models_lib.build_models(config.model)
-  params = load_pipeline_params(src, surgery.abstract_params_for(config, modules))
-  params = surgery.grow_video_params(config, params, modules, seed)
+  video = load_video_layers(src)
+  params = load_pipeline_params(src, surgery.abstract_params_for(config, modules), video)
+  if not video:  # An image checkpoint: the video layers at their identity init.
+    params = surgery.grow_video_params(config, params, modules, seed)
   tokenizer = tok_lib.load_tokenizer(os.path.join(src, 'tokenizer'),
                                      config.model.text_encoder.max_position_embeddings)
   return config, params, tokenizer
 
 
-def check_pipeline_folder(src: str) -> None:
-  """Raises unless `src` is a folder (a pickle file is refused with the way to convert it)."""
+def check_pipeline_folder(src: str) -> str:
+  """The folder `src` names (a Hub id: its snapshot in the local cache, `hub.resolve`); raises unless
+  it is one (a pickle file is refused with the way to convert it)."""
   if os.path.isfile(src) and src.endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{src} is a pickle checkpoint; it is never loaded (it can run arbitrary '
                           'code). Convert it to a diffusers folder with safetensors weights first, '
                           'e.g. with diffusers `StableDiffusionPipeline.from_single_file(path)'
                           '.save_pretrained(out, safe_serialization=True)`.')
+  src = hub.resolve(src)
   if not os.path.isdir(src):
     raise FileNotFoundError(f'diffusers folder not found: {src}')
+  return src
 
 
-def load_pipeline_params(src: str, template: Mapping[str, Any]) -> Params:
-  """{'unet', 'vae', 'text_encoder'} params of a diffusers folder on `template`'s names and shapes;
-  the video-only leaves left out."""
+def load_pipeline_params(src: str, template: Mapping[str, Any],
+                         video: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None) -> Params:
+  """{'unet', 'vae', 'text_encoder'} params of a diffusers folder on `template`'s names and shapes,
+  the video-only leaves left out; with `video` (an export's `load_video_layers`), every group and
+  leaf of `template`, from both."""
   params = {}
-  for name in MODEL_FILES:
-    state, prefix = load_model_state(os.path.join(src, name), name)
+  for name in (template if video else MODEL_FILES):
+    state, prefix = load_model_state(os.path.join(src, name), name) if name in MODEL_FILES else ({}, '')
+    state.update({k[len(prefix) + 1:] if prefix and k.startswith(prefix + '.') else k: v
+                  for k, v in (video or {}).get(name, {}).items()})
     try:
       params[name] = state_dict_to_params(state, template[name], prefix=prefix,
-                                          allow_missing_video=True)
+                                          allow_missing_video=not video)
     except ConversionError as e:
       raise ConversionError(f'{os.path.join(src, name)}: {e}') from None
   return params
@@ -275,13 +313,16 @@ def load_pipeline_params(src: str, template: Mapping[str, Any]) -> Params:
 
 def export_diffusers(params: Mapping[str, Any], config, dst: str,
                      reference_dir: Optional[str] = None, tokenizer: Any = None) -> None:
-  """Writes our image-part params as diffusers/transformers safetensors (`unet/`, `vae/`,
-  `text_encoder/`, each with config.json; plus `tokenizer/`, `scheduler/`, `model_index.json`).
+  """Writes a folder `diffusers.DiffusionPipeline.from_pretrained` loads (a StableDiffusionPipeline:
+  `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), plus the video
+  layers and our config in `magicvideo_video_layers/` (`VIDEO_LAYERS_DIR`), which diffusers ignores and
+  `convert_diffusers_folder` reads back, so export -> import gives the same model exactly.
 
   With `reference_dir` (the diffusers folder the weights came from) its configs and other files are
   copied, its tensor layouts used (1x1 conv vs Linear) and its CLIP key style kept (with or without
-  `text_model.`); otherwise configs are written from ours and CLIP keys carry SD's `text_model.` prefix.
-  Video-only parameters are not exported (no diffusers model has them).
+  `text_model.`); otherwise configs are written from ours (the scheduler: a DDIMScheduler on
+  `config.diffusion`'s schedule), CLIP keys carry SD's `text_model.` prefix, and a word-level tokenizer
+  is also written as a `PreTrainedTokenizerFast`.
   """
   os.makedirs(dst, exist_ok=True)
   for name, filename in MODEL_FILES.items():
@@ -298,32 +339,94 @@ def export_diffusers(params: Mapping[str, Any], config, dst: str,
         state = {k[len(prefix) + 1:]: v for k, v in state.items()}
       shutil.copy(os.path.join(ref, 'config.json'), os.path.join(out_dir, 'config.json'))
     else:
-      with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(_diffusers_config(name, config, tokenizer), f, indent=1)
+      _write_json(os.path.join(out_dir, 'config.json'), _diffusers_config(name, config, tokenizer))
     save_safetensors(state, os.path.join(out_dir, filename))
-  if reference_dir:
-    for extra in ('tokenizer', 'scheduler', 'low_res_scheduler', 'model_index.json'):
-      path = os.path.join(reference_dir, extra)
-      target = os.path.join(dst, extra)
+  _export_video_layers(params, config, dst)
+  from_reference = lambda name: bool(reference_dir) and os.path.exists(os.path.join(reference_dir, name))
+  for extra in ('tokenizer', 'scheduler', 'low_res_scheduler', 'model_index.json'):
+    if from_reference(extra):  # The reference's own files, as they are.
+      path, target = os.path.join(reference_dir, extra), os.path.join(dst, extra)
       if os.path.isdir(path):
         shutil.copytree(path, target, dirs_exist_ok=True)
-      elif os.path.isfile(path):
+      else:
         shutil.copy(path, target)
-    return
-  if tokenizer is not None:
-    tokenizer.save(os.path.join(dst, 'tokenizer'))
-  os.makedirs(os.path.join(dst, 'scheduler'), exist_ok=True)
-  with open(os.path.join(dst, 'scheduler', 'scheduler_config.json'), 'w') as f:
-    sched = {k: list(v) if isinstance(v, tuple) else v for k, v in config.diffusion.to_dict().items()}
-    json.dump(dict(sched, _class_name='DDIMScheduler', clip_sample=bool(config.sampling.clip_sample)),
-              f, indent=1)
-  if 'upscaler' in config:
+  if tokenizer is not None and not from_reference('tokenizer'):
+    if isinstance(tokenizer, tok_lib.WordTokenizer):
+      tokenizer.save_transformers(os.path.join(dst, 'tokenizer'))
+    else:
+      tokenizer.save(os.path.join(dst, 'tokenizer'))
+  if not from_reference('scheduler'):
+    _write_json(os.path.join(dst, 'scheduler', 'scheduler_config.json'),
+                scheduler_config_for_diffusers(config))
+  if 'upscaler' in config and not from_reference('low_res_scheduler'):
     upscaler = config.upscaler  # An upscale pipeline: its low-res noise schedule (DDPM add_noise).
-    os.makedirs(os.path.join(dst, 'low_res_scheduler'), exist_ok=True)
-    with open(os.path.join(dst, 'low_res_scheduler', 'scheduler_config.json'), 'w') as f:
-      low_res = {k: list(v) if isinstance(v, tuple) else v
-                 for k, v in upscaler.noise_schedule.to_dict().items()}
-      json.dump(dict(low_res, _class_name='DDPMScheduler'), f, indent=1)
+    low_res = {k: list(v) if isinstance(v, tuple) else v
+               for k, v in upscaler.noise_schedule.to_dict().items()}
+    _write_json(os.path.join(dst, 'low_res_scheduler', 'scheduler_config.json'),
+                dict(low_res, _class_name='DDPMScheduler'))
+  if not from_reference('model_index.json'):
+    _write_json(os.path.join(dst, 'model_index.json'), model_index(config, tokenizer))
+
+
+def scheduler_config_for_diffusers(config) -> Dict[str, Any]:
+  """A DDIMScheduler config on our `config.diffusion` schedule (what `scheduler_config_from_diffusers`
+  reads back as the same schedule)."""
+  ours = config.diffusion
+  out = dict(_class_name='DDIMScheduler', _diffusers_version=DIFFUSERS_VERSION)
+  for key in ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_end', 'prediction_type',
+              'timestep_spacing', 'steps_offset', 'set_alpha_to_one', 'rescale_betas_zero_snr'):
+    out[key] = ours[key]
+  trained = ours.get('trained_betas', None)
+  out['trained_betas'] = list(trained) if trained else None
+  out.update(clip_sample=bool(config.sampling.clip_sample),
+             clip_sample_range=float(config.sampling.get('clip_sample_range', 1.0)),
+             thresholding=False)
+  return out
+
+
+def model_index(config, tokenizer: Any = None) -> Dict[str, Any]:
+  """`model_index.json` of the exported pipeline: diffusers' pipeline class and its components."""
+  upscale = 'upscaler' in config
+  tokenizer_class = ('PreTrainedTokenizerFast' if isinstance(tokenizer, tok_lib.WordTokenizer)
+                     else 'CLIPTokenizer')
+  out = dict(_class_name='StableDiffusionUpscalePipeline' if upscale else 'StableDiffusionPipeline',
+             _diffusers_version=DIFFUSERS_VERSION, scheduler=['diffusers', 'DDIMScheduler'],
+             text_encoder=['transformers', 'CLIPTextModel'],
+             tokenizer=['transformers', tokenizer_class],
+             unet=['diffusers', 'UNet2DConditionModel'], vae=['diffusers', 'AutoencoderKL'])
+  if upscale:
+    out.update(low_res_scheduler=['diffusers', 'DDPMScheduler'],
+               max_noise_level=int(config.upscaler.max_noise_level))
+  else:
+    out.update(safety_checker=[None, None], feature_extractor=[None, None],
+               image_encoder=[None, None], requires_safety_checker=False)
+  return out
+
+
+def _export_video_layers(params: Mapping[str, Any], config, dst: str) -> None:
+  """`VIDEO_LAYERS_DIR/`: our config.json and the tensors no diffusers model has (`VIDEO_LAYERS_FILE`:
+  `<model>.<torch key>`, e.g. `unet.mid_block.resnets.0.conv1_adaptor.scale`; every tensor of a
+  parameter group other than unet / vae / text_encoder)."""
+  state = {}
+  for name, group in params.items():
+    if name in MODEL_FILES:
+      image = params_to_state_dict(group)
+      group_state = {k: v for k, v in params_to_state_dict(group, include_video=True).items()
+                     if k not in image}
+    else:
+      group_state = params_to_state_dict(group, include_video=True)
+    state.update({f'{name}.{k}': v for k, v in group_state.items()})
+  folder = os.path.join(dst, VIDEO_LAYERS_DIR)
+  os.makedirs(folder, exist_ok=True)
+  save_safetensors(state, os.path.join(folder, VIDEO_LAYERS_FILE))
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    f.write(ckpt_lib.config_to_json(config))
+
+
+def _write_json(path: str, content: Mapping[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(content, f, indent=1)
 
 
 def _diffusers_config(name: str, config, tokenizer: Any = None) -> Dict[str, Any]:

@@ -181,7 +181,7 @@ def convert_with_motion_adapter(sd_dir: str, adapter_dir: str, num_frames: int =
                                 seed: int = 0) -> Tuple[ml_collections.ConfigDict, Params, Any]:
   """(config, params, tokenizer): the SD folder's model with the adapter's motion modules
   (temporal_attention='animatediff'); frame adaptors and fps embedding at identity init."""
-  convert.check_pipeline_folder(sd_dir)
+  sd_dir = convert.check_pipeline_folder(sd_dir)
   adapter_cfg, state = load_adapter_folder(adapter_dir)
   config = convert.model_config_from_diffusers(sd_dir, num_frames)
   try:

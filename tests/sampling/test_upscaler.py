@@ -320,6 +320,8 @@ def test_converter_round_trip(upscaler_dir, converted_dir, tmp_path):
   # Without a reference: our configs (class embedding, only-cross levels, low-res schedule).
   plain = str(tmp_path / 'plain')
   convert_cli.main(['--export_from', converted_dir, '--output', plain])
+  assert isinstance(diffusers.DiffusionPipeline.from_pretrained(plain),
+                    diffusers.StableDiffusionUpscalePipeline)  # model_index.json from our config.
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain, 'unet'))
   assert list(unet.config.only_cross_attention) == [True, True, False]
   original = torch_layout.load_safetensors_folder(os.path.join(upscaler_dir, 'unet'))

@@ -86,6 +86,11 @@ def test_round_trip_is_exact(tiny_sd_dir, tiny_converted_dir, tmp_path):
   text = torch_layout.load_safetensors_folder(os.path.join(plain, 'text_encoder'))
   assert_same_tensors({f'text_model.{k}': v for k, v in originals['text_encoder'].items()}, text,
                       'text_encoder')
+  assert isinstance(diffusers.DiffusionPipeline.from_pretrained(plain),
+                    diffusers.StableDiffusionPipeline)  # model_index.json, scheduler/ from our config.
+  back = flat(convert.convert_diffusers_folder(plain)[1])
+  expected = flat(ckpt_lib.load_pretrained(tiny_converted_dir)[1])
+  assert sorted(back) == sorted(expected) and all(np.array_equal(back[k], expected[k]) for k in back)
   unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain, 'unet'))
   vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(plain, 'vae'))
   clip = transformers.CLIPTextModel.from_pretrained(os.path.join(plain, 'text_encoder'))

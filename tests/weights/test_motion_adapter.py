@@ -66,6 +66,17 @@ def test_round_trip_is_exact(adapter_dir, converted_dir, tmp_path):
     got = reloaded.config[key]
     assert (tuple(got) if isinstance(got, list) else got) == value, key
 
+  # --export_from: the pipeline folder with the MotionAdapter beside it, which AnimateDiff loads.
+  pipeline_dir = str(tmp_path / 'pipeline')
+  convert_cli.main(['--export_from', converted_dir, '--output', pipeline_dir])
+  adapter_out = os.path.join(pipeline_dir, convert_cli.MOTION_ADAPTER_DIR)
+  beside = load_file(os.path.join(adapter_out, ma_lib.WEIGHTS_FILE))
+  assert sorted(beside) == sorted(original)
+  assert all(np.array_equal(beside[k], v) for k, v in original.items())
+  animatediff = diffusers.AnimateDiffPipeline.from_pretrained(
+      pipeline_dir, motion_adapter=diffusers.MotionAdapter.from_pretrained(adapter_out))
+  assert isinstance(animatediff.unet, diffusers.UNetMotionModel)
+
 
 def test_sampling_matches_animatediff_pipeline(tiny_sd_dir, adapter_dir, converted_dir):
   from magicvideo_jax import MagicVideoPipeline  # pylint: disable=g-import-not-at-top
