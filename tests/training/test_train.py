@@ -1,18 +1,16 @@
-"""Training program end to end: overfitting, resume after kill -9, topology change, multi-host,
-SIGTERM, NaN guard, config errors. Runs `magicvideo_jax.main` in subprocesses like a user would."""
+"""Training program end to end: overfitting, resume after kill -9, topology change, SIGTERM, NaN
+guard, config errors (two processes: test_train_multihost.py). Runs `magicvideo_jax.main` in
+subprocesses like a user would."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
@@ -21,70 +19,7 @@ from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON = sys.executable
-
-
-def _env(devices=None):
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  env['PYTHONPATH'] = ROOT
-  return env
-
-
-def _main_cmd(workdir, data_dir, *overrides, devices=1, variant=''):
-  config = 'configs/tiny.py' + (f':{variant}' if variant else '')
-  return [PYTHON, '-m', 'magicvideo_jax.main', f'--config={config}', f'--workdir={workdir}',
-          f'--num_cpu_devices={devices}', f'--config.data.data_dir={data_dir}',
-          '--config.data.prefetch=0', '--config.train.export=False', *overrides]
-
-
-def _run(cmd, timeout=600):
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-  if proc.returncode:
-    raise AssertionError(f'{" ".join(cmd)} failed:\n{proc.stderr[-4000:]}')
-  return proc
-
-
-def _checkpoint(workdir, step=None):
-  """(step, state, data_state) of a training checkpoint, restored onto this process's first device
-  (the checkpoint may come from another topology or from several processes)."""
-  root = os.path.join(workdir, 'checkpoints')
-  step = max(_steps_on_disk(workdir)) if step is None else step
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    path = os.path.join(root, str(step), 'state')
-    tree = checkpointer.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    state = checkpointer.restore(path, target)
-  with open(os.path.join(root, str(step), 'data', 'metadata')) as f:
-    data_state = json.load(f)
-  return step, state, data_state
-
-
-def _flat(tree):
-  """path -> numpy leaf, through dicts, lists and tuples (restored optimizer states hold lists)."""
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _wait_for(predicate, proc, timeout=300):
-  t0 = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f'process ended early:\n{proc.stderr.read()[-3000:]}')
-    if time.time() - t0 > timeout:
-      proc.kill()
-      raise AssertionError('timed out')
-    time.sleep(0.05)
-
-
-def _steps_on_disk(workdir):
-  root = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+import train_helpers as helpers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,8 +29,9 @@ def _steps_on_disk(workdir):
 def test_unknown_config_key_fails_fast(tmp_path):
   t0 = time.time()
   proc = subprocess.run(
-      [PYTHON, '-m', 'magicvideo_jax.main', '--config=configs/tiny.py', f'--workdir={tmp_path}',
-       '--config.train.num_stepz=3'], cwd=ROOT, env=_env(), capture_output=True, text=True,
+      [helpers.PYTHON, '-m', 'magicvideo_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.train.num_stepz=3'], cwd=helpers.ROOT, env=helpers.env(),
+       capture_output=True, text=True,
       timeout=120)
   elapsed = time.time() - t0
   print(f'unknown key rejected in {elapsed:.1f} s')
@@ -147,23 +83,24 @@ def test_kill_resume_is_bitwise_identical(tmp_path, shapes_data_dir):
   args = ('--config.train.num_steps=12', '--config.train.checkpoint_every=4',
           '--config.train.log_every=1')
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  _run(_main_cmd(straight, shapes_data_dir, *args))
+  helpers.run(helpers.main_cmd(straight, shapes_data_dir, *args))
 
-  proc = subprocess.Popen(_main_cmd(resumed, shapes_data_dir, *args), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: 4 in _steps_on_disk(resumed), proc)
+  proc = subprocess.Popen(helpers.main_cmd(resumed, shapes_data_dir, *args), cwd=helpers.ROOT,
+                          env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  helpers.wait_for(lambda: 4 in helpers.steps_on_disk(resumed), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = _steps_on_disk(resumed)
+  killed_at = helpers.steps_on_disk(resumed)
   print('checkpoints on disk after kill -9:', killed_at)
   assert 12 not in killed_at
-  _run(_main_cmd(resumed, shapes_data_dir, *args))
+  helpers.run(helpers.main_cmd(resumed, shapes_data_dir, *args))
 
-  step_a, state_a, data_a = _checkpoint(straight)
-  step_b, state_b, data_b = _checkpoint(resumed)
+  step_a, state_a, data_a = helpers.checkpoint(straight)
+  step_b, state_b, data_b = helpers.checkpoint(resumed)
   assert step_a == step_b == 12
   assert data_a == data_b
-  flat_a, flat_b = _flat(state_a), _flat(state_b)
+  flat_a, flat_b = helpers.flat(state_a), helpers.flat(state_b)
   assert flat_a.keys() == flat_b.keys()
   different = [k for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])]
   assert not different, f'{len(different)} leaves differ, e.g. {different[:3]}'
@@ -174,17 +111,17 @@ def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
   """Saved on 4 devices with fsdp=4, continued on 2 devices with data=2."""
   workdir = str(tmp_path / 'run')
   common = ('--config.train.checkpoint_every=2', '--config.train.trainable=("^unet/",)')
-  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=2',
+  helpers.run(helpers.main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=2',
                  '--config.mesh.data=1', '--config.mesh.fsdp=4', devices=4))
-  step, saved, _ = _checkpoint(workdir)
+  step, saved, _ = helpers.checkpoint(workdir)
   assert step == 2
-  _run(_main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=3',
+  helpers.run(helpers.main_cmd(workdir, shapes_data_dir, *common, '--config.train.num_steps=3',
                  '--config.mesh.data=2', '--config.mesh.fsdp=1', devices=2))
-  step, state, _ = _checkpoint(workdir)
+  step, state, _ = helpers.checkpoint(workdir)
   assert step == 3
   assert int(state['step']) == 3
-  moved = [k for k, v in _flat(state['params']).items()
-           if not np.array_equal(v, _flat(saved['params'])[k])]
+  moved = [k for k, v in helpers.flat(state['params']).items()
+           if not np.array_equal(v, helpers.flat(saved['params'])[k])]
   assert moved, 'training did not continue after the restore'
 
 
@@ -192,9 +129,10 @@ def test_restores_onto_another_topology(tmp_path, shapes_data_dir):
 def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(
-      _main_cmd(workdir, shapes_data_dir, '--config.train.num_steps=100000',
+      helpers.main_cmd(workdir, shapes_data_dir, '--config.train.num_steps=100000',
                 '--config.train.checkpoint_every=1000', '--config.train.log_every=1'),
-      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
   log = []
 
   def trained_a_few_steps():
@@ -202,10 +140,10 @@ def test_sigterm_saves_current_step(tmp_path, shapes_data_dir):
     log.append(line)
     return '[6] ' in line or ' 6 steps' in line
 
-  _wait_for(trained_a_few_steps, proc)
+  helpers.wait_for(trained_a_few_steps, proc)
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=120)
-  steps = _steps_on_disk(workdir)
+  steps = helpers.steps_on_disk(workdir)
   print('returncode', proc.returncode, 'checkpoints', steps)
   assert proc.returncode == 0
   assert steps and steps[-1] >= 6 and steps[-1] % 1000 != 0
@@ -239,7 +177,7 @@ def test_nan_loss_stops_without_checkpointing_it(tmp_path, shapes_data_dir, monk
   monkeypatch.setattr(train, 'make_iterator', lambda *a, **k: Poisoned(real_make_iterator(*a, **k)))
   with pytest.raises(FloatingPointError, match='loss is nan at step 4'):
     train.train_and_evaluate(config, str(tmp_path))
-  steps = _steps_on_disk(str(tmp_path))
+  steps = helpers.steps_on_disk(str(tmp_path))
   print('checkpoints after NaN:', steps)
   assert steps and max(steps) == 3
 
@@ -271,7 +209,7 @@ def test_gradient_accumulation_matches_one_big_batch(shapes_data_dir):
         f'{float(metrics_1["grad_norm"]):.6f} vs {float(metrics_2["grad_norm"]):.6f}')
   np.testing.assert_allclose(metrics_1['loss'], metrics_2['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics_1['grad_norm'], metrics_2['grad_norm'], rtol=1e-4)
-  flat_1, flat_2 = _flat(state_1.params), _flat(state_2.params)
+  flat_1, flat_2 = helpers.flat(state_1.params), helpers.flat(state_2.params)
   worst = max(float(np.max(np.abs(flat_1[k] - flat_2[k]))) for k in flat_1)
   print(f'max abs parameter difference after one step: {worst:.2e}')
   assert worst < 1e-5
@@ -291,88 +229,3 @@ def test_abstract_batch_is_the_first_batch(shapes_data_dir, variant):
   assert abstract.keys() == real.keys()
   for key, struct in real.items():
     assert abstract[key] == struct, (key, abstract[key], struct)
-
-
-def _launch(workdir, data_dir, log_dir, *overrides, processes=2):
-  """`processes` hosts of one CPU device each, as launch/local.sh starts them; (procs, log paths)."""
-  port = 20000 + (os.getpid() * 7 + len(str(workdir))) % 20000
-  procs, logs = [], []
-  for i in range(processes):
-    cmd = _main_cmd(workdir, data_dir, *overrides, devices=1)
-    cmd[3:3] = [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
-                f'--process_id={i}']
-    log = os.path.join(log_dir, f'process_{i}.log')
-    logs.append(log)
-    with open(log, 'w') as f:
-      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=f))
-  return procs, logs
-
-
-def _wait_all(procs, logs, timeout=900):
-  t0 = time.time()
-  for proc, log in zip(procs, logs):
-    try:
-      proc.wait(timeout=max(1, timeout - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise AssertionError(f'hung; {log}:\n{open(log).read()[-3000:]}')
-  return [p.returncode for p in procs]
-
-
-@pytest.mark.slow  # Two 2-process training runs and one 1-process run.
-def test_sigterm_to_one_of_two_processes(tmp_path, shapes_data_dir):
-  """SIGTERM to one host only: both hosts save the same step (JAX's preemption sync point) and exit
-  0. The rerun (through launch/local.sh, sampling with 2 processes) resumes from it and reaches the
-  state of one uninterrupted process with both devices (bitwise on XLA:CPU; the tolerance allows
-  another summation order in cross-process all-reduces)."""
-  # A constant learning rate after warm-up: the interrupted run's num_steps (100000) and the
-  # reruns' (saved + 1) then give the same schedule.
-  common = ('--config.train.checkpoint_every=1000', '--config.train.log_every=1',
-            '--config.train.end_lr_factor=1.0', '--config.mesh.data=1', '--config.mesh.fsdp=2')
-  workdir = str(tmp_path / 'preempted')
-  procs, logs = _launch(workdir, shapes_data_dir, str(tmp_path), '--config.train.num_steps=100000',
-                        *common)
-  t0 = time.time()
-  while not all('[4] ' in open(log).read() for log in logs):
-    if any(p.poll() is not None for p in procs) or time.time() - t0 > 900:
-      for p in procs:
-        p.kill()
-      raise AssertionError(open(logs[0]).read()[-3000:])
-    time.sleep(0.5)
-  procs[1].send_signal(signal.SIGTERM)
-  t_signal = time.time()
-  assert _wait_all(procs, logs, timeout=300) == [0, 0]
-  print(f'both processes exited {time.time() - t_signal:.1f} s after SIGTERM to process 1')
-  steps = _steps_on_disk(workdir)
-  saved = steps[-1]  # Orbax also saved the first step.
-  assert saved >= 4 and saved % 1000 and steps[:-1] in ([], [1]), steps
-  for log in logs:
-    assert f'stopped at step {saved} after a preemption notice' in open(log).read()
-
-  # Resume to saved + 1 on 2 processes; the reference runs there on 1 process x 2 devices.
-  target = saved + 1
-  cmd = _main_cmd(workdir, shapes_data_dir, f'--config.train.num_steps={target}',
-                  f'--config.train.sample_every={target}', *common)
-  launch = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2',
-            *[a for a in cmd[3:] if not a.startswith('--num_cpu_devices')]]
-  env = _env()
-  env.update(DEVICES='1', PYTHON=PYTHON, WORKDIR_LOGS=str(tmp_path / 'resumed'))
-  proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'resuming from' in open(tmp_path / 'resumed' / 'process_0.log').read()
-  assert os.path.isfile(os.path.join(workdir, 'samples', f'step_{target:07d}.gif'))
-  reference = str(tmp_path / 'reference')
-  _run(_main_cmd(reference, shapes_data_dir, f'--config.train.num_steps={target}', *common,
-                 devices=2), timeout=900)
-  _, resumed_state, resumed_data = _checkpoint(workdir, target)
-  _, reference_state, reference_data = _checkpoint(reference, target)
-  assert resumed_data == reference_data
-  a, b = _flat(resumed_state), _flat(reference_state)
-  assert a.keys() == b.keys()
-  vec_a = np.concatenate([a[k].ravel().astype(np.float64) for k in sorted(a)])
-  vec_b = np.concatenate([b[k].ravel().astype(np.float64) for k in sorted(a)])
-  relative = float(np.linalg.norm(vec_a - vec_b) / np.linalg.norm(vec_b))
-  print(f'resumed on 2 processes vs 1 uninterrupted process at step {target}: relative L2 '
-        f'difference {relative:.2e}')
-  assert relative <= 1e-5  # One skipped or repeated batch would be ~1e-3.

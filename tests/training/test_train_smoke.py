@@ -1,6 +1,7 @@
 """Smoke test of the training program in this process, as the Flax examples' train_test.py: a few steps
 of `train.train_and_evaluate` on configs/tiny.py over a local moving_shapes/tiny build. The runs of
-`magicvideo_jax.main` in subprocesses (resume, topologies, multi-process) are in tests/training/test_train.py."""
+`magicvideo_jax.main` in subprocesses (resume, topologies) are in tests/training/test_train.py, two
+processes in test_train_multihost.py."""
 
 import os
 
