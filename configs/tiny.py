@@ -5,7 +5,8 @@ r"""Tiny config: seconds per step on a laptop CPU; used by the tests and as a sm
 
 Variants (`--config=configs/tiny.py:VARIANT`): 'video' (default, MagicVideo's video stage training
 adaptors + temporal attention + fps embedding), 'image' (text-to-image U-Net, all parameters),
-'all' (video model, every parameter trains), 'vae' (autoencoder), and CMD's three stages
+'all' (video model, every parameter trains), 'vae' (autoencoder), 'i2v' (image-to-video: the video
+U-Net conditioned on frame 0, sampling/image_to_video.py), and CMD's three stages
 (configs/cmd_shapes.py in small): 'cmd_ae', 'cmd_content', 'cmd_motion' (chain them with
 --config.train.init_from=<previous run>/model).
 """
@@ -17,7 +18,7 @@ from magicvideo_jax import config as common
 
 def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
   variant = variant or 'video'
-  variants = ('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion')
+  variants = ('video', 'image', 'all', 'vae', 'i2v', 'cmd_ae', 'cmd_content', 'cmd_motion')
   if variant not in variants:
     raise ValueError(f'configs/tiny.py:{variant}: unknown variant; choose one of {variants}')
   config = common.base_config()
@@ -46,6 +47,10 @@ def get_config(variant: str = 'video') -> ml_collections.ConfigDict:
     config.train.trainable = ('^unet/', '^text_encoder/')
   elif variant == 'all':
     config.train.trainable = ('^unet/', '^text_encoder/')
+  elif variant == 'i2v':
+    config.model.unet.in_channels = 2 * config.model.vae.latent_channels + 1
+    config.image_to_video = common.image_to_video_defaults()
+    config.train.update(objective='image_to_video', trainable=('^unet/',))
   elif variant == 'vae':
     config.train.objective = 'vae'
     config.train.trainable = ('^vae/',)

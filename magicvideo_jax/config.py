@@ -154,6 +154,11 @@ def interpolation_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(factor=3, condition='nearest', keyframe_loss_weight=1.0))
 
 
+def image_to_video_defaults() -> ml_collections.ConfigDict:
+  """`config.image_to_video` (sampling/image_to_video.py): condition layout, frame 0's loss weight."""
+  return ml_collections.ConfigDict(dict(condition='nearest', first_frame_loss_weight=1.0))
+
+
 def upscaler_defaults() -> ml_collections.ConfigDict:
   """`config.upscaler` as the SD x4 upscaler's (sampling/upscaler.py): its low-res DDPM schedule
   (linear betas 1e-4 -> 0.02), noise levels up to 350, 20 by default at sampling, and sampling from
@@ -257,7 +262,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.fps = 8.0  # Default fps conditioning at sampling time.
   config.train = ml_collections.ConfigDict(dict(
       objective='diffusion',  # A key of losses.LOSSES: 'diffusion', 'vae', 'video_vae', 'clip',
-                              # 'interpolation', 'upscaler'.
+                              # 'interpolation', 'image_to_video', 'upscaler', 'cmd_*'.
       num_steps=1000,
       # Regexes over parameter paths; MagicVideo trains the video layers only.
       # Motion modules' position tables (`pos_embed/pe`) are fixed: left out.
@@ -331,6 +336,7 @@ OPTIONAL: Dict[str, Callable[[], ml_collections.ConfigDict]] = {
     'model.video_vae': video_vae_defaults,
     'model.cmd': cmd_defaults,
     'interpolation': interpolation_defaults,
+    'image_to_video': image_to_video_defaults,
     'upscaler': upscaler_defaults,
 }
 

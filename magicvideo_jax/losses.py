@@ -10,6 +10,7 @@ maps `config.train.objective` to it:
                    temporal-difference term.
   'clip'           contrastive (symmetric InfoNCE) training of a CLIP dual encoder on frames and captions.
   'interpolation'  the keyframe interpolation U-Net on clips of (K - 1) m + 1 frames.
+  'image_to_video' the first-frame-conditioned video U-Net (sampling/image_to_video.py).
   'upscaler'       the video super-resolution U-Net on high-resolution clips.
   'cmd_autoencoder', 'cmd_content', 'cmd_motion'
                    CMD's three stages (models/cmd.py) on the frozen VAE's latents of clips: the
@@ -38,6 +39,7 @@ from magicvideo_jax.models import clip_vision
 from magicvideo_jax.models import cmd as cmd_lib
 from magicvideo_jax.models import conditioning
 from magicvideo_jax.models import text_encoder
+from magicvideo_jax.sampling import image_to_video
 from magicvideo_jax.sampling import interpolation
 from magicvideo_jax.sampling import upscaler
 
@@ -278,19 +280,50 @@ def interpolation_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, 
   condition = interpolation.condition_from_clip(latents, ic.factor, ic.condition)
   context = modules['text_encoder'].apply({'params': params['text_encoder']}, batch['input_ids'])
   fps = batch.get('fps') if config.model.unet.fps_embedding else None
-  return denoising_loss(params['unet'], latents, condition, context, keys_t, keys_n, fps=fps,
-                        unet=modules['unet'], schedule=schedule, config=config)
+  loss, (keyframe_loss, inbetween_loss) = denoising_loss(
+      params['unet'], latents, condition, context, keys_t, keys_n,
+      is_given=interpolation.keyframe_mask(latents.shape[1], ic.factor),  # Raises for a bad length.
+      given_weight=float(ic.keyframe_loss_weight), fps=fps, unet=modules['unet'],
+      schedule=schedule, config=config)
+  return loss, dict(keyframe_loss=keyframe_loss, inbetween_loss=inbetween_loss)
+
+
+def image_to_video_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
+                        config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Diffusion loss of the first-frame-conditioned U-Net: the condition comes from the clip's own
+  frame 0; the U-Net denoises all F frames (`denoising_loss`). Same signature as `diffusion_loss`.
+
+  Returns:
+    (loss, {'first_frame_loss', 'later_frames_loss'}).
+  """
+  image_to_video.check_unet(config)
+  i2v = config.image_to_video
+  keys_z, keys_t, keys_n = split_keys(keys, 3)
+  latents = clip_latents(params, batch, keys_z, modules=modules, config=config)
+  condition = image_to_video.condition_from_clip(latents, i2v.condition)
+  context = context_lib.text_context(config.model, modules, params, batch['input_ids'])
+  fps = batch.get('fps') if config.model.unet.fps_embedding else None
+  loss, (first, later) = denoising_loss(
+      params['unet'], latents, condition, context, keys_t, keys_n,
+      is_given=image_to_video.given_mask(latents.shape[1]),
+      given_weight=float(i2v.first_frame_loss_weight), fps=fps, unet=modules['unet'],
+      schedule=schedule, config=config)
+  return loss, dict(first_frame_loss=first, later_frames_loss=later)
 
 
 def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, context: jax.Array,
-                   keys_t: jax.Array, keys_n: jax.Array, *, fps: Optional[jax.Array], unet, schedule,
-                   config: ml_collections.ConfigDict) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The loss of `interpolation_loss` given the clip latents `[B, F, h, w, c]` (the targets) and the
-  condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`), predict from noisy
-  latents | condition, loss = weighted mean over frames of the per-frame loss, keyframes weighted by
-  `config.interpolation.keyframe_loss_weight`."""
-  ic = config.interpolation
-  is_keyframe = interpolation.keyframe_mask(latents.shape[1], ic.factor)  # Raises for a bad clip length.
+                   keys_t: jax.Array, keys_n: jax.Array, *, is_given: np.ndarray,
+                   given_weight: float, fps: Optional[jax.Array], unet, schedule,
+                   config: ml_collections.ConfigDict
+                   ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+  """The loss of a U-Net conditioned on given frames, given the clip latents `[B, F, h, w, c]` (the
+  targets) and the condition `[B, F, h, w, c + 1]`: noise at a per-clip timestep (keys `[B]`),
+  predict from noisy latents | condition, loss = weighted mean over frames of the per-frame loss, the
+  given frames (`is_given` `[F]`, bool) weighted by `given_weight`.
+
+  Returns:
+    (loss, (mean loss of the given frames, mean loss of the others)).
+  """
   timesteps = train_timesteps(keys_t, schedule, config)
   noise = frame_noise(keys_n, latents.shape[1:], config)
   noisy = diffusion.add_noise(schedule, latents, noise, timesteps)
@@ -300,11 +333,12 @@ def denoising_loss(unet_params, latents: jax.Array, condition: jax.Array, contex
   target = diffusion.training_target(schedule, latents, noise, timesteps,
                                      config.diffusion.prediction_type)
   per_frame = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(2, 3, 4))  # [B, F]
-  keyframe_loss = jnp.mean(per_frame[:, is_keyframe])
-  inbetween_loss = jnp.mean(per_frame[:, ~is_keyframe]) if (~is_keyframe).any() else keyframe_loss
-  weights = jnp.where(jnp.asarray(is_keyframe), float(ic.keyframe_loss_weight), 1.0)
+  is_given = np.asarray(is_given, bool)
+  given_loss = jnp.mean(per_frame[:, is_given])
+  other_loss = jnp.mean(per_frame[:, ~is_given]) if (~is_given).any() else given_loss
+  weights = jnp.where(jnp.asarray(is_given), given_weight, 1.0)
   loss = jnp.sum(per_frame * weights) / (per_frame.shape[0] * jnp.sum(weights))
-  return loss, dict(keyframe_loss=keyframe_loss, inbetween_loss=inbetween_loss)
+  return loss, (given_loss, other_loss)
 
 
 def upscaler_loss(params, batch: Dict[str, jax.Array], keys: jax.Array, *, modules, schedule,
@@ -421,6 +455,7 @@ def cmd_motion_loss(params: Params, batch: Dict[str, jax.Array], keys: jax.Array
 
 
 LOSSES = {'diffusion': diffusion_loss, 'vae': vae_loss, 'video_vae': video_vae_loss,
-          'clip': clip_loss, 'interpolation': interpolation_loss, 'upscaler': upscaler_loss,
+          'clip': clip_loss, 'interpolation': interpolation_loss,
+          'image_to_video': image_to_video_loss, 'upscaler': upscaler_loss,
           'cmd_autoencoder': cmd_autoencoder_loss, 'cmd_content': cmd_content_loss,
           'cmd_motion': cmd_motion_loss}

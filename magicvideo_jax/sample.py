@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 
 from magicvideo_jax import video_io
 from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import image_to_video
 from magicvideo_jax.sampling import long_video
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax.weights import hub
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help='enlarge the frames N times (nearest neighbour) for viewing')
   parser.add_argument('--image', default=None,
                       help='the first frame (an image file at the output size): the video starts '
-                      'from it (image-to-video through known latents, sampling/pipeline.py)')
+                      'from it (an image-to-video model is conditioned on it; any other model '
+                      'takes it as known latents, sampling/pipeline.py)')
   parser.add_argument('--long_video', choices=long_video.METHODS, default=None,
                       help='--num_frames beyond the model\'s length: causal (window by window, each '
                       'continuing from the last frames of the one before) or freenoise (all frames '
@@ -169,6 +171,9 @@ def run(args: argparse.Namespace) -> List[str]:
     base, interpolation, upscaler = cascade.resolve_folders(args.checkpoint, args.interpolation,
                                                             args.upscaler)
     config = pipeline_lib.load_config(base, args.num_frames_model)
+    if image_to_video.is_image_to_video_config(config) and not args.image:
+      raise ValueError(f'--image is required: {base} is an image-to-video model (it generates '
+                       'from a given first frame)')
     kwargs = request_settings(args)
     # A long video is checked window by window (one window here; its length in long_video.py).
     req = pipeline_lib.validate_request(

@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, 'magicvideo_jax', 'assets', 'shapes')
 
 VARIANTS = dict(
-    tiny=('video', 'image', 'all', 'vae', 'cmd_ae', 'cmd_content', 'cmd_motion'),
+    tiny=('video', 'image', 'all', 'vae', 'i2v', 'cmd_ae', 'cmd_content', 'cmd_motion'),
     sd15_256=('video', 'all', 'lavie', 'animatediff'),
     vdm_64=('',),
     cmd=('sd21_512x1024', 'sd15_512'),
@@ -46,6 +46,7 @@ VARIANTS = dict(
     shapes_unsupervised=shapes_unsupervised.VARIANTS + tuple(
         f'{v},tiny' for v in shapes_unsupervised.VARIANTS),
     shapes_lora=('',),
+    shapes_i2v=('',),
     cmd_shapes=cmd_shapes.STAGES,
 )
 ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]

@@ -4,7 +4,9 @@ r"""Image-to-video on moving_shapes: the first frame of a real clip given, the r
       --split test --num_prompts 64 [--json out.json]
 
 For each of a split's first clips, frame 0 is given (`pipe(caption, image=frame0)`) and the video
-generated from the clip's caption. Prints the PSNR of the video's frame 0 against the given frame
+generated from the clip's caption: an image-to-video checkpoint (configs/shapes_i2v.py, bundled as
+magicvideo_jax/assets/shapes_i2v) is conditioned on the frame, any other video checkpoint holds it
+as known latents. Prints the PSNR of the video's frame 0 against the given frame
 (the VAE's reconstruction bounds it), the judge's accuracies on the prompt (motion: does the video
 move as asked from where the given frame put the object), and how often the judged colour and shape
 are the given frame's.

@@ -91,12 +91,23 @@ def make_condition(keyframe_latents: jax.Array, factor: int, mode: str = 'neares
   Channels: the condition latents (see the module docstring for `mode`) then the mask (1.0 at
   keyframe positions).
   """
+  frames = num_target_frames(keyframe_latents.shape[1], factor)
+  return condition_from_given(keyframe_latents, keyframe_sources(frames, factor),
+                              keyframe_mask(frames, factor), mode)
+
+
+def condition_from_given(given_latents: jax.Array, sources: np.ndarray, is_given: np.ndarray,
+                         mode: str = 'nearest') -> jax.Array:
+  """The condition `[B, F, h, w, c + 1]` of F frames of which some are given (`is_given` `[F]`),
+  from their latents `[B, G, h, w, c]`: frame j carries given frame `sources[j]`'s latents
+  ('nearest') or, where it is not given, zeros ('zeros'); then the mask channel (1.0 where given).
+  Shared by interpolation (keyframes) and image-to-video (frame 0)."""
   if mode not in CONDITION_MODES:
-    raise ValueError(f'config.interpolation.condition={mode!r}; valid: {CONDITION_MODES}')
-  batch, num_keyframes, height, width, _ = keyframe_latents.shape
-  frames = num_target_frames(num_keyframes, factor)
-  mask = jnp.asarray(keyframe_mask(frames, factor), keyframe_latents.dtype)
-  latents = keyframe_latents[:, keyframe_sources(frames, factor)]
+    raise ValueError(f'condition={mode!r}; valid: {CONDITION_MODES}')
+  batch, _, height, width, _ = given_latents.shape
+  frames = len(sources)
+  mask = jnp.asarray(is_given, given_latents.dtype)
+  latents = given_latents[:, np.asarray(sources)]
   if mode == 'zeros':
     latents = latents * mask[None, :, None, None, None]
   mask_channel = jnp.broadcast_to(mask[None, :, None, None, None], (batch, frames, height, width, 1))
@@ -111,16 +122,22 @@ def condition_from_clip(latents: jax.Array, factor: int, mode: str = 'nearest') 
 
 def check_unet(config: ml_collections.ConfigDict, num_frames: Optional[int] = None) -> None:
   """A ValueError naming the config key when the U-Net cannot take latents + condition."""
+  check_condition_channels(config, 'an interpolation U-Net', 'keyframe latents')
   unet = config.model.unet
-  latent_channels = int(config.model.vae.latent_channels)
-  if int(unet.in_channels) != 2 * latent_channels + 1 or int(unet.out_channels) != latent_channels:
-    raise ValueError(f'an interpolation U-Net needs config.model.unet.in_channels = 2 * '
-                     f'{latent_channels} + 1 = {2 * latent_channels + 1} (noisy latents, keyframe '
-                     f'latents, mask) and out_channels = {latent_channels}; got {unet.in_channels}, '
-                     f'{unet.out_channels}')
   if num_frames is not None and unet.get('frame_adaptor', False) and num_frames > int(unet.num_frames):
     raise ValueError(f'{num_frames} output frames; this interpolation U-Net supports at most '
                      f'{unet.num_frames} (config.model.unet.num_frames)')
+
+
+def check_condition_channels(config: ml_collections.ConfigDict, what: str, given: str) -> None:
+  """A ValueError naming the config keys unless the U-Net takes [noisy latents | given latents |
+  mask] (2 c + 1 channels) and predicts c."""
+  unet = config.model.unet
+  latent_channels = int(config.model.vae.latent_channels)
+  if int(unet.in_channels) != 2 * latent_channels + 1 or int(unet.out_channels) != latent_channels:
+    raise ValueError(f'{what} needs config.model.unet.in_channels = 2 * {latent_channels} + 1 = '
+                     f'{2 * latent_channels + 1} (noisy latents, {given}, mask) and out_channels = '
+                     f'{latent_channels}; got {unet.in_channels}, {unet.out_channels}')
 
 
 # --------------------------------------------------------------------------------------------------

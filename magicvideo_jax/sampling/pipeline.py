@@ -43,6 +43,7 @@ from magicvideo_jax import lora as lora_lib
 from magicvideo_jax import models as models_lib
 from magicvideo_jax import sharding as sharding_lib
 from magicvideo_jax.sampling import cascade
+from magicvideo_jax.sampling import image_to_video
 from magicvideo_jax.sampling import long_video as long_video_lib
 from magicvideo_jax.sampling import request as request_lib
 from magicvideo_jax.weights import checkpoint as ckpt_lib
@@ -184,7 +185,12 @@ class MagicVideoPipeline:
     self.video_vae = models_lib.uses_video_vae(config.model)
     self.max_frames = max_frames(config)
     self.vae_factor = size_multiple(config)[0]
-    self.latent_channels = int(config.model.unet.in_channels)
+    # A first-frame-conditioned model (sampling/image_to_video.py) takes the condition channels too.
+    self.image_conditioned = image_to_video.is_image_to_video_config(config)
+    if self.image_conditioned:
+      image_to_video.check_unet(config)
+    self.latent_channels = int(config.model.unet.out_channels if self.image_conditioned
+                               else config.model.unet.in_channels)
     self.compiled: Dict[Any, Any] = {}
     self.trace_count = 0
     self._context_spec: Optional[jax.ShapeDtypeStruct] = None  # Of one encoded prompt.
@@ -313,7 +319,7 @@ class MagicVideoPipeline:
     return context_lib.text_context(self.config.model, self.modules, params, input_ids)
 
   def _denoise_impl(self, params, context, uncond_context, latents, key, fps, guidance_scale,
-                    known=None, known_noise=None, *,
+                    known=None, known_noise=None, condition=None, *,
                     num_inference_steps: int, sampler: str, eta: float, do_cfg: bool, use_fps: bool,
                     show_progress: bool, use_callback: bool, sigma_spacing: Optional[str],
                     final_sigmas_type: str, clip_sample: Optional[float],
@@ -328,12 +334,16 @@ class MagicVideoPipeline:
 
     With `temporal_window` (length, stride) the U-Net runs on overlapping windows of the frames,
     fused frame by frame (`long_video.fuse_windows`).
+
+    With `condition` `[B, F, h, w, c + 1]` (an image-to-video model's) it is concatenated to the
+    latents at every call, the same in both halves of guidance.
     """
     self.trace_count += 1  # Python side effect: runs once per trace, not per call.
     unet = self.modules['unet']
     if do_cfg:  # Unconditional (or negative) first, as diffusers.
       context = jnp.concatenate([uncond_context, context], axis=0)
       fps = jnp.concatenate([fps, fps], axis=0)
+      condition = None if condition is None else jnp.concatenate([condition, condition], axis=0)
     fps = fps if use_fps else None
 
     def apply(x_in, timesteps):
@@ -347,7 +357,8 @@ class MagicVideoPipeline:
                                              repeat(timesteps), repeat(context), fps=repeat(fps)),
           x_in, *temporal_window)
 
-    model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None)
+    model_fn = diffusion.guided_model_fn(apply, guidance_scale if do_cfg else None,
+                                         condition=condition)
     if known is not None:
       guided, k = model_fn, known.shape[1]
 
@@ -465,9 +476,11 @@ class MagicVideoPipeline:
       known_latents: the first k latent frames given, `[B, k, h, w, c]` scaled as 'latent' output
         returns them, k < num_frames: each step sees them noised to its level and the rest is
         generated after them (latent inpainting; the video keeps them exactly).
-      image: the first frame, given (image-to-video without an image-conditioned model): one
-        image `[H, W, 3]` (uint8, or float in [0, 1]; a PIL image) for every video or one per video
-        `[B, H, W, 3]`, at the call's height and width; its VAE latents become known_latents.
+      image: the first frame, given: one image `[H, W, 3]` (uint8, or float in [0, 1]; a PIL
+        image) for every video or one per video `[B, H, W, 3]`, at the call's height and width. An
+        image-to-video model (`sampling/image_to_video.py`, which needs it) is conditioned on its
+        VAE latents; for any other model they become known_latents (training-free).
+        An image-to-video model given known_latents is conditioned on their first frame.
       long_video: num_frames beyond the model's length (`max_frames`), generated window by window:
         'causal' continues each window of max_frames from the last `long_video_overlap` latent
         frames of the one before (known_latents), which directed temporal attention lets the new
@@ -563,11 +576,23 @@ class MagicVideoPipeline:
                          f'[B = {num_prompts} prompts x num_videos_per_prompt {n}, num_frames, '
                          f'height/{self.vae_factor}, width/{self.vae_factor}, latent channels]')
     fps_value = req.fps
-    known = known_noise = None
+    known = known_noise = condition = None
+    if image is not None and known_latents is not None:
+      raise ValueError('pass image or known_latents, not both')
+    if self.image_conditioned:
+      if image is None and known_latents is None:
+        raise ValueError('this is an image-to-video model: pass image= (the first frame; '
+                         '`sample --image first.png`)')
+      if temporal_window is not None:
+        raise ValueError('temporal_window / long_video=\'freenoise\': not with an image-to-video '
+                         'model (use long_video=\'causal\')')
     if image is not None:
-      if known_latents is not None:
-        raise ValueError('pass image or known_latents, not both')
-      known_latents = self.encode(request_lib.first_frames(image, b, req.height, req.width))
+      first = self.encode(request_lib.first_frames(image, b, req.height, req.width))
+      if self.image_conditioned:
+        condition = image_to_video.make_condition(jnp.asarray(first[:, 0]), req.num_frames,
+                                                  self.config.image_to_video.condition)
+      else:
+        known_latents = first
     if known_latents is not None:
       known = jnp.asarray(known_latents, jnp.float32)
       if (known.ndim != 5 or known.shape[0] != b or known.shape[2:] != latent_shape[2:]
@@ -576,6 +601,9 @@ class MagicVideoPipeline:
                          f'{", ".join(map(str, latent_shape[2:]))}] with 0 < k < num_frames='
                          f'{req.num_frames}')
       known_noise = jax.random.normal(jax.random.fold_in(noise_key, 1), known.shape, jnp.float32)
+      if self.image_conditioned:
+        condition = image_to_video.make_condition(known[:, 0], req.num_frames,
+                                                  self.config.image_to_video.condition)
 
     # Shard the video batch over the mesh: pad it to a multiple of the device count.
     pad = (-b) % self.mesh.size
@@ -600,10 +628,11 @@ class MagicVideoPipeline:
                   clip_sample=1.0 if req.clip_sample else None, temporal_window=temporal_window)
     dynamic = (self.params, context, uncond_context, latents, loop_key, fps_array,
                jnp.float32(req.guidance_scale))
-    if known is not None:
-      dynamic += (self._shard(self._pad(known, pad)), self._shard(self._pad(known_noise, pad)))
+    if known is not None or condition is not None:
+      dynamic += tuple(None if x is None else self._shard(self._pad(x, pad))
+                       for x in (known, known_noise, condition))
     denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items())),
-                             None if known is None else known.shape[1]),
+                             None if known is None else known.shape[1], condition is not None),
                             lambda: self._denoise.lower(*dynamic, **static))
     self._steps_done, self._steps_total = 0, req.num_inference_steps
     self._step_callback, self._step_callback_error = callback_on_step_end, None

@@ -391,7 +391,8 @@ def latent_scaling_factor(vae, vae_params, train_iter, mesh: Mesh, num_batches: 
 
 def _export_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The sections a pretrained folder keeps."""
-  keep = ('model', 'diffusion', 'sampling', 'tokenizer', 'lora', 'interpolation', 'upscaler')
+  keep = ('model', 'diffusion', 'sampling', 'tokenizer', 'lora', 'interpolation', 'image_to_video',
+          'upscaler')
   out = ml_collections.ConfigDict({k: config[k].to_dict() for k in keep if k in config})
   out.data = dict(num_frames=config.data.num_frames, resolution=config.data.resolution,
                   fps=config.data.fps)

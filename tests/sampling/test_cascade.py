@@ -15,7 +15,6 @@ import subprocess
 import sys
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,49 +30,18 @@ from magicvideo_jax.sampling import interpolation
 from magicvideo_jax import models as models_lib
 from magicvideo_jax.sampling import pipeline as pipeline_lib
 from magicvideo_jax import sample
-from magicvideo_jax.training import state as state_lib
 from magicvideo_jax.training import train
 from magicvideo_jax.sampling import upscaler as upscaler_lib
 from magicvideo_jax import video_io
 from magicvideo_jax.weights import surgery
 from magicvideo_jax import losses
+from model_helpers import init, perturb, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYFRAMES, FACTOR = 3, 2  # -> 5 frames.
 FRAMES = (KEYFRAMES - 1) * FACTOR + 1
 SIZE = 16  # Base resolution; the tiny VAE downsamples by 2 -> latents 8x8.
 PROMPTS = ['a red circle moving left', 'a blue square moving up']
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def perturb(params, seed):
-  """Every leaf moved by noise (zero-initialised output layers and identity adaptors included)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(x.dtype),
-                      nn.unbox(params))
-
-
-def init(config, seed):
-  """The config's modules and random numpy weights for every leaf (kernels ~ N(0, 1 / fan_in), norm
-  scales ~ 1, the rest small), from `jax.eval_shape` of the init: no init program to compile."""
-  modules = models_lib.build_models(config.model)
-  abstract = nn.unbox(jax.eval_shape(lambda k: state_lib.init_params(modules, config, k),
-                                     jax.random.key(0)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == 'kernel':
-      return rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape).astype(np.float32)
-    if name == 'scale':
-      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-  return modules, jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,8 +189,9 @@ def test_loss_sees_only_the_keyframes(interpolation_model):
   def loss_through_condition(clip):
     condition = interpolation.condition_from_clip(clip, FACTOR, 'nearest')
     return losses.denoising_loss(
-        m.params['unet'], latents, condition, context, keys, keys, fps=jnp.full((2,), 8.0),
-        unet=m.modules['unet'], schedule=m.schedule, config=m.config)[0]
+        m.params['unet'], latents, condition, context, keys, keys,
+        is_given=interpolation.keyframe_mask(FRAMES, FACTOR), given_weight=0.5,
+        fps=jnp.full((2,), 8.0), unet=m.modules['unet'], schedule=m.schedule, config=m.config)[0]
 
   grad = np.abs(np.asarray(jax.jit(jax.grad(loss_through_condition))(latents))).sum(axis=(0, 2, 3, 4))
   print('|d loss / d clip| per frame through the condition:', np.array2string(grad, precision=3))
