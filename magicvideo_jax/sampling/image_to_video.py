@@ -17,7 +17,9 @@ Training: `config.train.objective = 'image_to_video'` (`losses.image_to_video_lo
 loss on all frames with the clip's own frame 0 as the condition (frame 0's loss weighted by
 `config.image_to_video.first_frame_loss_weight`). Sampling: `MagicVideoPipeline` on such a folder
 (`pipe(prompt, image=first)`, `sample --image`): the condition is concatenated at every step, the
-same in both halves of classifier-free guidance (guidance on the text only).
+same in both halves of classifier-free guidance (guidance on the text only), and the given frame
+is also held as a known latent frame (each step sees it noised to its level, as in training), so the
+video's frame 0 is the given frame's VAE reconstruction.
 """
 
 import ml_collections

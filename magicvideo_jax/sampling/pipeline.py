@@ -477,10 +477,9 @@ class MagicVideoPipeline:
         returns them, k < num_frames: each step sees them noised to its level and the rest is
         generated after them (latent inpainting; the video keeps them exactly).
       image: the first frame, given: one image `[H, W, 3]` (uint8, or float in [0, 1]; a PIL
-        image) for every video or one per video `[B, H, W, 3]`, at the call's height and width. An
-        image-to-video model (`sampling/image_to_video.py`, which needs it) is conditioned on its
-        VAE latents; for any other model they become known_latents (training-free).
-        An image-to-video model given known_latents is conditioned on their first frame.
+        image) for every video or one per video `[B, H, W, 3]`, at the call's height and width;
+        its VAE latents become known_latents. An image-to-video model (`sampling/image_to_video.py`,
+        which needs image or known_latents) is also conditioned on the first known frame.
       long_video: num_frames beyond the model's length (`max_frames`), generated window by window:
         'causal' continues each window of max_frames from the last `long_video_overlap` latent
         frames of the one before (known_latents), which directed temporal attention lets the new
@@ -587,12 +586,7 @@ class MagicVideoPipeline:
         raise ValueError('temporal_window / long_video=\'freenoise\': not with an image-to-video '
                          'model (use long_video=\'causal\')')
     if image is not None:
-      first = self.encode(request_lib.first_frames(image, b, req.height, req.width))
-      if self.image_conditioned:
-        condition = image_to_video.make_condition(jnp.asarray(first[:, 0]), req.num_frames,
-                                                  self.config.image_to_video.condition)
-      else:
-        known_latents = first
+      known_latents = self.encode(request_lib.first_frames(image, b, req.height, req.width))
     if known_latents is not None:
       known = jnp.asarray(known_latents, jnp.float32)
       if (known.ndim != 5 or known.shape[0] != b or known.shape[2:] != latent_shape[2:]

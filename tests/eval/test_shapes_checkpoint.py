@@ -100,3 +100,31 @@ def test_cmd_recipe_matches_the_cmd_bundle():
   config = cmd_shapes.get_config('motion')
   assert bundled.model.to_dict() == config.model.to_dict()
   assert bundled.diffusion.to_dict() == config.diffusion.to_dict()
+
+
+I2V_CHECKPOINT = os.path.join(os.path.dirname(demo.DEFAULT_CHECKPOINT), 'shapes_i2v')
+# Under the image-to-video bundle's 64-clip validation scores (BENCHMARKS.md, "Image-to-video").
+I2V_FLOORS = dict(psnr_frame0=26.0, motion_acc=0.7, given_colour_and_shape=0.75)
+
+
+@pytest.mark.slow
+def test_bundled_image_to_video_checkpoint_keeps_the_given_frame():
+  """The image-to-video bundle (configs/shapes_i2v.py) on the first frames of 16 validation clips:
+  frame 0 kept, the prompt's motion made, the given colour and shape kept."""
+  from magicvideo_jax.eval import image_to_video
+  scores = image_to_video.evaluate(I2V_CHECKPOINT, 'validation', NUM_PROMPTS)
+  print({k: scores[k] for k in ('psnr_frame0', 'motion_acc', 'given_colour_and_shape')})
+  for key, floor in I2V_FLOORS.items():
+    assert scores[key] >= floor, (key, scores[key])
+
+
+def test_i2v_recipe_matches_the_i2v_bundle():
+  """The image-to-video bundle was made by configs/shapes_i2v.py's model from the shapes bundle."""
+  from configs import shapes_i2v
+  from magicvideo_jax.weights import checkpoint
+  config = shapes_i2v.get_config()
+  assert demo.DEFAULT_CHECKPOINT.endswith(os.path.normpath(config.train.init_from))
+  bundled = checkpoint.load_config(I2V_CHECKPOINT)
+  assert bundled.model.to_dict() == config.model.to_dict()
+  assert bundled.image_to_video.to_dict() == config.image_to_video.to_dict()
+  assert bundled.diffusion.to_dict() == config.diffusion.to_dict()

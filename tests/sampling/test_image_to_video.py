@@ -4,9 +4,10 @@ configs/shapes_i2v.py.
 
 Measured on this machine (float32, CPU):
 - An image-to-video model grown from a random base (new conv_in channels at zero) samples exactly
-  what the base samples from the same noise, whatever the image: max rel err 0.0 (bound 1e-6).
+  what the base samples from the same noise and image (held as known latents): max rel err 0.0
+  (bound 1e-6).
 - With its new channels moved, the pipeline's output equals the sampling loop written out here
-  (condition in both halves of guidance): max rel err 2.4e-6 (bound 1e-5).
+  (frame 0 held, the condition in both halves of guidance): max rel err 1.2e-6 (bound 1e-5).
 """
 
 import os
@@ -36,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FRAMES, SIZE = 3, 16  # The tiny VAE downsamples by 2: latents 8x8.
 PROMPTS = ['a red circle moving left', 'a blue square moving up']
 CALL = dict(num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.0,
-            output_type='latent')
+            output_type='latent', seed=0)
 
 
 def base_config():
@@ -141,11 +142,11 @@ def test_pipeline_conditions_on_the_image(folders):
   assert grown.image_conditioned and not base.image_conditioned and grown.latent_channels == 4
   noise = np.random.default_rng(3).standard_normal((2, FRAMES, SIZE // 2, SIZE // 2, 4))
   noise = noise.astype(np.float32)
-  # Grown with zeros on the new channels: the base's sample, whatever the image.
-  expected = base(PROMPTS, latents=noise, **CALL)
+  # Grown with zeros on the new channels: the base's sample with the image as known latents.
   for seed in (4, 5):
+    expected = base(PROMPTS, image=images(seed), latents=noise, **CALL)
     err = rel_err(grown(PROMPTS, image=images(seed), latents=noise, **CALL), expected)
-    print(f'grown image-to-video model vs its base, same noise: max rel err {err:.2e}')
+    print(f'grown image-to-video model vs its base, same noise and image: max rel err {err:.2e}')
     assert err <= 1e-6
 
   # Moved: the condition matters, and the pipeline runs the loop written out here.
@@ -162,15 +163,25 @@ def test_pipeline_conditions_on_the_image(folders):
   def apply(x_in, t):
     return unet.apply({'params': params['unet']}, x_in, t, context, fps=fps)
 
-  model_fn = diffusion.guided_model_fn(apply, 3.0, condition=jnp.concatenate([condition] * 2))
+  guided = diffusion.guided_model_fn(apply, 3.0, condition=jnp.concatenate([condition] * 2))
+  known = jnp.asarray(frame0[:, None])
+  # The held frame's fixed noise: the pipeline's, from its seed (0) as pipeline.py draws it.
+  known_noise = jax.random.normal(jax.random.fold_in(jax.random.split(jax.random.key(0))[0], 1),
+                                  known.shape)
+
+  def model_fn(x, t):  # Frame 0 held: every call sees it noised to its level.
+    given = diffusion.add_noise(moved.schedule, known, known_noise, jnp.broadcast_to(t, (2,)))
+    return guided(x.at[:, :1].set(given), t)
+
   reference = diffusion.sample_loop(model_fn, jnp.asarray(noise), moved.schedule, 2)
+  reference = reference.at[:, :1].set(known)
   err = rel_err(ours, reference)
   print(f'pipeline vs the conditioned loop written out: max rel err {err:.2e}')
   assert err <= 1e-5
 
-  # known_latents: conditioned on their first frame and held exactly.
-  known = moved(PROMPTS, known_latents=frame0[:, None], latents=noise, **CALL)
-  np.testing.assert_array_equal(known[:, 0], frame0)
+  # The image and its latents as known_latents are one request; frame 0 is held exactly.
+  np.testing.assert_array_equal(moved(PROMPTS, known_latents=known, latents=noise, **CALL), ours)
+  np.testing.assert_array_equal(ours[:, 0], frame0)
   with pytest.raises(ValueError, match='image-to-video model: pass image='):
     moved(PROMPTS, **CALL)
   with pytest.raises(ValueError, match="not with an image-to-video model"):
