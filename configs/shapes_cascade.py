@@ -63,6 +63,25 @@ def base_model_config(base: str) -> ml_collections.ConfigDict:
   return ckpt_lib.load_config(folder)
 
 
+def finetune_config(arg: str, file: str):
+  """(config, base) of a config file that fine-tunes a shapes base model and takes `[base=DIR]`:
+  the base's model, tokenizer, diffusion and sampling sections, moving_shapes clips of its size."""
+  base = DEFAULT_BASE
+  for option in filter(None, (arg or '').split(',')):
+    key, _, value = option.partition('=')
+    if key != 'base' or not value:
+      raise ValueError(f'configs/{file}:{arg}: options are base=DIR, got {option!r}')
+    base = value
+  loaded = base_model_config(base)
+  config = common.base_config()
+  for section in ('model', 'tokenizer', 'diffusion', 'sampling'):
+    config[section] = ml_collections.ConfigDict(loaded[section].to_dict())
+  config.data.update(dataset='moving_shapes/default', num_frames=int(loaded.data.num_frames),
+                     resolution=int(loaded.data.resolution), fps=float(loaded.data.fps),
+                     global_batch_size=4, num_threads=2)
+  return config, base
+
+
 def get_config(arg: str = 'interpolation') -> ml_collections.ConfigDict:
   from magicvideo_jax.sampling import interpolation  # pylint: disable=g-import-not-at-top
   from magicvideo_jax.sampling import upscaler  # pylint: disable=g-import-not-at-top

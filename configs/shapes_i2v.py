@@ -22,22 +22,9 @@ DEFAULT_BASE = shapes_cascade.DEFAULT_BASE
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  base = DEFAULT_BASE
-  for option in filter(None, (arg or '').split(',')):
-    key, _, value = option.partition('=')
-    if key != 'base' or not value:
-      raise ValueError(f'configs/shapes_i2v.py:{arg}: options are base=DIR, got {option!r}')
-    base = value
-  loaded = shapes_cascade.base_model_config(base)
-  config = common.base_config()
-  for section in ('model', 'tokenizer', 'diffusion', 'sampling'):
-    config[section] = ml_collections.ConfigDict(loaded[section].to_dict())
-  latent_channels = int(config.model.vae.latent_channels)
-  config.model.unet.in_channels = 2 * latent_channels + 1
+  config, base = shapes_cascade.finetune_config(arg, 'shapes_i2v.py')
+  config.model.unet.in_channels = 2 * int(config.model.vae.latent_channels) + 1
   config.image_to_video = common.image_to_video_defaults()
-  config.data.update(dataset='moving_shapes/default', num_frames=int(loaded.data.num_frames),
-                     resolution=int(loaded.data.resolution), fps=float(loaded.data.fps),
-                     global_batch_size=4, caption_dropout=0.1, num_threads=2, prefetch=2)
   # The base's video-stage schedule (configs/shapes.py): logit-normal timesteps, where layout and
   # motion are decided; a lower learning rate, since the base is already trained.
   config.train.update(objective='image_to_video', init_from=base, trainable=('^unet/',),

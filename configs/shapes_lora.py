@@ -16,26 +16,13 @@ passes the one it built).
 import ml_collections
 
 from magicvideo_jax.configs import shapes_cascade
-from magicvideo_jax import config as common
 
 DEFAULT_BASE = shapes_cascade.DEFAULT_BASE
 TARGETS = (r'^unet/.*/(attn1|attn2|temporal_attn)/to_(q|k|v|out_0)/kernel$',)
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  base = DEFAULT_BASE
-  for option in filter(None, (arg or '').split(',')):
-    key, _, value = option.partition('=')
-    if key != 'base' or not value:
-      raise ValueError(f'configs/shapes_lora.py:{arg}: options are base=DIR, got {option!r}')
-    base = value
-  loaded = shapes_cascade.base_model_config(base)
-  config = common.base_config()
-  for section in ('model', 'tokenizer', 'diffusion', 'sampling'):
-    config[section] = ml_collections.ConfigDict(loaded[section].to_dict())
-  config.data.update(dataset='moving_shapes/default', num_frames=int(loaded.data.num_frames),
-                     resolution=int(loaded.data.resolution), fps=float(loaded.data.fps),
-                     global_batch_size=4, num_threads=2)
+  config, base = shapes_cascade.finetune_config(arg, 'shapes_lora.py')
   config.lora.update(rank=8, alpha=8.0, targets=TARGETS)
   config.train.update(init_from=base, trainable=('^lora/',), num_steps=300, learning_rate=1e-3,
                       warmup_steps=20, ema_decay=0.0, log_every=25,

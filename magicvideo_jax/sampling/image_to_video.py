@@ -26,15 +26,9 @@ import ml_collections
 import numpy as np
 import jax
 
-from magicvideo_jax import config as config_lib
 from magicvideo_jax.sampling import interpolation
 
 CONDITION_MODES = interpolation.CONDITION_MODES
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.image_to_video` section: the condition layout and frame 0's loss weight."""
-  return config_lib.image_to_video_defaults()
 
 
 def is_image_to_video_config(config: ml_collections.ConfigDict) -> bool:

@@ -622,7 +622,7 @@ class MagicVideoPipeline:
                   clip_sample=1.0 if req.clip_sample else None, temporal_window=temporal_window)
     dynamic = (self.params, context, uncond_context, latents, loop_key, fps_array,
                jnp.float32(req.guidance_scale))
-    if known is not None or condition is not None:
+    if known is not None:  # An image-to-video model's condition comes with its known frames.
       dynamic += tuple(None if x is None else self._shard(self._pad(x, pad))
                        for x in (known, known_noise, condition))
     denoise = self._compile(('denoise', tuple(latents.shape), tuple(sorted(static.items())),
