@@ -262,6 +262,7 @@ def clipsim_shapes(videos: np.ndarray, captions: Sequence[str], dual_encoder: st
 
 PROG = 'python -m magicvideo_jax.eval.fvd'
 USAGE = f"""{PROG} --checkpoint CK [--split test --num_videos 64] [--features shapes|i3d]
+           [--num_frames {NUM_FRAMES}]
        {PROG} --real_dir A --fake_dir B [--features shapes|i3d]
 
 Scores generated videos against real moving_shapes clips with a Fréchet distance:
@@ -276,7 +277,8 @@ Scores generated videos against real moving_shapes clips with a Fréchet distanc
 
 With --checkpoint, the captions of the split's first N clips are generated with
 MagicVideoPipeline.from_pretrained(CK) (prompts and seeds only: the checkpoint's sampling defaults) and
-scored against those N real clips. With --real_dir / --fake_dir (video files read with
+scored against those N real clips; --num_frames 16 makes an image checkpoint (one frame) generate its
+16 frames independently (the per-frame baseline). With --real_dir / --fake_dir (video files read with
 magicvideo_jax.video_io.read_video, 16 frames each, sorted by name), the first n fake videos are
 scored against the first n real ones, n = min(#real // 2, #fake).
 
@@ -331,14 +333,17 @@ def _batches(videos: np.ndarray, what: str, batch_size: int = 64):
     print(f'{what}: {done}/{len(videos)} ({time.time() - t0:.0f} s)', file=sys.stderr, flush=True)
 
 
-def generate(checkpoint: str, prompts: Sequence[str], batch_size: int = 16, seed: int = 0) -> np.ndarray:
-  """`[N, T, H, W, 3]` uint8 videos of `prompts` (prompts and seeds only: the checkpoint's defaults)."""
+def generate(checkpoint: str, prompts: Sequence[str], batch_size: int = 16, seed: int = 0,
+             num_frames: Optional[int] = None) -> np.ndarray:
+  """`[N, T, H, W, 3]` uint8 videos of `prompts` (prompts, seeds and `num_frames` only: the
+  checkpoint's defaults; `num_frames` None is the checkpoint's length, 1 for an image model)."""
   pipe = MagicVideoPipeline.from_pretrained(checkpoint)
+  length = {} if num_frames is None else {'num_frames': num_frames}
   videos, t0 = [], time.time()
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     # Padded to one batch size: one compiled sampler.
-    out = pipe(chunk + chunk[-1:] * (batch_size - len(chunk)), seed=seed + start)
+    out = pipe(chunk + chunk[-1:] * (batch_size - len(chunk)), seed=seed + start, **length)
     videos.append(np.asarray(out)[:len(chunk)])
     print(f'generating: {start + len(chunk)}/{len(prompts)} ({time.time() - t0:.0f} s)',
           file=sys.stderr, flush=True)
@@ -375,6 +380,9 @@ def _run(argv) -> int:
   parser.add_argument('--num_videos', type=int, default=64)
   parser.add_argument('--batch_size', type=int, default=16, help='prompts per generation call')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--num_frames', type=int, default=None,
+                      help=f'frames to generate (default: the checkpoint\'s; {NUM_FRAMES} for an '
+                      'image model applied per frame)')
   parser.add_argument('--real_dir')
   parser.add_argument('--fake_dir')
   parser.add_argument('--features', default='shapes', choices=('shapes', 'i3d'))
@@ -389,6 +397,9 @@ def _run(argv) -> int:
     raise UsageError('give either --checkpoint or both --real_dir and --fake_dir')
   if folders and (args.real_dir is None or args.fake_dir is None):
     raise UsageError('--real_dir and --fake_dir go together')
+  if args.num_frames is not None and (folders or args.num_frames != NUM_FRAMES):
+    raise UsageError(f'--num_frames goes with --checkpoint and must be {NUM_FRAMES} (FVD takes '
+                     f'{NUM_FRAMES} frames), got {args.num_frames}')
   if args.clip_checkpoint and folders:
     raise UsageError('--clip_checkpoint needs --checkpoint (the captions of the split)')
   if args.num_videos < 2 or args.batch_size < 1:
@@ -420,12 +431,13 @@ def _run(argv) -> int:
     n = args.num_videos
     real, captions = _split_clips(args.split, 0, n)
     reference = (real, _split_clips(args.split, n, n)[0])
-    fake = generate(args.checkpoint, captions, args.batch_size, args.seed)
+    fake = generate(args.checkpoint, captions, args.batch_size, args.seed, args.num_frames)
     where = f'{n} generated vs {n} real {args.split} clips'
     ref_where = f'{args.split} clips [0, {n}) vs [{n}, {2 * n})'
   for name, videos in (('real', real), ('fake', fake)):
     if videos.shape[1] != NUM_FRAMES:
-      raise UsageError(f'{name} videos have {videos.shape[1]} frames; FVD takes {NUM_FRAMES}')
+      hint = f' (--num_frames {NUM_FRAMES} for an image checkpoint)' if name == 'fake' and not folders else ''
+      raise UsageError(f'{name} videos have {videos.shape[1]} frames; FVD takes {NUM_FRAMES}{hint}')
   scores = score(real, fake, reference, args.features, i3d_variables, args.classifier)
   name = 'FVD-shapes' if args.features == 'shapes' else 'FVD-I3D @ 32 px'
   print(f'{name}: {scores["fvd"]:.3f}  ({where})')

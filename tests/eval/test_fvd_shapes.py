@@ -230,6 +230,8 @@ def test_cli_folders(folders, tmp_path, capsys):
     (['--real_dir', '{real}'], 'go together'),
     (['--real_dir', '{real}', '--fake_dir', '{fake}', '--features', 'i3d'], '--i3d_weights'),
     (['--checkpoint', '/nonexistent/ck'], 'no such folder'),
+    (['--real_dir', '{real}', '--fake_dir', '{fake}', '--num_frames', '16'], '--num_frames goes with'),
+    (['--checkpoint', BUNDLED, '--num_frames', '8'], 'must be 16'),
 ])
 @pytest.mark.slow  # Fast tier: over 6 s on 2 cores.
 def test_cli_errors_are_one_line_exit_2(folders, capsys, flags, message):
@@ -242,6 +244,14 @@ def test_cli_errors_are_one_line_exit_2(folders, capsys, flags, message):
 
 # ------------------------------------------------------------------------------------------------
 # The bundled video model.
+
+
+@pytest.mark.slow
+def test_generate_takes_the_number_of_frames():
+  """`--num_frames` reaches the pipeline: an image checkpoint makes 16 frames with it."""
+  videos = fvd.generate(BUNDLED, ['a red circle moving left', 'a blue square moving up'],
+                        batch_size=2, num_frames=4)
+  assert videos.shape == (2, 4, 32, 32, 3) and videos.dtype == np.uint8
 
 
 @pytest.mark.slow
