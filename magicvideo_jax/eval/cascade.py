@@ -1,7 +1,7 @@
 r"""The cascade on moving_shapes prompts: judge scores of each stage's video and keyframe fidelity.
 
   python -m magicvideo_jax.eval.cascade --checkpoint runs/shapes_cascade/cascade --split test \
-      --num_prompts 64 [--interpolation DIR --upscaler DIR --json scores.json]
+      --num_prompts 64 [--interpolation DIR --upscaler DIR --fvd --json scores.json]
 
 --checkpoint is a cascade folder (base/, interpolation/, upscaler/) or a base model folder with
 --interpolation / --upscaler. For the same prompts and seeds it reports the judge's colour / shape /
@@ -17,6 +17,11 @@ and how well the interpolated clip keeps the keyframes it was given, at the keyf
                        decoded keyframes,
 and, for the super-resolution stage, lowres_psnr: PSNR of its output area-downsampled to the input size
 against its input (does SR keep the content?).
+
+With --fvd, also FVD-shapes of each video (`fvd_<name>`) against the split's first N real clips of the
+same format (frames, size, frame rate: 46 x 64 px at 24 fps for the cascade's output), both cut into
+16-frame windows (`magicvideo_jax.eval.fvd.windows`; 3 per 46-frame clip), beside the real-vs-real
+reference of that format (clips [N, 2N)). A row's score is comparable with its own reference only.
 """
 
 import argparse
@@ -27,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from magicvideo_jax import eval as eval_lib
+from magicvideo_jax import video_io
+from magicvideo_jax.eval import fvd
 from magicvideo_jax.eval import judge
 from magicvideo_jax.eval import shapes
 from magicvideo_jax.sampling import request as request_lib
@@ -73,15 +80,34 @@ def generate(pipe, prompts: Sequence[str], *, batch_size: int = 16, num_frames: 
   return {key: np.concatenate(values, axis=0) for key, values in parts.items()}
 
 
-def evaluate(pipe, prompts: Sequence[str], **kwargs) -> Dict[str, Any]:
-  """Scores (see the module docstring) of the cascade in `pipe` on `prompts`."""
+def windowed_fvd(videos: np.ndarray, split: str, fps: float,
+                 classifier: Optional[str] = None) -> Dict[str, float]:
+  """FVD-shapes of `videos` `[N, T, H, W, 3]` in [0, 1] against the first N real `split` clips of
+  their format (T frames of H px at `fps`), in 16-frame windows, and the real-vs-real reference."""
+  n, frames, size = videos.shape[:3]
+  video_format = dict(num_frames=frames, resolution=size, fps=fps)
+  real = fvd.windows(fvd.split_clips(split, 0, n, **video_format)[0])
+  other = fvd.windows(fvd.split_clips(split, n, n, **video_format)[0])
+  return dict(fvd=fvd.fvd_shapes(real, fvd.windows(video_io.to_uint8(videos)), classifier),
+              fvd_real_vs_real=fvd.fvd_shapes(real, other, classifier))
+
+
+def evaluate(pipe, prompts: Sequence[str], fvd_split: Optional[str] = None,
+             **kwargs) -> Dict[str, Any]:
+  """Scores (see the module docstring) of the cascade in `pipe` on `prompts`; with `fvd_split` (the
+  split the prompts are the first captions of) also each video's windowed FVD-shapes."""
   out = generate(pipe, prompts, **kwargs)
   scores: Dict[str, Any] = {}
+  fps = request_lib.resolve(pipe.config).fps
+  frame_factor = pipe.interpolator.factor if pipe.interpolator is not None else 1
 
   def judged(name, video):
     s = judge.score(video, prompts)
     s.pop('judgements', None)
     scores[name] = s
+    if fvd_split is not None:
+      scores[f'fvd_{name}'] = windowed_fvd(video, fvd_split, fps if name == 'keyframes' else
+                                           fps * frame_factor)
 
   judged('keyframes', out['keyframes'])
   if pipe.interpolator is not None:
@@ -115,6 +141,11 @@ def format_scores(scores: Dict[str, Any], title: str) -> str:
   for key in ('keyframe_latent_mse', 'keyframe_psnr', 'lowres_psnr'):
     if key in scores:
       lines.append(f'{key:<20} {scores[key]:.4g}')
+  for name in ('keyframes', 'interpolated', 'cascaded', 'bilinear'):
+    if f'fvd_{name}' in scores:
+      value = scores[f'fvd_{name}']
+      lines.append(f'FVD-shapes {name:<13} {value["fvd"]:.3f}  (real-vs-real '
+                   f'{value["fvd_real_vs_real"]:.3f}, 16-frame windows)')
   return '\n'.join(lines)
 
 
@@ -137,6 +168,8 @@ def main(argv=None) -> int:
   parser.add_argument('--upscale_strength', type=float, default=None,
                       help='SR from its upsampled input at this strength (default: its config)')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--fvd', action='store_true', help='also FVD-shapes of each video against real '
+                      'clips of its format')
   parser.add_argument('--json', default=None, help='also write the scores to this file')
   args = parser.parse_args(argv)
   t0 = time.time()
@@ -145,7 +178,8 @@ def main(argv=None) -> int:
   if pipe.interpolator is None and pipe.upscaler is None:
     parser.error('no cascade stage: pass a cascade folder or --interpolation / --upscaler')
   prompts = shapes.split_prompts(args.split, args.num_prompts)
-  scores = evaluate(pipe, prompts, batch_size=args.batch_size, steps=args.steps,
+  scores = evaluate(pipe, prompts, fvd_split=args.split if args.fvd else None,
+                    batch_size=args.batch_size, steps=args.steps,
                     guidance_scale=args.guidance_scale, seed=args.seed,
                     interpolation_steps=args.interpolation_steps,
                     interpolation_guidance_scale=args.interpolation_guidance_scale,

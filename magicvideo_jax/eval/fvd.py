@@ -298,10 +298,26 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def _split_clips(split: str, start: int, count: int) -> Tuple[np.ndarray, List[str]]:
-  config = moving_shapes.MovingShapesConfig(name='default')
+def split_clips(split: str, start: int, count: int, **video_format) -> Tuple[np.ndarray, List[str]]:
+  """(`[count, T, H, W, 3]` uint8 clips, captions) of moving_shapes `split` from clip `start`;
+  `video_format` (num_frames, resolution, fps) as MovingShapesConfig's, default 16 x 32 x 32 at 8 fps."""
+  config = moving_shapes.MovingShapesConfig(name='eval', **video_format)
   examples = [moving_shapes.make_example(split, start + i, config) for i in range(count)]
   return np.stack([e['video'] for e in examples]), [e['caption'] for e in examples]
+
+
+def windows(videos: np.ndarray, length: int = NUM_FRAMES) -> np.ndarray:
+  """`[N, T, ...]` -> `[N * W, length, ...]`: W = ceil((T - 1) / (length - 1)) windows per video,
+  evenly spaced from frame 0 to the last frame (consecutive windows share at least one frame), so a
+  longer video is scored by the 16-frame feature nets window by window."""
+  videos = np.asarray(videos)
+  frames = videos.shape[1]
+  if frames < length:
+    raise ValueError(f'videos of {frames} frames are shorter than a window of {length}')
+  count = 1 if frames == length else -(-(frames - 1) // (length - 1))
+  starts = np.round(np.linspace(0, frames - length, count)).astype(int)
+  return np.concatenate([videos[:, s:s + length] for s in starts], axis=1).reshape(
+      (-1, length) + videos.shape[2:]) if count > 1 else videos
 
 
 def read_folder(folder: str) -> np.ndarray:
@@ -429,8 +445,8 @@ def _run(argv) -> int:
     ref_where = f'{args.real_dir} videos [0, {n}) vs [{n}, {2 * n})'
   else:
     n = args.num_videos
-    real, captions = _split_clips(args.split, 0, n)
-    reference = (real, _split_clips(args.split, n, n)[0])
+    real, captions = split_clips(args.split, 0, n)
+    reference = (real, split_clips(args.split, n, n)[0])
     fake = generate(args.checkpoint, captions, args.batch_size, args.seed, args.num_frames)
     where = f'{n} generated vs {n} real {args.split} clips'
     ref_where = f'{args.split} clips [0, {n}) vs [{n}, {2 * n})'

@@ -190,6 +190,35 @@ def test_clipsim_is_the_mean_text_frame_cosine(dual_encoder, samples):
   assert abs(fvd.clipsim_shapes(videos, captions[1:] + captions[:1], dual_encoder) - value) > 1e-6
 
 
+def test_windows_cover_a_long_video_in_order():
+  videos = np.arange(2 * 46).reshape(2, 46, 1, 1, 1)
+  cut = fvd.windows(videos)
+  assert cut.shape == (6, 16, 1, 1, 1)
+  # Starts 0, 15, 30 of video 0, then video 1's: every frame is in a window, neighbours share one.
+  np.testing.assert_array_equal(cut[:, 0, 0, 0, 0], [0, 15, 30, 46, 61, 76])
+  np.testing.assert_array_equal(cut[2, :, 0, 0, 0], np.arange(30, 46))
+  assert fvd.windows(videos[:, :16]).shape == (2, 16, 1, 1, 1)
+  assert fvd.windows(videos[:, :17])[:, 0, 0, 0, 0].tolist() == [0, 1, 46, 47]
+  with pytest.raises(ValueError, match='shorter than a window'):
+    fvd.windows(videos[:, :8])
+
+
+def test_cascade_fvd_compares_with_real_clips_of_the_format():
+  """eval.cascade's windowed FVD-shapes: real 46-frame clips at 24 fps (as floats) score 0 against
+  themselves, the other real clips give the reference, frozen and shuffled clips score above it."""
+  from magicvideo_jax.eval import cascade as eval_cascade  # pylint: disable=g-import-not-at-top
+  n = 64  # 192 windows; at 24 clips the reference (6.7) was above frozen clips' score.
+  real = fvd.split_clips('test', 0, n, num_frames=46, fps=24.0)[0] / 255.0
+  scores = {name: eval_cascade.windowed_fvd(videos, 'test', 24.0)
+            for name, videos in (('same', real), ('frozen', _frozen(real)),
+                                 ('shuffled', _shuffled(real)))}
+  print(f'46-frame videos, {n} test clips, 16-frame windows: {scores}')
+  reference = scores['same']['fvd_real_vs_real']
+  assert all(s['fvd_real_vs_real'] == reference for s in scores.values()) and reference > 0
+  assert abs(scores['same']['fvd']) < 1e-3 * reference
+  assert scores['frozen']['fvd'] > reference and scores['shuffled']['fvd'] > reference
+
+
 # ------------------------------------------------------------------------------------------------
 # The command line, in-process, on folders of video files.
 
